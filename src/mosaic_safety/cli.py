@@ -1,0 +1,335 @@
+"""The ``mosaic`` command: train, generate, chat, info, data.
+
+Expected failures (bad config, unknown category, corrupt artifact, wrong model, bad data) end with
+one clear line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .data.cli import data_app
+
+app = typer.Typer(help="Composable per-request safety policies for frozen causal LMs (MOSAIC).",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+out = Console()
+
+
+@contextmanager
+def friendly_errors():
+    """Turn the library's expected errors into one red line and exit code 2."""
+    from .backbone import BackboneError
+    from .config import ConfigError
+    from .controlled import PlacementError
+    from .data.schema import DataError
+    from .policy import PolicyError
+    from .tokens import ArtifactError
+
+    try:
+        yield
+    except (ArtifactError, BackboneError, ConfigError, DataError, PlacementError, PolicyError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except FileNotFoundError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=console, disable=not console.is_terminal and
+                    os.environ.get("MOSAIC_PROGRESS") == "0")
+
+
+class TrainDisplay:
+    """Rich progress bars fed by the trainer's events; plain log lines when not on a terminal."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+        self.plain = not console.is_terminal
+        self.last_print = 0.0
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        p = self.progress
+        if kind == "stage":
+            console.print(f"[cyan]•[/] {data['name']}", highlight=False)
+        elif kind == "budgets":
+            for b in data["budgets"]:
+                console.print(f"  order {b['order']}: {b['subsets']} subsets × {b['positives_per_subset']} pos + "
+                              f"{b['negatives_per_subset']} neg = {b['positives']} pos / {b['negatives']} neg per epoch",
+                              highlight=False)
+        elif kind == "teacher":
+            console.print(f"[cyan]•[/] base-model answers for negatives: {data['total'] - data['missing']} cached, "
+                          f"{data['missing']} to generate", highlight=False)
+            if data["missing"]:
+                self.tasks["teacher"] = p.add_task("base answers", total=data["missing"], info="")
+        elif kind == "teacher_progress":
+            p.advance(self.tasks["teacher"], data["n"])
+            self._plain_tick("base answers", self.tasks["teacher"])
+        elif kind == "start":
+            self.tasks["train"] = p.add_task("training", total=data["total_steps"], completed=data["done_steps"],
+                                             info="")
+        elif kind == "step":
+            p.update(self.tasks["train"], advance=1,
+                     info=f"epoch {data['epoch']} loss {data['loss']:.3f} (kl {data['kl']:.3f})")
+            self._plain_tick("training", self.tasks["train"])
+        elif kind == "epoch":
+            console.print(f"[cyan]•[/] epoch {data['epoch']} done (step {data['step']}), checkpoint saved",
+                          highlight=False)
+
+    def _plain_tick(self, label: str, task_id: Any) -> None:
+        if not self.plain or time.time() - self.last_print < 15:
+            return
+        self.last_print = time.time()
+        task = self.progress.tasks[task_id]
+        eta = f", eta {task.time_remaining:.0f}s" if task.time_remaining else ""
+        console.print(f"  {label}: {task.completed:.0f}/{task.total:.0f} {task.fields.get('info', '')}{eta}",
+                      highlight=False)
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML recipe (see configs/)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Artifact directory (default: config output)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint in the output."),
+    overrides: list[str] | None = typer.Argument(None, help="key.sub=value overrides, e.g. optim.epochs=2"),
+) -> None:
+    """Train control tokens on a frozen model and print the refusal table on held-out prompts."""
+    from .config import load_config
+    from .training.trainer import Trainer
+
+    with friendly_errors():
+        cfg = load_config(config, overrides or [])
+        target = output or Path(cfg.output)
+        with _progress() as progress:
+            display = TrainDisplay(progress)
+            trainer = Trainer(cfg, reporter=display)
+            console.print(f"[cyan]•[/] model {trainer.backbone.name} (d={trainer.backbone.hidden_size}), "
+                          f"categories {', '.join(trainer.categories)}, {cfg.tokens.m} tokens each, "
+                          f"placement {cfg.tokens.placement}", highlight=False)
+            result = trainer.train(target, resume=resume)
+            console.print(f"[green]✓[/] trained {result.steps} steps in {result.seconds:.0f}s; artifact: {target}",
+                          highlight=False)
+            if cfg.eval.per_category >= 0 and cfg.eval.max_new_tokens > 0:
+                table = _closing_table(trainer, progress)
+                (target / "eval_table.json").write_text(json.dumps(table, indent=2) + "\n")
+                trainer.save(target, {"steps": result.steps, "seconds": round(result.seconds, 1),
+                                      "final_loss": result.final_loss, "budgets": result.budgets},
+                             metrics={"refusal_table": table})
+        if cfg.eval.per_category >= 0 and cfg.eval.max_new_tokens > 0:
+            print_table(table, trainer.categories)
+
+
+def _closing_table(trainer: Any, progress: Progress) -> dict[str, Any]:
+    from .evaluation.judges import AnyJudge, PhraseJudge, TemplateJudge
+    from .evaluation.table import held_out_groups, refusal_table, table_checks
+    from .policy import Policy
+
+    cfg = trainer.config
+    groups = held_out_groups(trainer.suite, trainer.categories, cfg.eval.split, cfg.eval.per_category,
+                             cfg.optim.seed)
+    policies = [Policy(())] + [Policy((c,)) for c in trainer.categories]
+    total = sum(map(len, groups.values())) * len(policies)
+    task = progress.add_task("held-out eval", total=total, info=f"{len(policies)} policies")
+    judge = AnyJudge(TemplateJudge(trainer.suite.registry), PhraseJudge())
+    table = refusal_table(trainer.model, groups, policies, judge, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                          progress=lambda n: progress.advance(task, n))
+    table["split"] = cfg.eval.split
+    table["checks"] = table_checks(table, trainer.categories)
+    return table
+
+
+def print_table(table: dict[str, Any], categories: list[str]) -> None:
+    groups = list(table["groups"])
+    t = Table(title=f"Refusal rate on held-out {table.get('split', '')} prompts (judge: {table['judge']}, "
+                    f"first {table['max_new_tokens']} tokens)")
+    t.add_column("policy \\ prompts", style="bold")
+    for g in groups:
+        t.add_column(f"{g}\n(n={table['groups'][g]})", justify="right")
+    for key, row in table["rates"].items():
+        cells = []
+        for g in groups:
+            v = row[g]
+            target = g == key
+            style = ("green" if v >= 0.9 else "red") if target else ("red" if v > 0.15 else "")
+            cells.append(f"[{style}]{v:.0%}[/]" if style else f"{v:.0%}")
+        t.add_row(key or "(none)", *cells)
+    out.print(t)
+    checks = table.get("checks")
+    if checks:
+        out.print(f"single-category policies: own category refused ≥ {checks['target_min']:.0%} "
+                  f"(mean {checks['target_mean']:.0%}); other categories ≤ {checks['other_max']:.0%} "
+                  f"(mean {checks['other_mean']:.0%}); neutral ≤ {checks['neutral_max']:.0%}"
+                  + (f"; boundary ≤ {checks['boundary_max']:.0%}" if "boundary_max" in checks else ""))
+
+
+def _load_controlled(artifact: Path | None, model: str | None, device: str, dtype: str) -> Any:
+    from .backbone import DEFAULT_MODEL, load_backbone
+    from .controlled import ControlledModel
+    from .tokens import ControlTokens, check_backbone, read_manifest
+
+    if artifact is None:
+        return ControlledModel(load_backbone(model or DEFAULT_MODEL, device, dtype))
+    manifest = read_manifest(artifact)  # validate before the (slow) model load
+    backbone = load_backbone(model or manifest["backbone"]["name"], device, dtype)
+    check_backbone(manifest, backbone.describe(), artifact)
+    return ControlledModel(backbone, ControlTokens.load(artifact, backbone.describe()))
+
+
+def _read_prompts(file: Path) -> list[str]:
+    prompts = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"{file}:{n}: not JSON ({exc.msg})") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else row
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise typer.BadParameter(f"{file}:{n}: needs a non-empty 'prompt' string")
+        prompts.append(prompt)
+    if not prompts:
+        raise typer.BadParameter(f"{file}: no prompts")
+    return prompts
+
+
+@app.command()
+def generate(
+    artifact: Path | None = typer.Option(None, "--artifact", "-a", help="Control-token artifact directory."),
+    policy: str = typer.Option("", "--policy", "-p", help="Comma-separated active categories (empty: none)."),
+    prompt: str | None = typer.Option(None, "--prompt", help="One user message."),
+    file: Path | None = typer.Option(None, "--file", "-f", help="JSONL with a 'prompt' per line."),
+    model: str | None = typer.Option(None, "--model", help="Override the artifact's backbone."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.7, "--temperature"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    stream: bool = typer.Option(False, "--stream", help="Print text as it is produced (single prompt)."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Generate responses under a policy; JSONL output with --file."""
+    if (prompt is None) == (file is None):
+        raise typer.BadParameter("give exactly one of --prompt or --file")
+    if prompt is not None and not prompt.strip():
+        raise typer.BadParameter("--prompt is empty")
+    with friendly_errors():
+        prompts = [prompt] if prompt is not None else _read_prompts(file)
+        cm = _load_controlled(artifact, model, device, dtype)
+        active = cm.policy(policy)
+        options = {"max_new_tokens": max_new_tokens, "do_sample": sample, "temperature": temperature,
+                   "top_p": top_p, "seed": seed}
+        if stream and prompt is not None:
+            for piece in cm.stream(prompt, active, **options):
+                out.print(piece, end="", highlight=False, markup=False)
+                out.file.flush()
+            out.print()
+            return
+        texts = cm.generate(prompts, [active] * len(prompts), batch_size=batch_size, **options)
+        if prompt is not None:
+            out.print(texts[0], highlight=False, markup=False)
+        else:
+            for p, t in zip(prompts, texts):
+                sys.stdout.write(json.dumps({"prompt": p, "policy": active.key, "response": t}) + "\n")
+
+
+@app.command()
+def chat(
+    artifact: Path | None = typer.Option(None, "--artifact", "-a"),
+    policy: str = typer.Option("", "--policy", "-p"),
+    model: str | None = typer.Option(None, "--model"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Interactive chat. Commands: /policy a,b (switch policy), /reset, /quit."""
+    from .policy import PolicyError
+
+    with friendly_errors():
+        cm = _load_controlled(artifact, model, device, dtype)
+        active = cm.policy(policy)
+    valid = ", ".join(cm.registry.names) if cm.registry is not None else "(none: no artifact)"
+    console.print(f"policy: {active}   categories: {valid}   (/policy a,b  /reset  /quit)", highlight=False)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            history = []
+            continue
+        if text.startswith("/policy"):
+            try:
+                active = cm.policy(text[len("/policy"):].strip())
+                console.print(f"policy: {active}", highlight=False)
+            except PolicyError as exc:
+                console.print(f"[red]{exc}[/]", highlight=False)
+            continue
+        history.append({"role": "user", "content": text})
+        out.print("bot> ", end="")
+        pieces = []
+        for piece in cm.stream(history, active, max_new_tokens=max_new_tokens):
+            pieces.append(piece)
+            out.print(piece, end="", highlight=False, markup=False)
+            out.file.flush()
+        out.print()
+        history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+@app.command()
+def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> None:
+    """Describe an artifact (validated: a corrupt one is an error)."""
+    from .tokens import ControlTokens, read_manifest
+
+    with friendly_errors():
+        manifest = read_manifest(artifact)
+        tokens = ControlTokens.load(artifact)
+    bb = manifest["backbone"]
+    out.print(f"[bold]{artifact}[/]  format v{manifest['format_version']}, library {manifest.get('library_version')}")
+    out.print(f"backbone: {bb['name']}  hidden {bb['hidden_size']}  vocab {bb.get('vocab_size')}  "
+              f"fingerprint {bb['fingerprint']}", highlight=False)
+    out.print(f"placement: {manifest['placement']}   registry: {manifest['registry']['name']}   "
+              f"trainable parameters: {tokens.num_parameters():,}")
+    t = Table("category", "m", "display", "refusal")
+    for c in manifest["categories"]:
+        t.add_row(c["name"], str(c["m"]), c["display"], c["refusal"].replace("{display}", c["display"]))
+    out.print(t)
+    training = manifest.get("training", {})
+    if training:
+        out.print(f"training: {training.get('steps')} steps, {training.get('seconds')}s, suite {training.get('suite')},"
+                  f" data hash {training.get('data_hash')}", highlight=False)
+    table = manifest.get("metrics", {}).get("refusal_table")
+    if table:
+        print_table(table, [c["name"] for c in manifest["categories"]])
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,208 @@
+"""Training recipes: YAML files mapped onto typed dataclasses, with ``key.sub=value`` overrides.
+
+Unknown keys and values of the wrong type are errors (with the key's dotted path), because a typo
+in a recipe that silently falls back to a default wastes an hour of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # alias, local dir, .gguf file or hub id
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)
+    tiny: bool = False  # build a tiny random Llama instead (tests and smoke runs only)
+
+
+@dataclass
+class DataConfig:
+    suite: str = "minors"  # built-in suite name or a directory with registry.yaml + *.jsonl
+    categories: list[str] = field(default_factory=list)  # empty: every category of the suite
+    limit_per_category: int = 0  # 0: all training prompts; >0: a seeded sample (quick runs)
+
+
+@dataclass
+class TokensConfig:
+    m: int = 5  # control tokens per category
+    init: str = "description"  # description | vocab
+    placement: str = "prefix"  # prefix | system | user
+
+
+@dataclass
+class SamplingConfig:
+    max_order: int = 3  # train orders 1..max_order together
+    per_subset: int = 100  # positives per subset, n(S) = min(per_subset, cap / C(K, r))
+    cap: int = 0  # per-order positive cap; 0: the order-1 total (K * per_subset), as in the paper
+    neg_ratio: float = 1.0  # negatives per positive
+    inactive_share: float = 0.5  # share of negatives drawn from categories outside the policy
+    boundary_share: float = 0.25  # share of the remaining (neutral) negatives that are boundary items
+
+
+@dataclass
+class TeacherConfig:
+    max_new_tokens: int = 32  # length of the base model's own answers used on negatives
+    batch_size: int = 32
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-2
+    epochs: int = 8
+    batch_size: int = 8
+    kl_weight: float = 1.0  # lambda of CE + lambda * KL(p_base || p_ctrl) on negatives
+    grad_clip: float = 1.0  # 0 disables
+    seed: int = 0
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = False
+    every: int = 10  # steps between JSONL log lines
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    per_category: int = 40  # held-out prompts per category for the closing table; 0: all
+    max_new_tokens: int = 16
+    batch_size: int = 32
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: str = "runs/mosaic"
+    init_artifact: str = ""  # incremental training: start from this artifact, its tokens frozen
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.tokens.m >= 1, "tokens.m must be at least 1"),
+            (self.tokens.placement in ("prefix", "system", "user"), "tokens.placement: prefix | system | user"),
+            (self.sampling.max_order >= 1, "sampling.max_order must be at least 1"),
+            (self.sampling.per_subset >= 1, "sampling.per_subset must be at least 1"),
+            (self.sampling.neg_ratio >= 0, "sampling.neg_ratio must be >= 0"),
+            (0 <= self.sampling.inactive_share <= 1, "sampling.inactive_share must be in [0, 1]"),
+            (0 <= self.sampling.boundary_share <= 1, "sampling.boundary_share must be in [0, 1]"),
+            (self.optim.lr > 0, "optim.lr must be positive"),
+            (self.optim.epochs >= 1, "optim.epochs must be at least 1"),
+            (self.optim.batch_size >= 1, "optim.batch_size must be at least 1"),
+            (self.optim.kl_weight >= 0, "optim.kl_weight must be >= 0"),
+            (self.teacher.max_new_tokens >= 1, "teacher.max_new_tokens must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _coerce(value: Any, kind: Any, path: str) -> Any:
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return _build(kind, value, path)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(kind)
+        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key(s) {', '.join(where + u for u in unknown)}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: a config is a mapping of sections")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    return _build(TrainConfig, data).validate()

@@ -1,0 +1,371 @@
+"""The frozen model with per-row control-token prefixes: forward, generate and stream.
+
+Every row of a batch may carry a different policy. A row is laid out as
+
+    [left padding] [template text before the placement point] [control tokens] [rest of the
+    chat-templated prompt] [optional target tokens]
+
+Control tokens are spliced into the embedded sequence with ``masked_scatter``, so gradients flow
+to them and nowhere else. Position ids are derived from the attention mask, so a row's result does
+not depend on how much padding the rest of its batch forced on it. With an empty policy a row is
+exactly the chat-templated prompt, and its logits are the base model's.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from .backbone import Backbone
+from .policy import CategoryRegistry, Policy
+from .tokens import ControlTokens
+
+Prompt = Union[str, Sequence[dict[str, str]]]  # a user message, or a list of chat messages
+
+_SENTINEL = "\u2063MOSAIC\u2063"  # invisible separators: never produced by real prompts
+
+
+class PlacementError(ValueError):
+    """The chat template cannot host control tokens at the requested placement."""
+
+
+@dataclass
+class EncodedBatch:
+    """Model inputs for one batch; ``labels`` cover only the last ``window`` logits."""
+
+    inputs_embeds: torch.Tensor  # (B, L, d)
+    attention_mask: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (B, L)
+    labels: torch.Tensor | None = None  # (B, window): -100 where no target
+    window: int = 1  # logits kept from the end of the sequence
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(-1)
+
+
+class ControlledModel:
+    """A frozen backbone plus control tokens, applying one policy per row."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        tokens: ControlTokens | None = None,
+        registry: CategoryRegistry | None = None,
+        placement: str | None = None,
+        prompt_cache_size: int = 4096,
+    ):
+        self.backbone = backbone
+        self.tokens = tokens
+        self.registry = registry or (tokens.registry if tokens is not None else None)
+        self.placement = placement or (tokens.placement if tokens is not None else "prefix")
+        if tokens is not None:
+            if tokens.hidden_size != backbone.hidden_size:
+                raise ValueError(
+                    f"control tokens have hidden size {tokens.hidden_size}, the model {backbone.hidden_size}"
+                )
+            tokens.to(backbone.device)
+        self._split_cache: OrderedDict[tuple[str, str], tuple[list[int], list[int]]] = OrderedDict()
+        self._cache_size = prompt_cache_size
+        gen_eos = getattr(backbone.model.generation_config, "eos_token_id", None)
+        eos = {backbone.tokenizer.eos_token_id}
+        eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+        self.eos_ids = sorted(e for e in eos if e is not None)
+
+    @property
+    def model(self) -> Any:
+        return self.backbone.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.backbone.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def policy(self, names: str | Sequence[str] | Policy | None) -> Policy:
+        if isinstance(names, Policy):
+            return names
+        if self.registry is None:
+            if names:
+                raise ValueError("this model has no control tokens; only the empty policy is allowed")
+            return Policy(())
+        return self.registry.policy(names)
+
+    # -- prompt encoding ----------------------------------------------------------------------
+    def render(self, prompt: Prompt) -> str:
+        """The chat-templated prompt text, ending with the assistant generation header."""
+        return self.tokenizer.apply_chat_template(_messages(prompt), tokenize=False, add_generation_prompt=True)
+
+    def split_prompt(self, prompt: Prompt) -> tuple[list[int], list[int]]:
+        """Token ids of the templated prompt, split where the control tokens go."""
+        key = (repr(prompt) if not isinstance(prompt, str) else prompt, self.placement)
+        hit = self._split_cache.get(key)
+        if hit is not None:
+            self._split_cache.move_to_end(key)
+            return hit
+        full = self.render(prompt)
+        before = self._text_before_placement(prompt, full)
+        encode = self.tokenizer
+        ids = encode(full, add_special_tokens=False)["input_ids"]
+        head = encode(before, add_special_tokens=False)["input_ids"] if before else []
+        if ids[: len(head)] != head:
+            raise PlacementError(
+                f"placement {self.placement!r}: the template does not tokenize cleanly at the insertion point"
+            )
+        result = (head, ids[len(head):])
+        self._split_cache[key] = result
+        if len(self._split_cache) > self._cache_size:
+            self._split_cache.popitem(last=False)
+        return result
+
+    def _text_before_placement(self, prompt: Prompt, full: str) -> str:
+        if self.placement == "prefix":
+            return ""
+        messages = [dict(m) for m in _messages(prompt)]
+        if self.placement == "user":
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            if not users:
+                raise PlacementError("placement 'user' needs a user message")
+            messages[users[-1]]["content"] = _SENTINEL + messages[users[-1]]["content"]
+        else:  # system
+            if messages[0]["role"] == "system":
+                messages[0]["content"] = _SENTINEL + messages[0]["content"]
+            else:  # templates that inject a default system prompt: insert before its text
+                messages.insert(0, {"role": "system", "content": _SENTINEL})
+        marked = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before = marked[: marked.index(_SENTINEL)]
+        if not full.startswith(before):
+            raise PlacementError(
+                "placement 'system': this chat template has no system turn to host the control tokens; "
+                "add a system message or use placement 'prefix' or 'user'"
+            )
+        return before
+
+    def encode(
+        self,
+        prompts: Sequence[Prompt],
+        policies: Sequence[Policy],
+        targets: Sequence[Sequence[int]] | None = None,
+    ) -> EncodedBatch:
+        """Left-padded embeddings with the control tokens of each row's policy spliced in."""
+        if len(prompts) != len(policies) or (targets is not None and len(targets) != len(prompts)):
+            raise ValueError("prompts, policies and targets must have the same length")
+        if not prompts:
+            raise ValueError("cannot encode an empty batch")
+        rows, ctrl_spans, blocks = [], [], []
+        for i, (prompt, policy) in enumerate(zip(prompts, policies)):
+            head, tail = self.split_prompt(prompt)
+            block = self._block(policy)
+            target = list(targets[i]) if targets is not None else []
+            rows.append(head + [0] * block.shape[0] + tail + target)
+            ctrl_spans.append((len(head), block.shape[0]))
+            if block.shape[0]:
+                blocks.append(block)
+        length = max(len(r) for r in rows)
+        batch = len(rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((batch, length), pad, dtype=torch.long)
+        mask = torch.zeros(batch, length, dtype=torch.long)
+        ctrl_mask = torch.zeros(batch, length, dtype=torch.bool)
+        window = 1 + (max(len(t) for t in targets) if targets is not None else 0)
+        labels = torch.full((batch, length + 1), -100, dtype=torch.long) if targets is not None else None
+        for i, row in enumerate(rows):
+            offset = length - len(row)
+            ids[i, offset:] = torch.tensor(row)
+            mask[i, offset:] = 1
+            start, n = ctrl_spans[i]
+            ctrl_mask[i, offset + start : offset + start + n] = True
+            if labels is not None and len(targets[i]):
+                labels[i, length - len(targets[i]) : length] = torch.tensor(list(targets[i]))
+        ids, mask, ctrl_mask = ids.to(self.device), mask.to(self.device), ctrl_mask.to(self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        if blocks:
+            values = torch.cat(blocks).to(embeds.dtype)
+            embeds = embeds.masked_scatter(ctrl_mask.unsqueeze(-1), values)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        if labels is not None:
+            # logits at window index j (sequence position L-window+j) predict position L-window+j+1
+            labels = labels[:, length - window + 1 : length + 1].to(self.device)
+        return EncodedBatch(embeds, mask, position_ids, labels, window)
+
+    def _block(self, policy: Policy) -> torch.Tensor:
+        if not policy:
+            return torch.zeros(0, self.backbone.hidden_size, device=self.device)
+        if self.tokens is None:
+            raise ValueError("this model has no control tokens; only the empty policy is allowed")
+        return self.tokens.compose(policy)
+
+    # -- forward ------------------------------------------------------------------------------
+    def logits(self, batch: EncodedBatch, window: int | None = None) -> torch.Tensor:
+        """Logits of the last ``window`` positions (all positions with ``window=0``)."""
+        out = self.model(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=batch.window if window is None else window,
+        )
+        return out.logits
+
+    def forward(self, prompts: Sequence[Prompt], policies: Sequence[Any]) -> torch.Tensor:
+        """Full-sequence logits ``(B, L, V)`` (left-padded) for prompts under per-row policies."""
+        batch = self.encode(prompts, [self.policy(p) for p in policies])
+        return self.logits(batch, window=0)
+
+    def next_token_logits(self, prompts: Sequence[Prompt], policies: Sequence[Any]) -> torch.Tensor:
+        """Logits of the first response token ``(B, V)``: cheap input to margins and probes."""
+        batch = self.encode(prompts, [self.policy(p) for p in policies])
+        return self.logits(batch, window=1)[:, -1]
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode_steps(
+        self,
+        batch: EncodedBatch,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, step by step, reusing the KV cache.
+
+        Finished rows (after EOS) yield the pad id. Stops when all rows finished or the budget ends.
+        """
+        if max_new_tokens < 1:
+            return
+        from transformers import DynamicCache
+
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        pad = self.tokenizer.pad_token_id
+        mask, positions = batch.attention_mask, batch.position_ids
+        out = self.model(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=self.device)
+        position = positions[:, -1:]
+        for step in range(max_new_tokens):
+            token = _pick(out.logits[:, -1].float(), do_sample, temperature, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            yield token
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                return
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position = position + 1
+            out = self.model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Prompt],
+        policies: Sequence[Any],
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        progress: Any = None,
+    ) -> list[list[int]]:
+        """Generated token ids per prompt (EOS excluded). Batches are formed from similar lengths."""
+        if len(prompts) != len(policies):
+            raise ValueError("prompts and policies must have the same length")
+        resolved = [self.policy(p) for p in policies]
+        lengths = [sum(map(len, self.split_prompt(p))) + self._block(q).shape[0] for p, q in zip(prompts, resolved)]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        generator = None
+        if do_sample:
+            generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        results: list[list[int]] = [[] for _ in prompts]
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.encode([prompts[i] for i in idx], [resolved[i] for i in idx])
+            steps = list(self.decode_steps(batch, max_new_tokens, do_sample, temperature, top_p, generator))
+            if steps:
+                tokens = torch.stack(steps, dim=1).tolist()
+                for row, i in zip(tokens, idx):
+                    results[i] = _until_eos(row, self.eos_ids)
+            if progress is not None:
+                progress(len(idx))
+        return results
+
+    def generate(self, prompts: Sequence[Prompt], policies: Sequence[Any], **kwargs: Any) -> list[str]:
+        """Generated text per prompt; see ``generate_ids`` for the options."""
+        ids = self.generate_ids(prompts, policies, **kwargs)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+    def stream(
+        self,
+        prompt: Prompt,
+        policy: Any = None,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yield text pieces of one response as they are produced (same tokens as ``generate``)."""
+        batch = self.encode([prompt], [self.policy(policy)])
+        generator = torch.Generator(device=self.device).manual_seed(seed or 0) if do_sample else None
+        produced: list[int] = []
+        emitted = ""
+        for token in self.decode_steps(batch, max_new_tokens, do_sample, temperature, top_p, generator):
+            tok = int(token[0])
+            if tok in self.eos_ids:
+                break
+            produced.append(tok)
+            text = self.tokenizer.decode(produced, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+
+
+def _messages(prompt: Prompt) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    messages = list(prompt)
+    if not messages:
+        raise ValueError("a prompt needs at least one message")
+    return messages
+
+
+def _until_eos(row: list[int], eos_ids: list[int]) -> list[int]:
+    for j, tok in enumerate(row):
+        if tok in eos_ids:
+            return row[:j]
+    return row
+
+
+def _pick(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError("temperature must be positive when sampling")
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, sorted_idx = probs.sort(-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,1 @@
+"""Measuring refusal: judges and per-policy refusal tables."""

@@ -1,0 +1,263 @@
+"""Control tokens: ``m`` learnable embedding vectors per category, and their artifact on disk.
+
+The artifact is a directory with ``tokens.safetensors`` (one float32 tensor ``category.<name>`` of
+shape ``(m, d)`` per category) and ``mosaic.json`` (format version, backbone identity, categories,
+placement, training provenance, metrics). It is written atomically and validated on load: a
+different backbone, a wrong hidden size, a non-finite value or a corrupt file is a clear error.
+Only safetensors is ever read, so loading an untrusted artifact cannot execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .policy import Category, CategoryRegistry, Policy
+
+FORMAT_VERSION = 1
+TOKENS_FILE = "tokens.safetensors"
+MANIFEST_FILE = "mosaic.json"
+PLACEMENTS = ("prefix", "system", "user")
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be loaded, or does not fit the backbone it is loaded onto."""
+
+
+def init_from_text(embedding: nn.Embedding, tokenizer: Any, text: str, m: int) -> torch.Tensor:
+    """Initial vectors from a text: its token embeddings split into ``m`` chunks, each averaged.
+
+    Averaging contiguous chunks keeps every vector inside the span of real token embeddings (so the
+    frozen model sees in-distribution inputs at step 0) while using the whole description, not just
+    its first ``m`` tokens.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("cannot initialise control tokens from an empty text")
+    with torch.no_grad():
+        vectors = embedding.weight[torch.tensor(ids, device=embedding.weight.device)].float().cpu()
+    chunks = torch.tensor_split(vectors, min(m, len(ids)))
+    rows = [c.mean(0) for c in chunks]
+    while len(rows) < m:  # a text shorter than m tokens: repeat it
+        rows.append(rows[len(rows) % len(chunks)])
+    return torch.stack(rows)
+
+
+def init_from_vocab(embedding: nn.Embedding, m: int, generator: torch.Generator) -> torch.Tensor:
+    """Initial vectors copied from ``m`` random vocabulary rows (the PEFT ``RANDOM`` choice)."""
+    idx = torch.randint(0, embedding.weight.shape[0], (m,), generator=generator)
+    with torch.no_grad():
+        return embedding.weight[idx.to(embedding.weight.device)].float().cpu().clone()
+
+
+class ControlTokens(nn.Module):
+    """Per-category control-token blocks and their composition into one prefix per policy."""
+
+    def __init__(self, registry: CategoryRegistry, blocks: dict[str, torch.Tensor], placement: str = "prefix"):
+        super().__init__()
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        unknown = [n for n in blocks if n not in registry]
+        if unknown:
+            raise ArtifactError(f"token blocks for categories not in the registry: {unknown}")
+        self.registry = registry
+        self.placement = placement
+        self.blocks = nn.ParameterDict({n: nn.Parameter(blocks[n].float().clone()) for n in registry.names
+                                        if n in blocks})
+        dims = {b.shape[1] for b in self.blocks.values()}
+        if len(dims) > 1:
+            raise ArtifactError(f"token blocks disagree on the hidden size: {sorted(dims)}")
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def initialise(
+        cls,
+        registry: CategoryRegistry,
+        embedding: nn.Embedding,
+        tokenizer: Any,
+        m: int,
+        init: str = "description",
+        placement: str = "prefix",
+        seed: int = 0,
+        categories: Iterable[str] | None = None,
+    ) -> ControlTokens:
+        if not 1 <= m <= 64:
+            raise ValueError(f"tokens per category must be between 1 and 64, got {m}")
+        generator = torch.Generator().manual_seed(seed)
+        blocks = {}
+        for cat in registry:
+            if categories is not None and cat.name not in set(categories):
+                continue
+            if init == "description":
+                blocks[cat.name] = init_from_text(embedding, tokenizer, _init_text(cat), m)
+            elif init == "vocab":
+                blocks[cat.name] = init_from_vocab(embedding, m, generator)
+            else:
+                raise ValueError(f"unknown init {init!r}; choose 'description' or 'vocab'")
+        return cls(registry, blocks, placement)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return tuple(self.blocks.keys())
+
+    @property
+    def hidden_size(self) -> int:
+        return next(iter(self.blocks.values())).shape[1]
+
+    def tokens_per_category(self) -> dict[str, int]:
+        return {n: int(b.shape[0]) for n, b in self.blocks.items()}
+
+    def num_parameters(self) -> int:
+        return sum(b.numel() for b in self.blocks.values())
+
+    def compose(self, policy: Policy) -> torch.Tensor:
+        """The prefix for a policy: its categories' blocks in registry order, shape ``(sum m, d)``."""
+        missing = [c for c in policy if c not in self.blocks]
+        if missing:
+            raise ArtifactError(
+                f"no control tokens for {', '.join(missing)}; this artifact has {', '.join(self.categories)}"
+            )
+        if not policy:
+            return torch.zeros(0, self.hidden_size, device=self._device())
+        return torch.cat([self.blocks[c] for c in policy], dim=0)
+
+    def _device(self) -> torch.device:
+        return next(iter(self.blocks.values())).device
+
+    def freeze(self, names: Iterable[str]) -> None:
+        for n in names:
+            self.blocks[n].requires_grad_(False)
+
+    def add_categories(self, new: ControlTokens) -> None:
+        """Add another set's blocks (incremental training); existing blocks are left untouched."""
+        clash = set(new.categories) & set(self.categories)
+        if clash:
+            raise ArtifactError(f"categories already trained: {sorted(clash)}")
+        merged = {n: b for n, b in self.blocks.items()} | {n: b for n, b in new.blocks.items()}
+        self.blocks = nn.ParameterDict({n: merged[n] for n in self.registry.names if n in merged})
+
+    # -- artifact -----------------------------------------------------------------------------
+    def save(self, out_dir: str | Path, backbone: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+        """Write ``tokens.safetensors`` and ``mosaic.json`` into ``out_dir`` without ever leaving half a file."""
+        out = Path(out_dir)
+        manifest = {
+            "format": "mosaic-control-tokens",
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "backbone": backbone,
+            "placement": self.placement,
+            "composition_order": list(self.registry.names),
+            "registry": {"name": self.registry.name, "description": self.registry.description},
+            "categories": [
+                {**self.registry[n].to_dict(), "m": int(b.shape[0])} for n, b in self.blocks.items()
+            ],
+        } | (extra or {})
+        tensors = {f"category.{n}": b.detach().float().cpu().contiguous() for n, b in self.blocks.items()}
+        # The artifact directory may also hold logs and checkpoints, so replace only our two files:
+        # write both under temporary names, then rename (atomic per file on POSIX).
+        out.mkdir(parents=True, exist_ok=True)
+        tmp_tokens = out / f".{TOKENS_FILE}.{os.getpid()}.tmp"
+        tmp_manifest = out / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
+        try:
+            save_file(tensors, str(tmp_tokens), metadata={"format_version": str(FORMAT_VERSION)})
+            tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp_tokens, out / TOKENS_FILE)
+            os.replace(tmp_manifest, out / MANIFEST_FILE)
+        finally:
+            tmp_tokens.unlink(missing_ok=True)
+            tmp_manifest.unlink(missing_ok=True)
+        return out
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, backbone: dict[str, Any] | None = None) -> ControlTokens:
+        """Load and validate an artifact; with ``backbone`` (from ``Backbone.describe()``), check it fits."""
+        manifest = read_manifest(artifact_dir)
+        path = Path(artifact_dir) / TOKENS_FILE
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
+        registry = CategoryRegistry.from_dict(
+            {**manifest["registry"], "categories": [
+                {k: c[k] for k in ("name", "display", "description", "refusal", "out_of_scope") if k in c}
+                for c in manifest["categories"]
+            ]},
+            source=str(Path(artifact_dir) / MANIFEST_FILE),
+        )
+        expected_d = manifest["backbone"].get("hidden_size")
+        blocks = {}
+        for cat in manifest["categories"]:
+            key = f"category.{cat['name']}"
+            if key not in tensors:
+                raise ArtifactError(f"{path}: tensor {key!r} is missing")
+            t = tensors[key]
+            if t.dtype != torch.float32 or t.dim() != 2 or t.shape != (cat["m"], expected_d):
+                raise ArtifactError(
+                    f"{path}: {key} has shape {tuple(t.shape)} {t.dtype}, expected ({cat['m']}, {expected_d}) float32"
+                )
+            if not torch.isfinite(t).all():
+                raise ArtifactError(f"{path}: {key} contains NaN or infinite values")
+            blocks[cat["name"]] = t
+        extra = set(tensors) - {f"category.{c['name']}" for c in manifest["categories"]}
+        if extra:
+            raise ArtifactError(f"{path}: unexpected tensors {sorted(extra)}")
+        if backbone is not None:
+            check_backbone(manifest, backbone, artifact_dir)
+        return cls(registry, blocks, manifest["placement"])
+
+
+def _init_text(cat: Category) -> str:
+    return f"{cat.display}: {cat.description}"
+
+
+def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
+    """Read and sanity-check ``mosaic.json`` (structure and format version)."""
+    root = Path(artifact_dir)
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: artifact directory not found")
+    path = root / MANIFEST_FILE
+    if not path.exists():
+        raise ArtifactError(f"{root}: not a mosaic artifact (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != "mosaic-control-tokens":
+        raise ArtifactError(f"{path}: not a mosaic control-token manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format version {version!r} is not supported by this library (expects {FORMAT_VERSION})"
+        )
+    for key in ("backbone", "categories", "placement", "registry"):
+        if key not in manifest:
+            raise ArtifactError(f"{path}: manifest lacks {key!r}")
+    if manifest["placement"] not in PLACEMENTS:
+        raise ArtifactError(f"{path}: unknown placement {manifest['placement']!r}")
+    return manifest
+
+
+def check_backbone(manifest: dict[str, Any], backbone: dict[str, Any], where: str | Path = "artifact") -> None:
+    """Fail loudly when an artifact was trained on a different model."""
+    trained = manifest["backbone"]
+    if trained.get("hidden_size") != backbone["hidden_size"]:
+        raise ArtifactError(
+            f"{where}: trained for hidden size {trained.get('hidden_size')} ({trained.get('name')}), "
+            f"but the model {backbone['name']} has hidden size {backbone['hidden_size']}"
+        )
+    if trained.get("fingerprint") != backbone["fingerprint"]:
+        raise ArtifactError(
+            f"{where}: trained on backbone {trained.get('name')} (fingerprint {trained.get('fingerprint')}), "
+            f"but the loaded model {backbone['name']} has fingerprint {backbone['fingerprint']}; "
+            "control tokens only work on the exact model they were trained on"
+        )

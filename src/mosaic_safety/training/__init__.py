@@ -1,0 +1,1 @@
+"""Training control tokens: order-based sampling, self-distilled negatives, losses, the loop."""

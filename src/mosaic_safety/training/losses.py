@@ -1,0 +1,34 @@
+"""Losses on response tokens: refusal cross-entropy and the distribution-level KL (MOSAIC §2.2).
+
+Both are averaged over a row's response tokens first, then over rows, so a long base answer does
+not outweigh a short refusal template in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _row_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row mean token cross-entropy; ``labels`` is -100 outside the response. Shape ``(B,)``."""
+    mask = labels != -100
+    ce = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return _row_mean(ce, mask)
+
+
+def response_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of KL(p_teacher || p_student) over response positions. Shape ``(B,)``.
+
+    Forward KL with the frozen base model as the target: the controlled model is pulled towards the
+    whole next-token distribution of the base model, not only its argmax.
+    """
+    mask = labels != -100
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+    return _row_mean(kl, mask)

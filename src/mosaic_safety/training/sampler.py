@@ -1,0 +1,138 @@
+"""Order-based task sampling (MOSAIC §2.1).
+
+Order r is the number of active categories. Every subset S of size r gets
+``n(S) = min(per_subset, cap // C(K, r))`` positives (prompts of a category in S, which must be
+refused) and ``round(neg_ratio * n(S))`` negatives (prompts that must be answered under S: neutral
+and boundary prompts, and prompts of categories outside S). Splitting a per-order budget over the
+subsets keeps the cost flat as C(K, r) grows, while every order is trained in the same run, so one
+token set works alone and in every combination.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+from ..policy import NEUTRAL, Policy
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One training example: a prompt under a policy, and whether it must be refused."""
+
+    prompt: str
+    policy: Policy
+    positive: bool
+    category: str  # the prompt's own category, or "neutral"
+
+
+@dataclass(frozen=True)
+class OrderBudget:
+    order: int
+    subsets: int
+    positives_per_subset: int
+    negatives_per_subset: int
+
+    @property
+    def positives(self) -> int:
+        return self.subsets * self.positives_per_subset
+
+    @property
+    def negatives(self) -> int:
+        return self.subsets * self.negatives_per_subset
+
+
+class OrderSampler:
+    """Draws a fresh, seeded set of training items each epoch, batched by order."""
+
+    def __init__(
+        self,
+        categories: Sequence[str],
+        prompts: dict[str, list[str]],
+        neutral: list[str],
+        boundary: list[str],
+        max_order: int = 3,
+        per_subset: int = 100,
+        cap: int = 0,
+        neg_ratio: float = 1.0,
+        inactive_share: float = 0.5,
+        boundary_share: float = 0.25,
+        trainable: Sequence[str] | None = None,
+        seed: int = 0,
+    ):
+        self.categories = tuple(categories)
+        missing = [c for c in self.categories if not prompts.get(c)]
+        if missing:
+            raise ValueError(f"no training prompts for categories: {', '.join(missing)}")
+        if not neutral and not boundary and not (len(self.categories) > 1 and inactive_share > 0):
+            raise ValueError("no negative prompts: provide neutral or boundary prompts")
+        self.prompts = prompts
+        self.neutral = neutral or boundary
+        self.boundary = boundary
+        self.trainable = tuple(trainable) if trainable is not None else self.categories
+        self.max_order = min(max_order, len(self.categories))
+        self.per_subset = per_subset
+        self.cap = cap or len(self.trainable) * per_subset
+        self.neg_ratio = neg_ratio
+        self.inactive_share = inactive_share
+        self.boundary_share = boundary_share
+        self.seed = seed
+        self.subsets = {r: self._subsets(r) for r in range(1, self.max_order + 1)}
+        self.budgets = [self._budget(r) for r in self.subsets if self.subsets[r]]
+
+    def _subsets(self, order: int) -> list[tuple[str, ...]]:
+        # In incremental training only subsets containing a new category teach anything new.
+        return [s for s in combinations(self.categories, order) if set(s) & set(self.trainable)]
+
+    def _budget(self, order: int) -> OrderBudget:
+        n_subsets = len(self.subsets[order])
+        n_pos = max(1, min(self.per_subset, self.cap // n_subsets))
+        return OrderBudget(order, n_subsets, n_pos, round(self.neg_ratio * n_pos))
+
+    def epoch_items(self, epoch: int) -> list[TrainItem]:
+        rng = random.Random(f"{self.seed}:{epoch}")
+        items: list[TrainItem] = []
+        for budget in self.budgets:
+            for subset in self.subsets[budget.order]:
+                policy = Policy(subset)
+                for i in range(budget.positives_per_subset):
+                    cat = subset[i % len(subset)]
+                    items.append(TrainItem(rng.choice(self.prompts[cat]), policy, True, cat))
+                inactive = [c for c in self.categories if c not in subset]
+                for _ in range(budget.negatives_per_subset):
+                    items.append(self._negative(rng, policy, inactive))
+        return items
+
+    def _negative(self, rng: random.Random, policy: Policy, inactive: list[str]) -> TrainItem:
+        if inactive and rng.random() < self.inactive_share:
+            cat = rng.choice(inactive)
+            return TrainItem(rng.choice(self.prompts[cat]), policy, False, cat)
+        pool = self.boundary if self.boundary and rng.random() < self.boundary_share else self.neutral
+        return TrainItem(rng.choice(pool), policy, False, NEUTRAL)
+
+    def epoch_batches(self, epoch: int, batch_size: int) -> list[list[TrainItem]]:
+        """Batches of a single order each (equal prefix lengths), orders interleaved at random."""
+        rng = random.Random(f"{self.seed}:{epoch}:batches")
+        by_order: dict[int, list[TrainItem]] = {}
+        for item in self.epoch_items(epoch):
+            by_order.setdefault(item.policy.order, []).append(item)
+        batches = []
+        for items in by_order.values():
+            rng.shuffle(items)
+            batches += [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return sum(math.ceil((b.positives + b.negatives) / batch_size) for b in self.budgets)
+
+    def negative_prompts(self) -> list[str]:
+        """Every prompt that can be drawn as a negative (for precomputing base responses)."""
+        pool = set(self.neutral) | set(self.boundary)
+        if self.inactive_share > 0 and len(self.categories) > 1:
+            for c in self.categories:
+                pool |= set(self.prompts[c])
+        return sorted(pool)

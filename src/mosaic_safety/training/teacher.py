@@ -1,0 +1,77 @@
+"""Self-distilled targets for negatives: the frozen model's own greedy answers, cached on disk.
+
+On a negative, the controlled model must answer as the base model would. The target sequence is
+the base model's greedy response (generated once without control tokens); the KL term is then
+taken position by position along it. Generation is the slow part of data preparation, so answers
+are cached in a JSONL file keyed by model fingerprint, chat template, prompt and decoding settings:
+a second run, or another recipe on the same model, reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..controlled import ControlledModel
+
+
+def response_key(fingerprint: str, template: str, prompt: str, max_new_tokens: int) -> str:
+    raw = json.dumps([fingerprint, template, prompt, "greedy", max_new_tokens])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+class BaseResponseCache:
+    """Greedy base-model responses (token ids, EOS included when the model stopped)."""
+
+    def __init__(self, model: ControlledModel, cache_dir: str | Path, max_new_tokens: int = 32, batch_size: int = 32):
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        fingerprint = model.backbone.fingerprint
+        self.path = Path(cache_dir) / f"responses-{fingerprint}.jsonl"
+        self._template = hashlib.sha256(str(model.tokenizer.chat_template).encode()).hexdigest()[:12]
+        self._fingerprint = fingerprint
+        self._store: dict[str, list[int]] = {}
+        if self.path.exists():
+            with self.path.open(encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                        self._store[row["key"]] = row["ids"]
+                    except (json.JSONDecodeError, KeyError):
+                        continue  # a line cut short by a crash: regenerate that entry
+
+    def key(self, prompt: str) -> str:
+        return response_key(self._fingerprint, self._template, prompt, self.max_new_tokens)
+
+    def missing(self, prompts: Sequence[str]) -> list[str]:
+        return sorted({p for p in prompts if self.key(p) not in self._store})
+
+    def fill(self, prompts: Sequence[str], progress: Callable[[int], None] | None = None) -> int:
+        """Generate and store the responses not cached yet; returns how many were generated."""
+        todo = self.missing(prompts)
+        if not todo:
+            return 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        eos = self.model.tokenizer.eos_token_id
+        with self.path.open("a", encoding="utf-8") as f:
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start : start + self.batch_size]
+                ids = self.model.generate_ids(chunk, [None] * len(chunk), max_new_tokens=self.max_new_tokens,
+                                              batch_size=self.batch_size)
+                for prompt, row in zip(chunk, ids):
+                    row = row + [eos] if len(row) < self.max_new_tokens else row  # it stopped by itself
+                    self._store[self.key(prompt)] = row
+                    f.write(json.dumps({"key": self.key(prompt), "ids": row}) + "\n")
+                f.flush()  # each chunk survives an interruption
+                if progress is not None:
+                    progress(len(chunk))
+        return len(todo)
+
+    def get(self, prompt: str) -> list[int]:
+        try:
+            return self._store[self.key(prompt)]
+        except KeyError:
+            raise KeyError(f"no cached base response for prompt {prompt[:60]!r}; call fill() first") from None

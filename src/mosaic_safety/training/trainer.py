@@ -1,0 +1,272 @@
+"""The MOSAIC training loop: only the control tokens learn; the backbone stays bitwise frozen.
+
+One run trains every composition order together (batches grouped by order, orders interleaved),
+with refusal cross-entropy on positives and ``CE + lambda * KL(p_base || p_ctrl)`` on negatives.
+It writes a JSONL log, a checkpoint per epoch (tokens + Adam state, resumable), and the final
+artifact into the output directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..backbone import Backbone, cache_root, load_backbone
+from ..config import TrainConfig
+from ..controlled import ControlledModel
+from ..data import load_suite
+from ..data.suites import Suite
+from ..policy import Policy
+from ..tokens import ArtifactError, ControlTokens, read_manifest
+from .losses import response_cross_entropy, response_kl
+from .sampler import OrderSampler, TrainItem
+from .teacher import BaseResponseCache
+
+Reporter = Callable[[str, dict[str, Any]], None]
+"""Receives progress events: ('stage', {...}), ('step', {...}), ('epoch', {...})."""
+
+
+@dataclass
+class TrainResult:
+    artifact: Path
+    steps: int
+    seconds: float
+    final_loss: float
+    budgets: list[dict[str, int]] = field(default_factory=list)
+
+
+def training_pools(suite: Suite, categories: list[str], limit: int, seed: int) -> dict[str, Any]:
+    """Train-split prompts per category, plus neutral and boundary prompts (seeded sample if limited)."""
+    rng = random.Random(seed)
+
+    def sample(rows: list[str]) -> list[str]:
+        rows = sorted(rows)
+        return rng.sample(rows, limit) if limit and len(rows) > limit else rows
+
+    by_cat = suite.by_category("train")
+    prompts = {c: sample([e.prompt for e in by_cat.get(c, [])]) for c in categories}
+    neutral = sample([e.prompt for e in suite.neutral("train")])
+    boundary = sample([e.prompt for e in suite.boundary("train")])
+    return {"prompts": prompts, "neutral": neutral, "boundary": boundary}
+
+
+def data_hash(pools: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(pools, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, backbone: Backbone | None = None, reporter: Reporter | None = None):
+        self.config = config
+        self.report = reporter or (lambda kind, data: None)
+        torch.manual_seed(config.optim.seed)
+        self.report("stage", {"name": "loading model", "model": config.model.name})
+        self.backbone = backbone or load_backbone(config.model.name, config.model.device, config.model.dtype)
+        self.suite = load_suite(config.data.suite)
+        registry = self.suite.registry
+        self.categories = list(registry.policy(config.data.categories or list(registry.names)))
+        self.tokens, self.frozen = self._init_tokens()
+        self.model = ControlledModel(self.backbone, self.tokens)
+        self.pools = training_pools(self.suite, self.categories, config.data.limit_per_category, config.optim.seed)
+        s = config.sampling
+        self.sampler = OrderSampler(
+            self.categories, self.pools["prompts"], self.pools["neutral"], self.pools["boundary"],
+            max_order=s.max_order, per_subset=s.per_subset, cap=s.cap, neg_ratio=s.neg_ratio,
+            inactive_share=s.inactive_share, boundary_share=s.boundary_share,
+            trainable=[c for c in self.categories if c not in self.frozen], seed=config.optim.seed,
+        )
+        self.trainable = [p for n, p in self.tokens.blocks.items() if n not in self.frozen]
+        self.optimizer = torch.optim.Adam(self.trainable, lr=config.optim.lr)
+        self.teacher = BaseResponseCache(self.model, cache_root() / "responses", config.teacher.max_new_tokens,
+                                         config.teacher.batch_size)
+        self._refusals = {
+            c: self.backbone.tokenizer(registry[c].refusal_text, add_special_tokens=False)["input_ids"]
+            + [self.backbone.tokenizer.eos_token_id]
+            for c in self.categories
+        }
+
+    def _init_tokens(self) -> tuple[ControlTokens, set[str]]:
+        cfg = self.config
+        emb, tok = self.backbone.model.get_input_embeddings(), self.backbone.tokenizer
+        registry = self.suite.registry
+        if not cfg.init_artifact:
+            return ControlTokens.initialise(registry, emb, tok, cfg.tokens.m, cfg.tokens.init,
+                                            cfg.tokens.placement, cfg.optim.seed, self.categories), set()
+        old = ControlTokens.load(cfg.init_artifact, self.backbone.describe())
+        if old.placement != cfg.tokens.placement:
+            raise ArtifactError(f"{cfg.init_artifact}: placement {old.placement!r} differs from the config's "
+                                f"{cfg.tokens.placement!r}; incremental training must keep it")
+        for name in old.categories:
+            if name not in registry or registry[name] != old.registry[name]:
+                raise ArtifactError(f"{cfg.init_artifact}: category {name!r} is not defined identically in suite "
+                                    f"{self.suite.name!r}")
+        new = [c for c in self.categories if c not in old.categories]
+        if not new:
+            raise ArtifactError(f"{cfg.init_artifact} already has every requested category; nothing to train")
+        fresh = ControlTokens.initialise(registry, emb, tok, cfg.tokens.m, cfg.tokens.init, cfg.tokens.placement,
+                                         cfg.optim.seed, new)
+        tokens = ControlTokens(registry, {n: b.detach() for n, b in old.blocks.items()}, old.placement)
+        tokens.add_categories(fresh)
+        tokens.freeze(old.categories)
+        self.categories = [c for c in registry.names if c in set(self.categories) | set(old.categories)]
+        return tokens, set(old.categories)
+
+    # -- one step -----------------------------------------------------------------------------
+    def _targets(self, items: list[TrainItem]) -> list[list[int]]:
+        out = []
+        for item in items:
+            out.append(self._refusals[item.category] if item.positive else self.teacher.get(item.prompt))
+        return out
+
+    def loss(self, items: list[TrainItem]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean over rows of CE (positives) and CE + lambda * KL (negatives)."""
+        targets = self._targets(items)
+        batch = self.model.encode([i.prompt for i in items], [i.policy for i in items], targets)
+        logits = self.model.logits(batch)
+        ce = response_cross_entropy(logits, batch.labels)
+        per_row = ce.clone()
+        neg = [j for j, item in enumerate(items) if not item.positive]
+        kl_mean = 0.0
+        if neg and self.config.optim.kl_weight > 0:
+            with torch.no_grad():
+                base = self.model.encode([items[j].prompt for j in neg], [Policy(())] * len(neg),
+                                         [targets[j] for j in neg])
+                teacher_logits = self.model.logits(base)
+            width = base.window  # both windows end at the last position, so the tails align
+            kl = response_kl(logits[neg, -width:], teacher_logits, base.labels)
+            per_row[neg] = per_row[neg] + self.config.optim.kl_weight * kl
+            kl_mean = float(kl.detach().mean())
+        pos = [j for j, item in enumerate(items) if item.positive]
+        stats = {
+            "loss": float(per_row.detach().mean()),
+            "ce_pos": float(ce[pos].detach().mean()) if pos else 0.0,
+            "ce_neg": float(ce[neg].detach().mean()) if neg else 0.0,
+            "kl": kl_mean,
+        }
+        return per_row.mean(), stats
+
+    # -- the run ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Generate (or load from cache) the base model's answers to every possible negative."""
+        prompts = self.sampler.negative_prompts()
+        todo = self.teacher.missing(prompts)
+        self.report("teacher", {"total": len(prompts), "missing": len(todo)})
+        self.teacher.fill(todo, progress=lambda n: self.report("teacher_progress", {"n": n}))
+
+    def train(self, output: str | Path, resume: bool = False) -> TrainResult:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        budgets = [
+            {"order": b.order, "subsets": b.subsets, "positives_per_subset": b.positives_per_subset,
+             "negatives_per_subset": b.negatives_per_subset, "positives": b.positives, "negatives": b.negatives}
+            for b in self.sampler.budgets
+        ]
+        self.report("budgets", {"budgets": budgets})
+        self.prepare()
+        start_epoch, step = (self._resume(out) if resume else (0, 0))
+        steps_per_epoch = self.sampler.steps_per_epoch(cfg.optim.batch_size)
+        total = steps_per_epoch * cfg.optim.epochs
+        self.report("start", {"total_steps": total, "done_steps": step, "steps_per_epoch": steps_per_epoch})
+        writer = _tensorboard(out) if cfg.log.tensorboard else None
+        log = (out / "train_log.jsonl").open("a", encoding="utf-8")
+        t0, last = time.time(), float("nan")
+        try:
+            for epoch in range(start_epoch, cfg.optim.epochs):
+                window: list[dict[str, float]] = []
+                for items in self.sampler.epoch_batches(epoch, cfg.optim.batch_size):
+                    loss, stats = self.loss(items)
+                    loss.backward()
+                    if cfg.optim.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    last = stats["loss"]
+                    window.append(stats)
+                    record = {"step": step, "epoch": epoch + 1, "order": items[0].policy.order, **stats}
+                    self.report("step", record)
+                    if step % cfg.log.every == 0 or step == total:
+                        avg = {k: sum(w[k] for w in window) / len(window) for k in stats}
+                        log.write(json.dumps({"step": step, "epoch": epoch + 1, **avg,
+                                              "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+                        log.flush()
+                        if writer is not None:
+                            for k, v in avg.items():
+                                writer.add_scalar(f"train/{k}", v, step)
+                        window = []
+                self._checkpoint(out, epoch + 1, step)
+                self.report("epoch", {"epoch": epoch + 1, "step": step})
+        finally:
+            log.close()
+            if writer is not None:
+                writer.close()
+        seconds = time.time() - t0
+        artifact = self.save(out, {"steps": step, "seconds": round(seconds, 1), "final_loss": last,
+                                   "budgets": budgets})
+        return TrainResult(artifact, step, seconds, last, budgets)
+
+    def save(self, out: Path, training: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
+        extra = {
+            "training": {"config": self.config.to_dict(), "data_hash": data_hash(self.pools),
+                         "suite": self.suite.name, "frozen_categories": sorted(self.frozen), **training},
+            "metrics": metrics or {},
+        }
+        return self.tokens.save(out, self.backbone.describe(), extra)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _checkpoint(self, out: Path, epoch: int, step: int) -> None:
+        ckpt = out / "checkpoints" / f"epoch-{epoch}"
+        self.save(ckpt, {"epoch": epoch, "steps": step})
+        state = {}
+        for name, param in self.tokens.blocks.items():
+            s = self.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in s:
+                    state[f"{name}.{key}"] = s[key].detach().cpu().contiguous()
+            if "step" in s:
+                state[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
+        save_file(state, str(ckpt / "optimizer.safetensors"))
+        (ckpt / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "step": step}) + "\n")
+
+    def _resume(self, out: Path) -> tuple[int, int]:
+        ckpts = sorted((out / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+        ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
+        if not ckpts:
+            self.report("stage", {"name": "no checkpoint to resume from; starting fresh"})
+            return 0, 0
+        ckpt = ckpts[-1]
+        manifest = read_manifest(ckpt)
+        if manifest["training"]["config"] != self.config.to_dict():
+            raise ArtifactError(f"{ckpt}: checkpoint was made with a different config; resume needs the same one")
+        loaded = ControlTokens.load(ckpt, self.backbone.describe())
+        state = load_file(str(ckpt / "optimizer.safetensors"))
+        with torch.no_grad():
+            for name, param in self.tokens.blocks.items():
+                param.copy_(loaded.blocks[name].to(param.device))
+                if f"{name}.exp_avg" in state:
+                    self.optimizer.state[param] = {
+                        "step": torch.tensor(float(state[f"{name}.step"][0])),
+                        "exp_avg": state[f"{name}.exp_avg"].to(param.device),
+                        "exp_avg_sq": state[f"{name}.exp_avg_sq"].to(param.device),
+                    }
+        info = json.loads((ckpt / "trainer_state.json").read_text())
+        self.report("stage", {"name": f"resumed from {ckpt.name} (step {info['step']})"})
+        return int(info["epoch"]), int(info["step"])
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise RuntimeError("log.tensorboard needs the tensorboard package: pip install 'mosaic-safety[tensorboard]'") \
+            from exc
+    return SummaryWriter(str(out / "tensorboard"))
