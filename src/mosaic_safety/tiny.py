@@ -55,6 +55,7 @@ def build_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        initializer_range=0.3,  # large enough that the output depends on the input (prompts, tokens)
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -26,7 +26,7 @@ from .policy import Category, CategoryRegistry, Policy
 FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.safetensors"
 MANIFEST_FILE = "mosaic.json"
-PLACEMENTS = ("prefix", "system", "user")
+PLACEMENTS = ("prefix", "system", "user", "user_end")
 
 
 class ArtifactError(ValueError):

@@ -15,7 +15,7 @@ from rich.table import Table
 from ..policy import NEUTRAL, CategoryRegistry, PolicyError
 from .loaders import load_file
 from .schema import SPLITS, DataError, Example
-from .suites import BUILTIN_SUITES, Suite, list_suites, load_suite
+from .suites import BUILTIN_SUITES, list_suites, load_suite
 
 data_app = typer.Typer(
     help="Inspect and validate safety datasets (suites, JSONL and CSV files).", no_args_is_help=True
@@ -35,30 +35,23 @@ def _pairs(items: list[str] | None, option: str) -> dict[str, str]:
 
 def _load_target(
     target: str, registry: str | None, columns: dict[str, str], defaults: dict[str, str]
-) -> Suite:
-    """A suite name or directory loads as a suite; a file loads alone (with a registry if given)."""
+) -> tuple[str, tuple[str, ...], list[Example]]:
+    """Name, category names and examples of a suite name, a suite directory or a single file.
+
+    A file without a registry is checked for form only, and its categories are the ones it uses.
+    """
     path = Path(target)
     if path.is_file():
         reg = CategoryRegistry.load(registry) if registry else None
         examples = load_file(path, reg, columns or None, defaults or None)
-        if reg is None:
-            reg = _registry_from(examples, path.stem)
-        return Suite(name=path.name, registry=reg, examples=examples)
-    return load_suite(target)
-
-
-def _registry_from(examples: list[Example], name: str) -> CategoryRegistry:
-    """A stand-in registry of the categories a file uses, for stats without a registry."""
-    names = sorted(
-        {ex.category for ex in examples if ex.category != NEUTRAL} | {ex.near for ex in examples if ex.near}
-    )
-    if not names:
-        names = ["(none)"]
-    cats = [{"name": n, "display": n, "description": n, "refusal": n} for n in names]
-    try:
-        return CategoryRegistry.from_dict({"name": name, "categories": cats}, source=name)
-    except PolicyError as exc:
-        raise DataError(f"{name}: {exc}") from exc
+        if reg is not None:
+            return path.name, reg.names, examples
+        used = {ex.category for ex in examples if ex.category != NEUTRAL} | {
+            ex.near for ex in examples if ex.near
+        }
+        return path.name, tuple(sorted(used)), examples
+    suite = load_suite(target)
+    return suite.name, suite.registry.names, suite.examples
 
 
 def _fail(problems: list[str]) -> None:
@@ -68,23 +61,21 @@ def _fail(problems: list[str]) -> None:
     raise typer.Exit(code=1)
 
 
-def stats_table(suite: Suite) -> Table:
-    """Counts per category (then neutral and boundary rows by the category they resemble) and split."""
-    table = Table(title=f"{suite.name}: {len(suite)} examples")
-    table.add_column("category")
+def stats_table(title: str, categories: tuple[str, ...], examples: list[Example]) -> Table:
+    """Counts per category (then neutral, and boundary rows by the category they resemble) and split."""
+    table = Table(title=f"{title}: {len(examples)} examples")
+    table.add_column("category", no_wrap=True)
     for split in SPLITS:
         table.add_column(split, justify="right")
     table.add_column("total", justify="right")
-    counts = Counter(
-        (ex.category if not ex.is_boundary else f"boundary:{ex.near}", ex.split) for ex in suite.examples
-    )
-    rows = [*suite.registry.names, NEUTRAL, *(f"boundary:{n}" for n in suite.registry.names)]
+    counts = Counter((f"boundary:{ex.near}" if ex.is_boundary else ex.category, ex.split) for ex in examples)
+    rows = [*categories, NEUTRAL, *(f"boundary:{n}" for n in categories)]
     rows += sorted({key for key, _ in counts} - set(rows))
     for row in rows:
         per = [counts[(row, s)] for s in SPLITS]
         if sum(per) or not row.startswith("boundary:"):
             table.add_row(row, *map(str, per), str(sum(per)))
-    totals = [sum(1 for ex in suite.examples if ex.split == s) for s in SPLITS]
+    totals = [sum(1 for ex in examples if ex.split == s) for s in SPLITS]
     table.add_row("[bold]total[/bold]", *map(str, totals), str(sum(totals)), end_section=True)
     return table
 
@@ -96,7 +87,7 @@ def harm_tables() -> list[Table]:
     build = build_harm()
     by_source = Table(title="harm: rows per source")
     for col in ("source", "read", "unmapped", "duplicates dropped", "kept", *SPLITS):
-        by_source.add_column(col, justify="left" if col == "source" else "right")
+        by_source.add_column(col, justify="left" if col == "source" else "right", no_wrap=col == "source")
     splits = Counter((ex.source, ex.split) for ex in build.examples)
     for src, rep in build.reports.items():
         per = [str(splits[(src, s)]) for s in SPLITS]
@@ -142,9 +133,11 @@ def stats_command(
 ) -> None:
     """Print a table of examples per category and split."""
     try:
-        suite = _load_target(target, registry, _pairs(column, "--column"), _pairs(default, "--default"))
-        console.print(stats_table(suite))
-        if suite.name == "harm" and target == "harm":
+        name, categories, examples = _load_target(
+            target, registry, _pairs(column, "--column"), _pairs(default, "--default")
+        )
+        console.print(stats_table(name, categories, examples))
+        if target == "harm" and not Path(target).exists():
             for table in harm_tables():
                 console.print(table)
     except (DataError, PolicyError) as exc:
@@ -162,10 +155,12 @@ def validate_command(
 ) -> None:
     """Check a data file; every bad row is reported as file:line: reason (exit code 1 on errors)."""
     try:
-        suite = _load_target(target, registry, _pairs(column, "--column"), _pairs(default, "--default"))
+        _, _, examples = _load_target(
+            target, registry, _pairs(column, "--column"), _pairs(default, "--default")
+        )
     except (DataError, PolicyError) as exc:
         _fail(getattr(exc, "problems", [str(exc)]))
-    console.print(f"[green]ok[/green]: {len(suite)} examples in {target}", highlight=False)
+    console.print(f"[green]ok[/green]: {len(examples)} examples in {target}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -135,8 +135,8 @@ def parse_jsonl(path: str | Path) -> Parsed:
         if example is not None:
             out.examples.append(example)
             out.locations.append(loc)
-    if not lines and not out.problems:
-        out.problems.append(f"{path}: empty file")
+    if not out.examples and not out.problems:
+        out.problems.append(f"{path}: empty file (no rows)")
     return out
 
 
@@ -234,6 +234,8 @@ def parse_csv(
         bad.append(f"{path}:{reader.line_num}: bad CSV ({exc})")
     out = examples_from_records(rows, header, str(path), columns, defaults, id_prefix=path.stem)
     out.problems = bad + out.problems
+    if not out.examples and not out.problems:
+        out.problems.append(f"{path}: no rows after the header")
     return out
 
 

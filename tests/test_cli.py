@@ -1,0 +1,137 @@
+"""The real `mosaic` CLI end to end on the tiny recipe: train -> info -> generate, and its failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mosaic(*args: str, cache: Path, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MOSAIC_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "mosaic_safety.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, input=stdin, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mosaic {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    art = root / "art"
+    proc = mosaic("train", "--config", "configs/tiny-test.yaml", "--output", str(art), cache=root / "cache")
+    return root, art, proc
+
+
+def test_train_writes_artifact_log_and_table(trained):
+    root, art, proc = trained
+    assert (art / "mosaic.json").exists() and (art / "tokens.safetensors").exists()
+    assert (art / "checkpoints" / "epoch-2" / "optimizer.safetensors").exists()
+    assert "Refusal rate on held-out test prompts" in proc.stdout
+    assert "order 2: 3 subsets" in proc.stderr  # the budget used per order is logged
+    logs = [json.loads(line) for line in (art / "train_log.jsonl").read_text().splitlines()]
+    assert logs and {"step", "loss", "kl", "ce_pos"} <= set(logs[-1])
+    table = json.loads((art / "eval_table.json").read_text())
+    assert set(table["rates"]) == {"", "alcohol", "betting", "horror"}
+
+
+def test_info(trained):
+    root, art, _ = trained
+    proc = mosaic("info", str(art), cache=root / "cache")
+    assert "tiny-random-llama" in proc.stdout and "alcohol" in proc.stdout and "trainable parameters: 192" in proc.stdout
+
+
+def test_generate_prompt_and_file(trained, tmp_path):
+    root, art, _ = trained
+    one = mosaic("generate", "--artifact", str(art), "--policy", "alcohol,horror", "--prompt", "hi there",
+                 "--max-new-tokens", "4", cache=root / "cache")
+    assert one.returncode == 0
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "bake bread"}\n\n{"prompt": "tell a story"}\n')
+    many = mosaic("generate", "-a", str(art), "-p", "betting", "-f", str(prompts), "--max-new-tokens", "3",
+                  cache=root / "cache")
+    rows = [json.loads(line) for line in many.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["bake bread", "tell a story"] and rows[0]["policy"] == "betting"
+
+
+def test_resume_flag(trained):
+    root, art, _ = trained
+    proc = mosaic("train", "-c", "configs/tiny-test.yaml", "-o", str(art), "--resume", cache=root / "cache")
+    assert "resumed from epoch-2" in proc.stderr
+
+
+def _error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def test_unknown_category(trained):
+    root, art, _ = trained
+    err = _error(mosaic("generate", "-a", str(art), "-p", "alcohol,gambling", "--prompt", "x", cache=root / "cache",
+                        check=False))
+    assert "unknown category 'gambling'" in err and "valid categories" in err
+
+
+def test_corrupt_artifact(trained, tmp_path):
+    root, art, _ = trained
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(art, bad)
+    (bad / "tokens.safetensors").write_bytes(b"junk")
+    err = _error(mosaic("generate", "-a", str(bad), "--prompt", "x", cache=root / "cache", check=False))
+    assert "not a readable safetensors file" in err
+    err = _error(mosaic("info", str(bad), cache=root / "cache", check=False))
+    assert "not a readable safetensors file" in err
+    assert (art / "tokens.safetensors").stat().st_size > 100  # the original is untouched
+
+
+def test_artifact_from_another_backbone(trained, tmp_path):
+    root, art, _ = trained
+    from mosaic_safety.tiny import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    other = tmp_path / "other-model"
+    build_model(tok, seed=7).save_pretrained(other)
+    tok.save_pretrained(other)
+    err = _error(mosaic("generate", "-a", str(art), "--model", str(other), "--prompt", "x", cache=root / "cache",
+                        check=False))
+    assert "fingerprint" in err and "trained on backbone tiny-random-llama" in err
+
+
+def test_bad_config_and_missing_files(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("optim:\n  lr: fast\n")
+    assert "expected a number" in _error(mosaic("train", "-c", str(cfg), cache=tmp_path, check=False))
+    assert "not found" in _error(mosaic("train", "-c", str(tmp_path / "nope.yaml"), cache=tmp_path, check=False))
+    err = _error(mosaic("train", "-c", "configs/tiny-test.yaml", "data.categories=alcohol,wine", cache=tmp_path,
+                        check=False))
+    assert "unknown category 'wine'" in err
+    assert "artifact directory not found" in _error(
+        mosaic("info", str(tmp_path / "missing"), cache=tmp_path, check=False))
+
+
+def test_empty_inputs(trained, tmp_path):
+    root, art, _ = trained
+    proc = mosaic("generate", "-a", str(art), "--prompt", "   ", cache=root / "cache", check=False)
+    assert proc.returncode == 2 and "--prompt is empty" in proc.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    proc = mosaic("generate", "-a", str(art), "-f", str(empty), cache=root / "cache", check=False)
+    assert proc.returncode == 2 and "no prompts" in proc.stderr
+
+
+def test_chat_switches_policy(trained):
+    root, art, _ = trained
+    proc = mosaic("chat", "-a", str(art), "--max-new-tokens", "3", cache=root / "cache",
+                  stdin="hello\n/policy horror\n/policy nope\nhi again\n/quit\n")
+    assert "policy: horror" in proc.stderr and "unknown category 'nope'" in proc.stderr
+    assert proc.stdout.count("bot> ") == 2

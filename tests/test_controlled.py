@@ -1,0 +1,133 @@
+"""Invariants of the controlled model on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mosaic_safety.controlled import ControlledModel
+from mosaic_safety.policy import Policy
+
+PROMPTS = ["How do I bake sourdough bread at home?", "Tell me a scary story", "What is 17 times 23, and why?"]
+
+
+def base_logits(backbone, prompt):
+    ids = backbone.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
+    with torch.no_grad():
+        return backbone.model(input_ids=ids).logits[0]
+
+
+def base_greedy(backbone, prompt, n):
+    ids = backbone.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
+    out = backbone.model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids),
+                                  pad_token_id=backbone.tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("placement", ["prefix", "system", "user", "user_end"])
+def test_empty_policy_gives_base_logits_and_text(tiny_backbone, tiny_tokens, placement):
+    tiny_tokens.placement = placement
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    with torch.no_grad():
+        logits = cm.forward(PROMPTS, [None] * len(PROMPTS))  # one left-padded batch
+    for i, prompt in enumerate(PROMPTS):
+        ref = base_logits(tiny_backbone, prompt)
+        assert (logits[i, -ref.shape[0]:] - ref).abs().max().item() <= 1e-5
+    ours = cm.generate_ids(PROMPTS, [""] * 3, max_new_tokens=6)
+    for prompt, row in zip(PROMPTS, ours):
+        expected = base_greedy(tiny_backbone, prompt, 6)
+        eos = tiny_backbone.tokenizer.eos_token_id
+        expected = expected[: expected.index(eos)] if eos in expected else expected
+        assert row == expected
+
+
+@pytest.mark.parametrize("placement", ["prefix", "user", "user_end"])
+def test_row_does_not_depend_on_batch_or_padding(tiny_backbone, tiny_tokens, minors, placement):
+    tiny_tokens.placement = placement
+    # make the control tokens matter so that a leak between rows would show
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for block in tiny_tokens.blocks.values():
+            block.add_(torch.randn_like(block))
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    policies = [minors.policy("alcohol"), minors.policy("horror,sex,betting"), Policy(())]
+    with torch.no_grad():
+        together = cm.next_token_logits(PROMPTS, policies)
+        for i in range(3):
+            alone = cm.next_token_logits([PROMPTS[i]], [policies[i]])
+            assert (together[i] - alone[0]).abs().max().item() <= 1e-5
+    batched = cm.generate_ids(PROMPTS, policies, max_new_tokens=5, batch_size=3)
+    single = [cm.generate_ids([p], [q], max_new_tokens=5)[0] for p, q in zip(PROMPTS, policies)]
+    assert batched == single
+
+
+def test_control_tokens_change_the_output(tiny_backbone, tiny_tokens, minors):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    with torch.no_grad():
+        a = cm.next_token_logits(PROMPTS[:1], [minors.policy("alcohol")])
+        b = cm.next_token_logits(PROMPTS[:1], [Policy(())])
+    assert (a - b).abs().max().item() > 1e-3
+
+
+def test_policy_order_is_canonical(tiny_backbone, tiny_tokens, minors):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    with torch.no_grad():
+        a = cm.next_token_logits(PROMPTS[:1], ["sex,alcohol"])
+        b = cm.next_token_logits(PROMPTS[:1], [["alcohol", "sex"]])
+    assert torch.equal(a, b)
+
+
+def test_layout_left_pads_before_control_tokens(tiny_backbone, tiny_tokens, minors):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    batch = cm.encode(["hi", PROMPTS[0]], [minors.policy("alcohol"), Policy(())])
+    mask = batch.attention_mask
+    short = mask[0]
+    first = int(short.argmax())
+    assert short[:first].sum() == 0 and short[first:].all()  # padding only on the left
+    assert batch.position_ids[0, first] == 0  # positions restart after padding
+    ctrl = tiny_tokens.compose(minors.policy("alcohol"))
+    assert torch.allclose(batch.inputs_embeds[0, first : first + 3], ctrl)  # prefix right after padding
+
+
+def test_stream_matches_generate(tiny_backbone, tiny_tokens, minors):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    text = cm.generate([PROMPTS[0]], ["alcohol"], max_new_tokens=8)[0]
+    assert "".join(cm.stream(PROMPTS[0], "alcohol", max_new_tokens=8)) == text
+
+
+def test_sampling_is_seeded(tiny_backbone, tiny_tokens):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    a = cm.generate_ids(PROMPTS, [""] * 3, max_new_tokens=6, do_sample=True, temperature=1.5, seed=3)
+    b = cm.generate_ids(PROMPTS, [""] * 3, max_new_tokens=6, do_sample=True, temperature=1.5, seed=3)
+    c = cm.generate_ids(PROMPTS, [""] * 3, max_new_tokens=6, do_sample=True, temperature=1.5, seed=4)
+    assert a == b and a != c
+
+
+def test_chat_messages_and_empty_inputs(tiny_backbone, tiny_tokens):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bake bread?"}]
+    assert len(cm.generate([msgs], ["alcohol"], max_new_tokens=3)) == 1
+    with pytest.raises(ValueError, match="empty batch"):
+        cm.encode([], [])
+    with pytest.raises(ValueError, match="at least one message"):
+        cm.generate([[]], [""], max_new_tokens=2)
+    assert cm.generate([], [], max_new_tokens=2) == []
+
+
+def test_model_without_tokens_only_takes_empty_policy(tiny_backbone):
+    cm = ControlledModel(tiny_backbone)
+    with pytest.raises(ValueError, match="only the empty policy"):
+        cm.policy("alcohol")
+
+
+def test_unknown_category_lists_valid_ones(tiny_backbone, tiny_tokens):
+    from mosaic_safety.policy import PolicyError
+
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    with pytest.raises(PolicyError, match="valid categories: addiction, alcohol, betting, horror, sex"):
+        cm.generate([PROMPTS[0]], ["Alcohol"], max_new_tokens=2)

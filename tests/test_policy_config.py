@@ -1,0 +1,91 @@
+"""Registries, policies and recipes: every bad input is a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from mosaic_safety.config import ConfigError, load_config
+from mosaic_safety.policy import CategoryRegistry, Policy, PolicyError
+
+
+def test_minors_registry(minors):
+    assert minors.names == ("addiction", "alcohol", "betting", "horror", "sex")
+    assert minors["alcohol"].refusal_text.endswith("about alcohol on this platform.")
+    assert all(c.out_of_scope for c in minors)
+
+
+def test_policy_canonical_order_and_dedup(minors):
+    p = minors.policy("sex, alcohol,sex")
+    assert p.categories == ("alcohol", "sex") and p.order == 2 and str(p) == "alcohol,sex"
+    assert not minors.policy("") and minors.policy(None) == Policy(())
+
+
+@pytest.mark.parametrize("name", ["Alcohol", "ALCOHOL", "alcoh\u043el", "drugs", "neutral"])
+def test_unknown_or_confusable_names_are_rejected(minors, name):
+    with pytest.raises(PolicyError, match="valid categories"):
+        minors.policy([name])
+
+
+def test_suggestion_for_typo(minors):
+    with pytest.raises(PolicyError, match="did you mean 'alcohol'"):
+        minors.policy("alchohol")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("categories: []", "defines no categories"),
+        ("[1, 2]", "mapping with a 'categories' list"),
+        ("categories:\n  - {name: a, display: A, description: d}", "missing refusal"),
+        ("categories:\n  - {name: A, display: A, description: d, refusal: r}", "lower-case"),
+        ("categories:\n  - {name: a, display: A, description: d, refusal: r, colour: red}", "unknown keys"),
+        ("categories:\n  - {name: a, display: A, description: d, refusal: r}\n"
+         "  - {name: a, display: A, description: d, refusal: r}", "defined twice"),
+        ("categories: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_registry_files(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError, match=message):
+        CategoryRegistry.load(path)
+
+
+def test_missing_registry():
+    with pytest.raises(PolicyError, match="not found"):
+        CategoryRegistry.load("no-such-registry")
+
+
+def test_config_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tokens:\n  m: 2\noptim:\n  epochs: 1\n")
+    cfg = load_config(path, ["optim.lr=0.05", "data.categories=alcohol,sex", "log.tensorboard=true"])
+    assert cfg.tokens.m == 2 and cfg.optim.lr == 0.05 and cfg.optim.epochs == 1
+    assert cfg.data.categories == ["alcohol", "sex"] and cfg.log.tensorboard is True
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("tokens:\n  mm: 2\n", [], "unknown config key"),
+        ("optim:\n  epochs: two\n", [], "expected an integer"),
+        ("tokens:\n  m: 0\n", [], "at least 1"),
+        ("tokens:\n  placement: middle\n", [], "placement"),
+        ("", ["optim.lr"], "key.sub=value"),
+        ("", ["optim.lr=-1"], "positive"),
+        ("- a\n- b\n", [], "mapping of sections"),
+        ("optim: [\n", [], "not valid YAML"),
+    ],
+)
+def test_bad_configs(tmp_path, text, overrides, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, overrides)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+        load_config(path)

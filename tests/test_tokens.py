@@ -1,0 +1,118 @@
+"""Control-token artifacts: round trip, atomic writes, and every way a bad artifact must fail."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mosaic_safety.tokens import ArtifactError, ControlTokens, read_manifest
+
+
+def test_init_from_description_is_in_embedding_span(tiny_backbone, tiny_tokens):
+    emb = tiny_backbone.model.get_input_embeddings().weight
+    for block in tiny_tokens.blocks.values():
+        assert block.shape == (3, emb.shape[1]) and block.dtype == torch.float32
+        assert block.norm(dim=-1).max() <= emb.norm(dim=-1).max() + 1e-5
+
+
+def test_save_load_round_trip(tmp_path, tiny_backbone, tiny_tokens):
+    out = tiny_tokens.save(tmp_path / "a", tiny_backbone.describe(), {"training": {"steps": 3}})
+    tensors = load_file(str(out / "tokens.safetensors"))
+    assert set(tensors) == {f"category.{c}" for c in tiny_tokens.categories}
+    loaded = ControlTokens.load(out, tiny_backbone.describe())
+    for name in tiny_tokens.categories:
+        assert torch.equal(loaded.blocks[name], tiny_tokens.blocks[name].detach())
+    manifest = read_manifest(out)
+    assert manifest["composition_order"] == list(tiny_tokens.registry.names)
+    assert manifest["backbone"]["fingerprint"] == tiny_backbone.fingerprint
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_save_keeps_other_files_in_the_directory(tmp_path, tiny_backbone, tiny_tokens):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "train_log.jsonl").write_text("{}\n")
+    tiny_tokens.save(tmp_path / "a", tiny_backbone.describe())
+    tiny_tokens.save(tmp_path / "a", tiny_backbone.describe())
+    assert (tmp_path / "a" / "train_log.jsonl").read_text() == "{}\n"
+
+
+@pytest.fixture
+def artifact(tmp_path, tiny_backbone, tiny_tokens):
+    return tiny_tokens.save(tmp_path / "art", tiny_backbone.describe())
+
+
+def test_wrong_backbone_is_rejected(artifact):
+    from mosaic_safety.tiny import build_backbone
+
+    other = build_backbone(seed=1)
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        ControlTokens.load(artifact, other.describe())
+    wider = build_backbone(hidden=64)
+    with pytest.raises(ArtifactError, match="hidden size 32"):
+        ControlTokens.load(artifact, wider.describe())
+
+
+def test_corrupt_tensor_file(artifact):
+    (artifact / "tokens.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ArtifactError, match="not a readable safetensors"):
+        ControlTokens.load(artifact)
+
+
+def test_corrupt_manifest(artifact):
+    (artifact / "mosaic.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupt manifest"):
+        ControlTokens.load(artifact)
+
+
+def test_future_format_version(artifact):
+    manifest = json.loads((artifact / "mosaic.json").read_text())
+    manifest["format_version"] = 99
+    (artifact / "mosaic.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        ControlTokens.load(artifact)
+
+
+def test_non_finite_and_wrong_shape(artifact):
+    tensors = load_file(str(artifact / "tokens.safetensors"))
+    tensors["category.alcohol"][0, 0] = float("nan")
+    save_file(tensors, str(artifact / "tokens.safetensors"))
+    with pytest.raises(ArtifactError, match="NaN"):
+        ControlTokens.load(artifact)
+    tensors["category.alcohol"] = torch.zeros(3, 7)
+    save_file(tensors, str(artifact / "tokens.safetensors"))
+    with pytest.raises(ArtifactError, match=r"shape \(3, 7\)"):
+        ControlTokens.load(artifact)
+    del tensors["category.alcohol"]
+    save_file(tensors, str(artifact / "tokens.safetensors"))
+    with pytest.raises(ArtifactError, match="missing"):
+        ControlTokens.load(artifact)
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="not found"):
+        ControlTokens.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="no mosaic.json"):
+        ControlTokens.load(tmp_path / "empty")
+
+
+def test_compose_and_missing_category(tiny_backbone, minors):
+    tokens = ControlTokens.initialise(minors, tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer,
+                                      m=2, categories=["alcohol", "sex"])
+    assert tokens.compose(minors.policy("sex,alcohol")).shape == (4, 32)
+    assert torch.equal(tokens.compose(minors.policy("sex,alcohol"))[:2], tokens.blocks["alcohol"])
+    with pytest.raises(ArtifactError, match="no control tokens for horror"):
+        tokens.compose(minors.policy("horror"))
+
+
+def test_bad_init_arguments(tiny_backbone, minors):
+    emb, tok = tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer
+    with pytest.raises(ValueError, match="between 1 and 64"):
+        ControlTokens.initialise(minors, emb, tok, m=0)
+    with pytest.raises(ValueError, match="unknown init"):
+        ControlTokens.initialise(minors, emb, tok, m=2, init="zeros")
+    with pytest.raises(ValueError, match="unknown placement"):
+        ControlTokens.initialise(minors, emb, tok, m=2, placement="suffix")

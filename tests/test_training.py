@@ -1,0 +1,177 @@
+"""Sampler budgets, losses, the teacher cache, and the training loop on a tiny model."""
+
+from __future__ import annotations
+
+from math import comb
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mosaic_safety.config import load_config
+from mosaic_safety.controlled import ControlledModel
+from mosaic_safety.training.losses import response_cross_entropy, response_kl
+from mosaic_safety.training.sampler import OrderSampler
+from mosaic_safety.training.teacher import BaseResponseCache
+
+CATS = ["a", "b", "c", "d", "e"]
+
+
+def make_sampler(**kw):
+    prompts = {c: [f"{c} prompt {i}" for i in range(30)] for c in CATS}
+    neutral = [f"neutral {i}" for i in range(30)]
+    boundary = [f"boundary {i}" for i in range(10)]
+    return OrderSampler(CATS, prompts, neutral, boundary, **kw)
+
+
+def test_budget_per_order_follows_the_paper_rule():
+    s = make_sampler(max_order=4, per_subset=100)
+    cap = 5 * 100  # the order-1 total
+    for b in s.budgets:
+        assert b.subsets == comb(5, b.order)
+        assert b.positives_per_subset == min(100, cap // comb(5, b.order))
+        assert b.negatives_per_subset == b.positives_per_subset
+    assert [b.positives for b in s.budgets] == [500, 500, 500, 500]
+
+
+def test_epoch_items_respect_the_policy():
+    s = make_sampler(max_order=3, per_subset=8, neg_ratio=2.0, inactive_share=0.5)
+    items = s.epoch_items(0)
+    for item in items:
+        if item.positive:
+            assert item.category in item.policy  # positives come from an active category
+        else:
+            assert item.category not in item.policy  # negatives never from an active category
+    pos = sum(i.positive for i in items)
+    assert sum(not i.positive for i in items) == 2 * pos
+    inactive = [i for i in items if not i.positive and i.category != "neutral"]
+    assert 0.3 < len(inactive) / (len(items) - pos) < 0.7
+
+
+def test_batches_are_single_order_and_seeded():
+    s = make_sampler(max_order=3, per_subset=6)
+    batches = s.epoch_batches(0, 4)
+    assert all(len({i.policy.order for i in b}) == 1 for b in batches)
+    assert len(batches) == s.steps_per_epoch(4)
+    assert [i.prompt for b in batches for i in b] == [i.prompt for b in s.epoch_batches(0, 4) for i in b]
+    assert [i.prompt for b in batches for i in b] != [i.prompt for b in s.epoch_batches(1, 4) for i in b]
+
+
+def test_incremental_subsets_contain_a_new_category():
+    s = make_sampler(max_order=2, per_subset=4, trainable=["e"])
+    assert all("e" in subset for r in s.subsets for subset in s.subsets[r])
+    assert [b.subsets for b in s.budgets] == [1, 4]
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="no training prompts for categories: b"):
+        OrderSampler(["a", "b"], {"a": ["x"], "b": []}, ["n"], [])
+
+
+def test_cross_entropy_matches_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, 3, 4, -100, -100], [1, 2, 3, 4, -100]])
+    ours = response_cross_entropy(logits, labels)
+    ref0 = F.cross_entropy(logits[0, 1:3], labels[0, 1:3])
+    ref1 = F.cross_entropy(logits[1, :4], labels[1, :4])
+    assert torch.allclose(ours, torch.stack([ref0, ref1]), atol=1e-6)
+
+
+def test_kl_is_zero_for_equal_models_and_matches_reference():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    labels = torch.tensor([[1, 1, -100, -100], [1, 1, 1, 1]])
+    assert response_kl(teacher, teacher, labels).abs().max() < 1e-6
+    p = teacher.softmax(-1)
+    ref = (p * (p.log() - student.log_softmax(-1))).sum(-1)
+    expected = torch.stack([ref[0, :2].mean(), ref[1].mean()])
+    assert torch.allclose(response_kl(student, teacher, labels), expected, atol=1e-5)
+
+
+def test_teacher_cache_generates_once(tmp_path, tiny_backbone):
+    cm = ControlledModel(tiny_backbone)
+    calls = []
+    original = cm.generate_ids
+    cm.generate_ids = lambda *a, **k: calls.append(len(a[0])) or original(*a, **k)
+    cache = BaseResponseCache(cm, tmp_path, max_new_tokens=4, batch_size=2)
+    prompts = ["one", "two", "three"]
+    assert cache.fill(prompts) == 3 and sum(calls) == 3
+    again = BaseResponseCache(cm, tmp_path, max_new_tokens=4, batch_size=2)  # a new process, same disk
+    assert again.fill(prompts) == 0 and sum(calls) == 3
+    assert again.get("one") == cache.get("one")
+    other = BaseResponseCache(cm, tmp_path, max_new_tokens=5)  # different decoding settings: new key
+    assert other.missing(prompts) == sorted(prompts)
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config("configs/tiny-test.yaml", [f"output={tmp_path / 'run'}", *overrides])
+
+
+def test_training_moves_only_the_control_tokens(tmp_path, tiny_backbone):
+    from mosaic_safety.training.trainer import Trainer
+
+    before = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
+    trainer = Trainer(tiny_config(tmp_path, "optim.epochs=1"), backbone=tiny_backbone)
+    start = {n: b.detach().clone() for n, b in trainer.tokens.blocks.items()}
+    result = trainer.train(tmp_path / "run")
+    assert result.steps == trainer.sampler.steps_per_epoch(4)
+    for k, v in tiny_backbone.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # bitwise unchanged
+    assert all(not p.requires_grad for p in tiny_backbone.model.parameters())
+    assert any(not torch.equal(start[n], b) for n, b in trainer.tokens.blocks.items())
+    assert (tmp_path / "run" / "mosaic.json").exists() and (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+def test_refusal_loss_decreases(tmp_path, tiny_backbone):
+    from mosaic_safety.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path, "optim.lr=0.2"), backbone=tiny_backbone)
+    trainer.prepare()
+    batch = [i for i in trainer.sampler.epoch_items(0) if i.positive][:4]
+    first = trainer.loss(batch)[0].item()
+    for _ in range(15):
+        loss, _ = trainer.loss(batch)
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+    assert trainer.loss(batch)[0].item() < first * 0.95  # no gradient would leave it unchanged
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_backbone):
+    from mosaic_safety.training.trainer import Trainer
+
+    full = Trainer(tiny_config(tmp_path, "output=" + str(tmp_path / "full")), backbone=tiny_backbone)
+    full.train(tmp_path / "full")
+    half = Trainer(tiny_config(tmp_path, "optim.epochs=1"), backbone=tiny_backbone)
+    half.train(tmp_path / "run")
+    # same recipe with 2 epochs, resumed from the epoch-1 checkpoint of the 1-epoch run
+    resumed = Trainer(tiny_config(tmp_path, "optim.epochs=2"), backbone=tiny_backbone)
+    import json
+
+    state = tmp_path / "run" / "checkpoints" / "epoch-1" / "mosaic.json"
+    manifest = json.loads(state.read_text())
+    manifest["training"]["config"] = resumed.config.to_dict()  # the epochs count is allowed to grow
+    state.write_text(json.dumps(manifest))
+    result = resumed.train(tmp_path / "run", resume=True)
+    assert result.steps == full.sampler.steps_per_epoch(4) * 2
+    for name in full.tokens.categories:
+        assert torch.allclose(full.tokens.blocks[name], resumed.tokens.blocks[name], atol=1e-5)
+
+
+def test_incremental_training_keeps_old_tokens_bitwise(tmp_path, tiny_backbone):
+    from mosaic_safety.tokens import ControlTokens
+    from mosaic_safety.training.trainer import Trainer
+
+    first = Trainer(tiny_config(tmp_path, "data.categories=alcohol,betting", "optim.epochs=1"),
+                    backbone=tiny_backbone)
+    first.train(tmp_path / "first")
+    old = ControlTokens.load(tmp_path / "first")
+    second = Trainer(tiny_config(tmp_path, "data.categories=horror", "optim.epochs=1",
+                                 f"init_artifact={tmp_path / 'first'}"), backbone=tiny_backbone)
+    second.train(tmp_path / "second")
+    new = ControlTokens.load(tmp_path / "second", tiny_backbone.describe())
+    assert new.categories == ("alcohol", "betting", "horror")
+    for name in ("alcohol", "betting"):
+        assert torch.equal(new.blocks[name], old.blocks[name])
+    assert all(item.policy and "horror" in item.policy for item in second.sampler.epoch_items(0))
