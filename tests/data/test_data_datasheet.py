@@ -106,7 +106,7 @@ def test_minors_datasheet_states_definitions_and_gates():
         "Jaccard similarity >= 0.5",
         "300 / 100 / 100",
         "30 / 10 / 10",
-        "3,000 rows",
+        "3,250 rows",
         "at most 2x the smallest",
     ):
         assert phrase in text

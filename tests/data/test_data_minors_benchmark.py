@@ -82,7 +82,7 @@ def test_neutral_counts(rows):
 
 
 def test_totals(everything):
-    assert len(everything) == 3000
+    assert len(everything) == 3250  # 5 x (500 + 50 boundary) + 500 neutral
     boundary = [r for _, _, r in everything if r.get("near")]
     assert len(boundary) == 250
     assert Counter(r["near"] for r in boundary) == {c: 50 for c in CATEGORIES}
