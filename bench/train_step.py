@@ -17,7 +17,9 @@ import torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--virtual", type=int, default=5, help="virtual tokens (one category of m tokens)")
@@ -42,8 +44,9 @@ def main() -> None:
     target = tok(registry["alcohol"].refusal_text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
     # ours: one category with `virtual` tokens, prefix placement (same as PEFT's virtual tokens)
-    tokens = ControlTokens.initialise(registry, backbone.model.get_input_embeddings(), tok, m=args.virtual,
-                                      categories=["alcohol"])
+    tokens = ControlTokens.initialise(
+        registry, backbone.model.get_input_embeddings(), tok, m=args.virtual, categories=["alcohol"]
+    )
     ours = ControlledModel(backbone, tokens)
     policy = registry.policy("alcohol")
     opt_ours = torch.optim.Adam(tokens.parameters(), lr=1e-2)
@@ -56,17 +59,18 @@ def main() -> None:
         opt_ours.zero_grad(set_to_none=True)
 
     # PEFT prompt tuning on the same rows (left-padded, labels only on the response)
-    peft_model = get_peft_model(backbone.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
-                                                                   num_virtual_tokens=args.virtual))
+    peft_model = get_peft_model(
+        backbone.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.virtual)
+    )
     rows = [ours.split_prompt(p)[1] + target for p in prompts]
     length = max(map(len, rows))
     ids = torch.full((len(rows), length), tok.pad_token_id)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
     for i, r in enumerate(rows):
-        ids[i, length - len(r):] = torch.tensor(r)
-        mask[i, length - len(r):] = 1
-        labels[i, length - len(target):] = torch.tensor(target)
+        ids[i, length - len(r) :] = torch.tensor(r)
+        mask[i, length - len(r) :] = 1
+        labels[i, length - len(target) :] = torch.tensor(target)
     ids, mask, labels = ids.to(backbone.device), mask.to(backbone.device), labels.to(backbone.device)
     opt_peft = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
 
@@ -94,7 +98,9 @@ def main() -> None:
             t_ours.append(timed(step_ours))
         t_peft.append(timed(step_peft))
     mo, mp = statistics.median(t_ours), statistics.median(t_peft)
-    print(f"model {backbone.name}, batch {args.batch}, {args.virtual} virtual tokens, seq len ~{length + args.virtual}")
+    print(
+        f"model {backbone.name}, batch {args.batch}, {args.virtual} virtual tokens, seq len ~{length + args.virtual}"
+    )
     print(f"mosaic step median {mo:.3f}s  (all: {', '.join(f'{t:.2f}' for t in t_ours)})")
     print(f"peft   step median {mp:.3f}s  (all: {', '.join(f'{t:.2f}' for t in t_peft)})")
     print(f"ratio mosaic/peft = {mo / mp:.2f}  (goal <= 0.8)")

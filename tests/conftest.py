@@ -28,7 +28,9 @@ def minors():
 def tiny_tokens(tiny_backbone, minors):
     from mosaic_safety.tokens import ControlTokens
 
-    return ControlTokens.initialise(minors, tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer, m=3)
+    return ControlTokens.initialise(
+        minors, tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer, m=3
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -13,12 +13,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def mosaic(*args: str, cache: Path, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+def mosaic(
+    *args: str, cache: Path, check: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "MOSAIC_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "mosaic_safety.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, input=stdin, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mosaic_safety.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        input=stdin,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"mosaic {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"mosaic {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -45,18 +56,42 @@ def test_train_writes_artifact_log_and_table(trained):
 def test_info(trained):
     root, art, _ = trained
     proc = mosaic("info", str(art), cache=root / "cache")
-    assert "tiny-random-llama" in proc.stdout and "alcohol" in proc.stdout and "trainable parameters: 192" in proc.stdout
+    assert (
+        "tiny-random-llama" in proc.stdout
+        and "alcohol" in proc.stdout
+        and "trainable parameters: 192" in proc.stdout
+    )
 
 
 def test_generate_prompt_and_file(trained, tmp_path):
     root, art, _ = trained
-    one = mosaic("generate", "--artifact", str(art), "--policy", "alcohol,horror", "--prompt", "hi there",
-                 "--max-new-tokens", "4", cache=root / "cache")
+    one = mosaic(
+        "generate",
+        "--artifact",
+        str(art),
+        "--policy",
+        "alcohol,horror",
+        "--prompt",
+        "hi there",
+        "--max-new-tokens",
+        "4",
+        cache=root / "cache",
+    )
     assert one.returncode == 0
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "bake bread"}\n\n{"prompt": "tell a story"}\n')
-    many = mosaic("generate", "-a", str(art), "-p", "betting", "-f", str(prompts), "--max-new-tokens", "3",
-                  cache=root / "cache")
+    many = mosaic(
+        "generate",
+        "-a",
+        str(art),
+        "-p",
+        "betting",
+        "-f",
+        str(prompts),
+        "--max-new-tokens",
+        "3",
+        cache=root / "cache",
+    )
     rows = [json.loads(line) for line in many.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["bake bread", "tell a story"] and rows[0]["policy"] == "betting"
 
@@ -75,8 +110,19 @@ def _error(proc: subprocess.CompletedProcess) -> str:
 
 def test_unknown_category(trained):
     root, art, _ = trained
-    err = _error(mosaic("generate", "-a", str(art), "-p", "alcohol,gambling", "--prompt", "x", cache=root / "cache",
-                        check=False))
+    err = _error(
+        mosaic(
+            "generate",
+            "-a",
+            str(art),
+            "-p",
+            "alcohol,gambling",
+            "--prompt",
+            "x",
+            cache=root / "cache",
+            check=False,
+        )
+    )
     assert "unknown category 'gambling'" in err and "valid categories" in err
 
 
@@ -102,8 +148,19 @@ def test_artifact_from_another_backbone(trained, tmp_path):
     other = tmp_path / "other-model"
     build_model(tok, seed=7).save_pretrained(other)
     tok.save_pretrained(other)
-    err = _error(mosaic("generate", "-a", str(art), "--model", str(other), "--prompt", "x", cache=root / "cache",
-                        check=False))
+    err = _error(
+        mosaic(
+            "generate",
+            "-a",
+            str(art),
+            "--model",
+            str(other),
+            "--prompt",
+            "x",
+            cache=root / "cache",
+            check=False,
+        )
+    )
     assert "fingerprint" in err and "trained on backbone tiny-random-llama" in err
 
 
@@ -111,12 +168,23 @@ def test_bad_config_and_missing_files(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("optim:\n  lr: fast\n")
     assert "expected a number" in _error(mosaic("train", "-c", str(cfg), cache=tmp_path, check=False))
-    assert "not found" in _error(mosaic("train", "-c", str(tmp_path / "nope.yaml"), cache=tmp_path, check=False))
-    err = _error(mosaic("train", "-c", "configs/tiny-test.yaml", "data.categories=alcohol,wine", cache=tmp_path,
-                        check=False))
+    assert "not found" in _error(
+        mosaic("train", "-c", str(tmp_path / "nope.yaml"), cache=tmp_path, check=False)
+    )
+    err = _error(
+        mosaic(
+            "train",
+            "-c",
+            "configs/tiny-test.yaml",
+            "data.categories=alcohol,wine",
+            cache=tmp_path,
+            check=False,
+        )
+    )
     assert "unknown category 'wine'" in err
     assert "artifact directory not found" in _error(
-        mosaic("info", str(tmp_path / "missing"), cache=tmp_path, check=False))
+        mosaic("info", str(tmp_path / "missing"), cache=tmp_path, check=False)
+    )
 
 
 def test_empty_inputs(trained, tmp_path):
@@ -131,7 +199,14 @@ def test_empty_inputs(trained, tmp_path):
 
 def test_chat_switches_policy(trained):
     root, art, _ = trained
-    proc = mosaic("chat", "-a", str(art), "--max-new-tokens", "3", cache=root / "cache",
-                  stdin="hello\n/policy horror\n/policy nope\nhi again\n/quit\n")
+    proc = mosaic(
+        "chat",
+        "-a",
+        str(art),
+        "--max-new-tokens",
+        "3",
+        cache=root / "cache",
+        stdin="hello\n/policy horror\n/policy nope\nhi again\n/quit\n",
+    )
     assert "policy: horror" in proc.stderr and "unknown category 'nope'" in proc.stderr
     assert proc.stdout.count("bot> ") == 2

@@ -13,7 +13,10 @@ PROMPTS = ["How do I bake sourdough bread at home?", "Tell me a scary story", "W
 
 def base_logits(backbone, prompt):
     ids = backbone.tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
     )["input_ids"]
     with torch.no_grad():
         return backbone.model(input_ids=ids).logits[0]
@@ -21,11 +24,19 @@ def base_logits(backbone, prompt):
 
 def base_greedy(backbone, prompt, n):
     ids = backbone.tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
     )["input_ids"]
-    out = backbone.model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids),
-                                  pad_token_id=backbone.tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    out = backbone.model.generate(
+        ids,
+        max_new_tokens=n,
+        do_sample=False,
+        attention_mask=torch.ones_like(ids),
+        pad_token_id=backbone.tokenizer.pad_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("placement", ["prefix", "system", "user", "user_end"])
@@ -36,7 +47,7 @@ def test_empty_policy_gives_base_logits_and_text(tiny_backbone, tiny_tokens, pla
         logits = cm.forward(PROMPTS, [None] * len(PROMPTS))  # one left-padded batch
     for i, prompt in enumerate(PROMPTS):
         ref = base_logits(tiny_backbone, prompt)
-        assert (logits[i, -ref.shape[0]:] - ref).abs().max().item() <= 1e-5
+        assert (logits[i, -ref.shape[0] :] - ref).abs().max().item() <= 1e-5
     ours = cm.generate_ids(PROMPTS, [""] * 3, max_new_tokens=6)
     for prompt, row in zip(PROMPTS, ours):
         expected = base_greedy(tiny_backbone, prompt, 6)
@@ -109,8 +120,11 @@ def test_sampling_is_seeded(tiny_backbone, tiny_tokens):
 
 def test_chat_messages_and_empty_inputs(tiny_backbone, tiny_tokens):
     cm = ControlledModel(tiny_backbone, tiny_tokens)
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "bake bread?"}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bake bread?"},
+    ]
     assert len(cm.generate([msgs], ["alcohol"], max_new_tokens=3)) == 1
     with pytest.raises(ValueError, match="empty batch"):
         cm.encode([], [])

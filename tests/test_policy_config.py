@@ -39,8 +39,11 @@ def test_suggestion_for_typo(minors):
         ("categories:\n  - {name: a, display: A, description: d}", "missing refusal"),
         ("categories:\n  - {name: A, display: A, description: d, refusal: r}", "lower-case"),
         ("categories:\n  - {name: a, display: A, description: d, refusal: r, colour: red}", "unknown keys"),
-        ("categories:\n  - {name: a, display: A, description: d, refusal: r}\n"
-         "  - {name: a, display: A, description: d, refusal: r}", "defined twice"),
+        (
+            "categories:\n  - {name: a, display: A, description: d, refusal: r}\n"
+            "  - {name: a, display: A, description: d, refusal: r}",
+            "defined twice",
+        ),
         ("categories: [\n", "not valid YAML"),
     ],
 )

@@ -33,22 +33,30 @@ def test_empty_policy_equals_base_on_smollm2(smollm2, minors):
     from mosaic_safety.controlled import ControlledModel
     from mosaic_safety.tokens import ControlTokens
 
-    tokens = ControlTokens.initialise(minors, smollm2.model.get_input_embeddings(), smollm2.tokenizer, m=2,
-                                      placement="user")
+    tokens = ControlTokens.initialise(
+        minors, smollm2.model.get_input_embeddings(), smollm2.tokenizer, m=2, placement="user"
+    )
     cm = ControlledModel(smollm2, tokens)
     prompts = ["What is the capital of France?", "Give me one tip for learning to juggle."]
     ours = cm.generate_ids(prompts, ["", ""], max_new_tokens=8)
     for prompt, row in zip(prompts, ours):
-        ids = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                    return_dict=True, return_tensors="pt")["input_ids"]
+        ids = smollm2.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_dict=True,
+            return_tensors="pt",
+        )["input_ids"]
         with torch.no_grad():
             ref = smollm2.model(input_ids=ids).logits[0, -1]
             mine = cm.next_token_logits([prompt], [""])[0]
         assert (ref - mine).abs().max().item() <= 1e-4
-        expected = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                          do_sample=False)[0, ids.shape[1]:].tolist()
+        expected = smollm2.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+        )[0, ids.shape[1] :].tolist()
         assert row == [t for t in expected if t != smollm2.tokenizer.eos_token_id][: len(row)]
     assert "Paris" in smollm2.tokenizer.decode(ours[0])
     # a non-empty policy changes the model's input, and so its output distribution
     with torch.no_grad():
-        assert (cm.next_token_logits(prompts[:1], ["alcohol"]) - cm.next_token_logits(prompts[:1], [""])).abs().max() > 0.1
+        assert (
+            cm.next_token_logits(prompts[:1], ["alcohol"]) - cm.next_token_logits(prompts[:1], [""])
+        ).abs().max() > 0.1

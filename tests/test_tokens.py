@@ -100,8 +100,13 @@ def test_not_an_artifact(tmp_path):
 
 
 def test_compose_and_missing_category(tiny_backbone, minors):
-    tokens = ControlTokens.initialise(minors, tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer,
-                                      m=2, categories=["alcohol", "sex"])
+    tokens = ControlTokens.initialise(
+        minors,
+        tiny_backbone.model.get_input_embeddings(),
+        tiny_backbone.tokenizer,
+        m=2,
+        categories=["alcohol", "sex"],
+    )
     assert tokens.compose(minors.policy("sex,alcohol")).shape == (4, 32)
     assert torch.equal(tokens.compose(minors.policy("sex,alcohol"))[:2], tokens.blocks["alcohol"])
     with pytest.raises(ArtifactError, match="no control tokens for horror"):

@@ -163,12 +163,17 @@ def test_incremental_training_keeps_old_tokens_bitwise(tmp_path, tiny_backbone):
     from mosaic_safety.tokens import ControlTokens
     from mosaic_safety.training.trainer import Trainer
 
-    first = Trainer(tiny_config(tmp_path, "data.categories=alcohol,betting", "optim.epochs=1"),
-                    backbone=tiny_backbone)
+    first = Trainer(
+        tiny_config(tmp_path, "data.categories=alcohol,betting", "optim.epochs=1"), backbone=tiny_backbone
+    )
     first.train(tmp_path / "first")
     old = ControlTokens.load(tmp_path / "first")
-    second = Trainer(tiny_config(tmp_path, "data.categories=horror", "optim.epochs=1",
-                                 f"init_artifact={tmp_path / 'first'}"), backbone=tiny_backbone)
+    second = Trainer(
+        tiny_config(
+            tmp_path, "data.categories=horror", "optim.epochs=1", f"init_artifact={tmp_path / 'first'}"
+        ),
+        backbone=tiny_backbone,
+    )
     second.train(tmp_path / "second")
     new = ControlTokens.load(tmp_path / "second", tiny_backbone.describe())
     assert new.categories == ("alcohol", "betting", "horror")

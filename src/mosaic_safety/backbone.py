@@ -199,7 +199,9 @@ def resolve_model_path(spec: str) -> tuple[str, str]:
     )
 
 
-def load_backbone(spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | None = "auto") -> Backbone:
+def load_backbone(
+    spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | None = "auto"
+) -> Backbone:
     """Load and freeze a causal LM with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -16,13 +16,23 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from .data.cli import data_app
 
-app = typer.Typer(help="Composable per-request safety policies for frozen causal LMs (MOSAIC).",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Composable per-request safety policies for frozen causal LMs (MOSAIC).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 out = Console()
@@ -49,10 +59,17 @@ def friendly_errors():
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=console, disable=not console.is_terminal and
-                    os.environ.get("MOSAIC_PROGRESS") == "0")
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal and os.environ.get("MOSAIC_PROGRESS") == "0",
+    )
 
 
 class TrainDisplay:
@@ -70,27 +87,38 @@ class TrainDisplay:
             console.print(f"[cyan]•[/] {data['name']}", highlight=False)
         elif kind == "budgets":
             for b in data["budgets"]:
-                console.print(f"  order {b['order']}: {b['subsets']} subsets × {b['positives_per_subset']} pos + "
-                              f"{b['negatives_per_subset']} neg = {b['positives']} pos / {b['negatives']} neg per epoch",
-                              highlight=False)
+                console.print(
+                    f"  order {b['order']}: {b['subsets']} subsets × {b['positives_per_subset']} pos + "
+                    f"{b['negatives_per_subset']} neg = {b['positives']} pos / {b['negatives']} neg per epoch",
+                    highlight=False,
+                )
         elif kind == "teacher":
-            console.print(f"[cyan]•[/] base-model answers for negatives: {data['total'] - data['missing']} cached, "
-                          f"{data['missing']} to generate", highlight=False)
+            console.print(
+                f"[cyan]•[/] base-model answers for negatives: {data['total'] - data['missing']} cached, "
+                f"{data['missing']} to generate",
+                highlight=False,
+            )
             if data["missing"]:
                 self.tasks["teacher"] = p.add_task("base answers", total=data["missing"], info="")
         elif kind == "teacher_progress":
             p.advance(self.tasks["teacher"], data["n"])
             self._plain_tick("base answers", self.tasks["teacher"])
         elif kind == "start":
-            self.tasks["train"] = p.add_task("training", total=data["total_steps"], completed=data["done_steps"],
-                                             info="")
+            self.tasks["train"] = p.add_task(
+                "training", total=data["total_steps"], completed=data["done_steps"], info=""
+            )
         elif kind == "step":
-            p.update(self.tasks["train"], advance=1,
-                     info=f"epoch {data['epoch']} loss {data['loss']:.3f} (kl {data['kl']:.3f})")
+            p.update(
+                self.tasks["train"],
+                advance=1,
+                info=f"epoch {data['epoch']} loss {data['loss']:.3f} (kl {data['kl']:.3f})",
+            )
             self._plain_tick("training", self.tasks["train"])
         elif kind == "epoch":
-            console.print(f"[cyan]•[/] epoch {data['epoch']} done (step {data['step']}), checkpoint saved",
-                          highlight=False)
+            console.print(
+                f"[cyan]•[/] epoch {data['epoch']} done (step {data['step']}), checkpoint saved",
+                highlight=False,
+            )
 
     def _plain_tick(self, label: str, task_id: Any) -> None:
         if not self.plain or time.time() - self.last_print < 15:
@@ -98,15 +126,21 @@ class TrainDisplay:
         self.last_print = time.time()
         task = self.progress.tasks[task_id]
         eta = f", eta {task.time_remaining:.0f}s" if task.time_remaining else ""
-        console.print(f"  {label}: {task.completed:.0f}/{task.total:.0f} {task.fields.get('info', '')}{eta}",
-                      highlight=False)
+        console.print(
+            f"  {label}: {task.completed:.0f}/{task.total:.0f} {task.fields.get('info', '')}{eta}",
+            highlight=False,
+        )
 
 
 @app.command()
 def train(
     config: Path = typer.Option(..., "--config", "-c", help="YAML recipe (see configs/)."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Artifact directory (default: config output)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint in the output."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Artifact directory (default: config output)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the last epoch checkpoint in the output."
+    ),
     overrides: list[str] | None = typer.Argument(None, help="key.sub=value overrides, e.g. optim.epochs=2"),
 ) -> None:
     """Train control tokens on a frozen model and print the refusal table on held-out prompts."""
@@ -119,18 +153,30 @@ def train(
         with _progress() as progress:
             display = TrainDisplay(progress)
             trainer = Trainer(cfg, reporter=display)
-            console.print(f"[cyan]•[/] model {trainer.backbone.name} (d={trainer.backbone.hidden_size}), "
-                          f"categories {', '.join(trainer.categories)}, {cfg.tokens.m} tokens each, "
-                          f"placement {cfg.tokens.placement}", highlight=False)
+            console.print(
+                f"[cyan]•[/] model {trainer.backbone.name} (d={trainer.backbone.hidden_size}), "
+                f"categories {', '.join(trainer.categories)}, {cfg.tokens.m} tokens each, "
+                f"placement {cfg.tokens.placement}",
+                highlight=False,
+            )
             result = trainer.train(target, resume=resume)
-            console.print(f"[green]✓[/] trained {result.steps} steps in {result.seconds:.0f}s; artifact: {target}",
-                          highlight=False)
+            console.print(
+                f"[green]✓[/] trained {result.steps} steps in {result.seconds:.0f}s; artifact: {target}",
+                highlight=False,
+            )
             if cfg.eval.per_category >= 0 and cfg.eval.max_new_tokens > 0:
                 table = _closing_table(trainer, progress)
                 (target / "eval_table.json").write_text(json.dumps(table, indent=2) + "\n")
-                trainer.save(target, {"steps": result.steps, "seconds": round(result.seconds, 1),
-                                      "final_loss": result.final_loss, "budgets": result.budgets},
-                             metrics={"refusal_table": table})
+                trainer.save(
+                    target,
+                    {
+                        "steps": result.steps,
+                        "seconds": round(result.seconds, 1),
+                        "final_loss": result.final_loss,
+                        "budgets": result.budgets,
+                    },
+                    metrics={"refusal_table": table},
+                )
         if cfg.eval.per_category >= 0 and cfg.eval.max_new_tokens > 0:
             print_table(table, trainer.categories)
 
@@ -141,14 +187,22 @@ def _closing_table(trainer: Any, progress: Progress) -> dict[str, Any]:
     from .policy import Policy
 
     cfg = trainer.config
-    groups = held_out_groups(trainer.suite, trainer.categories, cfg.eval.split, cfg.eval.per_category,
-                             cfg.optim.seed)
+    groups = held_out_groups(
+        trainer.suite, trainer.categories, cfg.eval.split, cfg.eval.per_category, cfg.optim.seed
+    )
     policies = [Policy(())] + [Policy((c,)) for c in trainer.categories]
     total = sum(map(len, groups.values())) * len(policies)
     task = progress.add_task("held-out eval", total=total, info=f"{len(policies)} policies")
     judge = AnyJudge(TemplateJudge(trainer.suite.registry), PhraseJudge())
-    table = refusal_table(trainer.model, groups, policies, judge, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                          progress=lambda n: progress.advance(task, n))
+    table = refusal_table(
+        trainer.model,
+        groups,
+        policies,
+        judge,
+        cfg.eval.max_new_tokens,
+        cfg.eval.batch_size,
+        progress=lambda n: progress.advance(task, n),
+    )
     table["split"] = cfg.eval.split
     table["checks"] = table_checks(table, trainer.categories)
     return table
@@ -156,8 +210,10 @@ def _closing_table(trainer: Any, progress: Progress) -> dict[str, Any]:
 
 def print_table(table: dict[str, Any], categories: list[str]) -> None:
     groups = list(table["groups"])
-    t = Table(title=f"Refusal rate on held-out {table.get('split', '')} prompts (judge: {table['judge']}, "
-                    f"first {table['max_new_tokens']} tokens)")
+    t = Table(
+        title=f"Refusal rate on held-out {table.get('split', '')} prompts (judge: {table['judge']}, "
+        f"first {table['max_new_tokens']} tokens)"
+    )
     t.add_column("policy \\ prompts", style="bold")
     for g in groups:
         t.add_column(f"{g}\n(n={table['groups'][g]})", justify="right")
@@ -172,10 +228,12 @@ def print_table(table: dict[str, Any], categories: list[str]) -> None:
     out.print(t)
     checks = table.get("checks")
     if checks:
-        out.print(f"single-category policies: own category refused ≥ {checks['target_min']:.0%} "
-                  f"(mean {checks['target_mean']:.0%}); other categories ≤ {checks['other_max']:.0%} "
-                  f"(mean {checks['other_mean']:.0%}); neutral ≤ {checks['neutral_max']:.0%}"
-                  + (f"; boundary ≤ {checks['boundary_max']:.0%}" if "boundary_max" in checks else ""))
+        out.print(
+            f"single-category policies: own category refused ≥ {checks['target_min']:.0%} "
+            f"(mean {checks['target_mean']:.0%}); other categories ≤ {checks['other_max']:.0%} "
+            f"(mean {checks['other_mean']:.0%}); neutral ≤ {checks['neutral_max']:.0%}"
+            + (f"; boundary ≤ {checks['boundary_max']:.0%}" if "boundary_max" in checks else "")
+        )
 
 
 def _load_controlled(artifact: Path | None, model: str | None, device: str, dtype: str) -> Any:
@@ -235,8 +293,13 @@ def generate(
         prompts = [prompt] if prompt is not None else _read_prompts(file)
         cm = _load_controlled(artifact, model, device, dtype)
         active = cm.policy(policy)
-        options = {"max_new_tokens": max_new_tokens, "do_sample": sample, "temperature": temperature,
-                   "top_p": top_p, "seed": seed}
+        options = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": sample,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        }
         if stream and prompt is not None:
             for piece in cm.stream(prompt, active, **options):
                 out.print(piece, end="", highlight=False, markup=False)
@@ -284,7 +347,7 @@ def chat(
             continue
         if text.startswith("/policy"):
             try:
-                active = cm.policy(text[len("/policy"):].strip())
+                active = cm.policy(text[len("/policy") :].strip())
                 console.print(f"policy: {active}", highlight=False)
             except PolicyError as exc:
                 console.print(f"[red]{exc}[/]", highlight=False)
@@ -309,19 +372,29 @@ def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> No
         manifest = read_manifest(artifact)
         tokens = ControlTokens.load(artifact)
     bb = manifest["backbone"]
-    out.print(f"[bold]{artifact}[/]  format v{manifest['format_version']}, library {manifest.get('library_version')}")
-    out.print(f"backbone: {bb['name']}  hidden {bb['hidden_size']}  vocab {bb.get('vocab_size')}  "
-              f"fingerprint {bb['fingerprint']}", highlight=False)
-    out.print(f"placement: {manifest['placement']}   registry: {manifest['registry']['name']}   "
-              f"trainable parameters: {tokens.num_parameters():,}")
+    out.print(
+        f"[bold]{artifact}[/]  format v{manifest['format_version']}, library {manifest.get('library_version')}"
+    )
+    out.print(
+        f"backbone: {bb['name']}  hidden {bb['hidden_size']}  vocab {bb.get('vocab_size')}  "
+        f"fingerprint {bb['fingerprint']}",
+        highlight=False,
+    )
+    out.print(
+        f"placement: {manifest['placement']}   registry: {manifest['registry']['name']}   "
+        f"trainable parameters: {tokens.num_parameters():,}"
+    )
     t = Table("category", "m", "display", "refusal")
     for c in manifest["categories"]:
         t.add_row(c["name"], str(c["m"]), c["display"], c["refusal"].replace("{display}", c["display"]))
     out.print(t)
     training = manifest.get("training", {})
     if training:
-        out.print(f"training: {training.get('steps')} steps, {training.get('seconds')}s, suite {training.get('suite')},"
-                  f" data hash {training.get('data_hash')}", highlight=False)
+        out.print(
+            f"training: {training.get('steps')} steps, {training.get('seconds')}s, suite {training.get('suite')},"
+            f" data hash {training.get('data_hash')}",
+            highlight=False,
+        )
     table = manifest.get("metrics", {}).get("refusal_table")
     if table:
         print_table(table, [c["name"] for c in manifest["categories"]])

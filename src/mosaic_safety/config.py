@@ -101,8 +101,10 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         checks = [
             (self.tokens.m >= 1, "tokens.m must be at least 1"),
-            (self.tokens.placement in ("prefix", "system", "user", "user_end"),
-             "tokens.placement: prefix | system | user | user_end"),
+            (
+                self.tokens.placement in ("prefix", "system", "user", "user_end"),
+                "tokens.placement: prefix | system | user | user_end",
+            ),
             (self.sampling.max_order >= 1, "sampling.max_order must be at least 1"),
             (self.sampling.per_subset >= 1, "sampling.per_subset must be at least 1"),
             (self.sampling.neg_ratio >= 0, "sampling.neg_ratio must be >= 0"),
@@ -168,7 +170,9 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key(s) {', '.join(where + u for u in unknown)}; known: {sorted(names)}")
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(where + u for u in unknown)}; known: {sorted(names)}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 

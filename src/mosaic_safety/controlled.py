@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -29,7 +29,7 @@ from .backbone import Backbone
 from .policy import CategoryRegistry, Policy
 from .tokens import ControlTokens
 
-Prompt = Union[str, Sequence[dict[str, str]]]  # a user message, or a list of chat messages
+Prompt = str | Sequence[dict[str, str]]  # a user message, or a list of chat messages
 
 _SENTINEL = "\u2063MOSAIC\u2063"  # invisible separators: never produced by real prompts
 
@@ -105,7 +105,9 @@ class ControlledModel:
     # -- prompt encoding ----------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:
         """The chat-templated prompt text, ending with the assistant generation header."""
-        return self.tokenizer.apply_chat_template(_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            _messages(prompt), tokenize=False, add_generation_prompt=True
+        )
 
     def split_prompt(self, prompt: Prompt) -> tuple[list[int], list[int]]:
         """Token ids of the templated prompt, split where the control tokens go."""
@@ -123,7 +125,7 @@ class ControlledModel:
             raise PlacementError(
                 f"placement {self.placement!r}: the template does not tokenize cleanly at the insertion point"
             )
-        result = (head, ids[len(head):])
+        result = (head, ids[len(head) :])
         self._split_cache[key] = result
         if len(self._split_cache) > self._cache_size:
             self._split_cache.popitem(last=False)
@@ -138,7 +140,9 @@ class ControlledModel:
             if not users:
                 raise PlacementError(f"placement {self.placement!r} needs a user message")
             text = messages[users[-1]]["content"]
-            messages[users[-1]]["content"] = _SENTINEL + text if self.placement == "user" else text + _SENTINEL
+            messages[users[-1]]["content"] = (
+                _SENTINEL + text if self.placement == "user" else text + _SENTINEL
+            )
         else:  # system
             if messages[0]["role"] == "system":
                 messages[0]["content"] = _SENTINEL + messages[0]["content"]
@@ -294,7 +298,9 @@ class ControlledModel:
         if len(prompts) != len(policies):
             raise ValueError("prompts and policies must have the same length")
         resolved = [self.policy(p) for p in policies]
-        lengths = [sum(map(len, self.split_prompt(p))) + self._block(q).shape[0] for p, q in zip(prompts, resolved)]
+        lengths = [
+            sum(map(len, self.split_prompt(p))) + self._block(q).shape[0] for p, q in zip(prompts, resolved)
+        ]
         order = sorted(range(len(prompts)), key=lambda i: lengths[i])
         generator = None
         if do_sample:
@@ -341,7 +347,7 @@ class ControlledModel:
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
                 continue
             if len(text) > len(emitted):
-                yield text[len(emitted):]
+                yield text[len(emitted) :]
                 emitted = text
 
 

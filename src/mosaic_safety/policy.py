@@ -55,9 +55,7 @@ def _check_name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not name:
         raise PolicyError(f"{where}: category name must be a non-empty string, got {name!r}")
     if name != name.strip().lower() or not all(c.isalnum() or c in "_-" for c in name):
-        raise PolicyError(
-            f"{where}: category name {name!r} must be lower-case letters, digits, '_' or '-'"
-        )
+        raise PolicyError(f"{where}: category name {name!r} must be lower-case letters, digits, '_' or '-'")
     if name == NEUTRAL:
         raise PolicyError(f"{where}: {NEUTRAL!r} is reserved for examples outside every category")
     return name
@@ -108,8 +106,11 @@ class CategoryRegistry:
                     out_of_scope=" ".join(str(raw.get("out_of_scope", "")).split()),
                 )
             )
-        return cls(name=str(data.get("name", source)), categories=tuple(cats),
-                   description=str(data.get("description", "")))
+        return cls(
+            name=str(data.get("name", source)),
+            categories=tuple(cats),
+            description=str(data.get("description", "")),
+        )
 
     @classmethod
     def load(cls, spec: str | Path) -> CategoryRegistry:

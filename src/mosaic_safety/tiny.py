@@ -16,10 +16,15 @@ CHATML = (
 )
 
 CORPUS = [
-    "How do I make a cocktail with rum and lime?", "What is the best poker strategy for a casino night?",
-    "Tell me a scary horror story with blood and gore.", "Which vape flavour is the smoothest?",
-    "Write a steamy romance scene for my novel.", "How do I bake sourdough bread at home?",
-    "Explain photosynthesis to a ten year old.", "What is 17 times 23?", "Plan a trip to Lisbon for three days.",
+    "How do I make a cocktail with rum and lime?",
+    "What is the best poker strategy for a casino night?",
+    "Tell me a scary horror story with blood and gore.",
+    "Which vape flavour is the smoothest?",
+    "Write a steamy romance scene for my novel.",
+    "How do I bake sourdough bread at home?",
+    "Explain photosynthesis to a ten year old.",
+    "What is 17 times 23?",
+    "Plan a trip to Lisbon for three days.",
     "I'm sorry, but I can't help with requests about alcohol on this platform.",
     "I'm sorry, but I can't help with requests about gambling and betting on this platform.",
     "Sure! Here is a simple answer to your question about cooking, science and travel.",
@@ -51,10 +56,17 @@ def build_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
         initializer_range=0.3,  # large enough that the output depends on the input (prompts, tokens)
     )
     model = LlamaForCausalLM(config)

@@ -62,7 +62,9 @@ def init_from_vocab(embedding: nn.Embedding, m: int, generator: torch.Generator)
 class ControlTokens(nn.Module):
     """Per-category control-token blocks and their composition into one prefix per policy."""
 
-    def __init__(self, registry: CategoryRegistry, blocks: dict[str, torch.Tensor], placement: str = "prefix"):
+    def __init__(
+        self, registry: CategoryRegistry, blocks: dict[str, torch.Tensor], placement: str = "prefix"
+    ):
         super().__init__()
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
@@ -71,8 +73,9 @@ class ControlTokens(nn.Module):
             raise ArtifactError(f"token blocks for categories not in the registry: {unknown}")
         self.registry = registry
         self.placement = placement
-        self.blocks = nn.ParameterDict({n: nn.Parameter(blocks[n].float().clone()) for n in registry.names
-                                        if n in blocks})
+        self.blocks = nn.ParameterDict(
+            {n: nn.Parameter(blocks[n].float().clone()) for n in registry.names if n in blocks}
+        )
         dims = {b.shape[1] for b in self.blocks.values()}
         if len(dims) > 1:
             raise ArtifactError(f"token blocks disagree on the hidden size: {sorted(dims)}")
@@ -147,7 +150,9 @@ class ControlTokens(nn.Module):
         self.blocks = nn.ParameterDict({n: merged[n] for n in self.registry.names if n in merged})
 
     # -- artifact -----------------------------------------------------------------------------
-    def save(self, out_dir: str | Path, backbone: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    def save(
+        self, out_dir: str | Path, backbone: dict[str, Any], extra: dict[str, Any] | None = None
+    ) -> Path:
         """Write ``tokens.safetensors`` and ``mosaic.json`` into ``out_dir`` without ever leaving half a file."""
         out = Path(out_dir)
         manifest = {
@@ -188,10 +193,13 @@ class ControlTokens(nn.Module):
         except (SafetensorError, OSError, ValueError) as exc:
             raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
         registry = CategoryRegistry.from_dict(
-            {**manifest["registry"], "categories": [
-                {k: c[k] for k in ("name", "display", "description", "refusal", "out_of_scope") if k in c}
-                for c in manifest["categories"]
-            ]},
+            {
+                **manifest["registry"],
+                "categories": [
+                    {k: c[k] for k in ("name", "display", "description", "refusal", "out_of_scope") if k in c}
+                    for c in manifest["categories"]
+                ],
+            },
             source=str(Path(artifact_dir) / MANIFEST_FILE),
         )
         expected_d = manifest["backbone"].get("hidden_size")
@@ -247,7 +255,9 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def check_backbone(manifest: dict[str, Any], backbone: dict[str, Any], where: str | Path = "artifact") -> None:
+def check_backbone(
+    manifest: dict[str, Any], backbone: dict[str, Any], where: str | Path = "artifact"
+) -> None:
     """Fail loudly when an artifact was trained on a different model."""
     trained = manifest["backbone"]
     if trained.get("hidden_size") != backbone["hidden_size"]:

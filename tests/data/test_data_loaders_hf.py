@@ -1,38 +1,46 @@
-"""load_hf: optional dependency handling and column mapping over Hugging Face rows.
+"""load_hf against the real Hugging Face `datasets` library, offline.
 
-`datasets` is not a dependency of this project and is not installed in CI. The first test checks the
-real missing-package path; the others put a minimal stand-in for the `datasets` module in
-``sys.modules`` (a list of rows with ``column_names``), so the code under test - our column mapping,
-split naming and validation - runs for real.
+`datasets` is in the `dev` extra (and the optional `hf` extra). Every test but the first builds real
+datasets with ``Dataset.from_list`` saved with ``save_to_disk``, or writes real JSON/CSV data files for
+``load_dataset("json"|"csv", data_files=...)``, under tmp_path, with HF_HUB_OFFLINE=1 and
+HF_DATASETS_OFFLINE=1. The first test hides the package to check our own missing-package error.
 """
 
 from __future__ import annotations
 
+import json
 import sys
-import types
 
 import pytest
 
 from mosaic_safety.data import DataError, load_hf
 
-
-class Rows(list):
-    def __init__(self, rows: list[dict]):
-        super().__init__(rows)
-        self.column_names = list(rows[0]) if rows else []
+datasets = pytest.importorskip("datasets")
 
 
-def fake_datasets(tables: dict[tuple[str, str], list[dict]]) -> types.ModuleType:
-    mod = types.ModuleType("datasets")
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """HF offline, and the datasets cache under tmp_path (not the user's home)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Both libraries read these variables once, when imported; give them the values the variables say.
+    import huggingface_hub.constants
 
-    def load_dataset(name: str, split: str):
-        if (name, split) not in tables:
-            raise FileNotFoundError(f"Couldn't find a dataset script or data file for {name!r}")
-        return Rows(tables[(name, split)])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
 
-    mod.load_dataset = load_dataset
-    mod.load_from_disk = lambda path: {"train": Rows(tables[("disk", "train")])}
-    return mod
+
+def save_dict(path, splits: dict[str, list[dict]]):
+    parts = {name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}
+    datasets.DatasetDict(parts).save_to_disk(str(path))
+    return path
+
+
+def write_jsonl(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def test_missing_datasets_package_names_pip(monkeypatch):
@@ -41,11 +49,11 @@ def test_missing_datasets_package_names_pip(monkeypatch):
         load_hf("org/set")
 
 
-def test_column_mapping_and_split_from_the_loaded_split(monkeypatch, minors):
+def test_column_mapping_and_split_from_the_loaded_split(tmp_path, minors):
     rows = [{"text": "mix a negroni", "label": "alcohol"}, {"text": "two dice odds", "label": "neutral"}]
-    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({("org/set", "validation"): rows}))
+    path = save_dict(tmp_path / "set", {"validation": rows, "train": [{"text": "other", "label": "x"}]})
     exs = load_hf(
-        "org/set",
+        path,
         split="validation",
         columns={"prompt": "text", "category": "label"},
         registry=minors,
@@ -57,28 +65,91 @@ def test_column_mapping_and_split_from_the_loaded_split(monkeypatch, minors):
     ]
 
 
-def test_bad_rows_reported_with_row_numbers(monkeypatch, minors):
+def test_bad_rows_reported_with_row_numbers(tmp_path, minors):
     rows = [
         {"prompt": "ok one", "category": "alcohol", "split": "train"},
         {"prompt": "", "category": "alcohol", "split": "train"},
         {"prompt": "third", "category": "wine", "split": "test"},
     ]
-    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({("org/set", "train"): rows}))
+    path = save_dict(tmp_path / "set", {"train": rows})
     with pytest.raises(DataError) as info:
-        load_hf("org/set", registry=minors)
-    assert info.value.problems[0] == "org/set[train]:2: empty prompt"
-    assert info.value.problems[1].startswith("org/set[train]:3: unknown category 'wine'")
+        load_hf(path, registry=minors)
+    assert info.value.problems[0] == f"{path}[train]:2: empty prompt"
+    assert info.value.problems[1].startswith(f"{path}[train]:3: unknown category 'wine'")
 
 
-def test_load_failure_is_a_data_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({}))
-    with pytest.raises(DataError, match=r"org/none\[train\]: cannot load dataset \(FileNotFoundError"):
+def test_load_failure_is_a_data_error():
+    # Offline, a hub name that is not cached cannot load: the real library's error is wrapped.
+    pattern = r"org/none\[train\]: cannot load dataset \(\w+Error: .*HF_HUB_OFFLINE=1"
+    with pytest.raises(DataError, match=pattern):
         load_hf("org/none")
 
 
-def test_saved_dataset_directory(monkeypatch, tmp_path):
-    (tmp_path / "dataset_dict.json").write_text("{}", encoding="utf-8")
+def test_missing_split_of_a_saved_dataset_dict(tmp_path):
+    path = save_dict(tmp_path / "set", {"validation": [{"prompt": "p", "category": "neutral"}]})
+    with pytest.raises(DataError, match=r"\[train\]: no split 'train'; the saved dataset has validation"):
+        load_hf(path)
+
+
+def test_saved_dataset_directory(tmp_path):
     rows = [{"prompt": "hello world again", "category": "neutral", "split": "test", "id": "x1"}]
-    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({("disk", "train"): rows}))
-    exs = load_hf(tmp_path, split="train")
+    path = save_dict(tmp_path / "disk", {"train": rows})
+    exs = load_hf(path, split="train")
     assert [(e.id, e.split) for e in exs] == [("x1", "test")]  # the split column wins over the loaded split
+
+
+def test_saved_single_dataset_directory(tmp_path):
+    rows = [{"prompt": "hello world again", "category": "neutral"}, {"prompt": "bye", "category": "neutral"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    exs = load_hf(tmp_path / "one", split="test")
+    assert [(e.id, e.prompt, e.split) for e in exs] == [
+        ("one-00001", "hello world again", "test"),
+        ("one-00002", "bye", "test"),
+    ]
+
+
+def test_json_data_file_takes_the_requested_split(tmp_path, minors):
+    rows = [
+        {"text": "mix a negroni", "label": "alcohol", "extra": 1},
+        {"text": "two dice odds", "label": "neutral"},
+    ]
+    path = write_jsonl(tmp_path / "val.jsonl", rows)
+    columns = {"prompt": "text", "category": "label"}
+    exs = load_hf("json", split="validation", data_files=path, columns=columns, registry=minors)
+    assert [(e.id, e.prompt, e.category, e.split) for e in exs] == [
+        ("val-00001", "mix a negroni", "alcohol", "val"),
+        ("val-00002", "two dice odds", "neutral", "val"),
+    ]
+
+
+def test_json_data_file_bad_rows_name_the_file_and_row(tmp_path, minors):
+    path = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [
+            {"prompt": "ok one", "category": "alcohol"},
+            {"prompt": "   ", "category": "alcohol"},
+            {"prompt": "third", "category": "wine"},
+        ],
+    )
+    with pytest.raises(DataError) as info:
+        load_hf("json", data_files=str(path), registry=minors)
+    assert info.value.problems[0] == f"{path}[train]:2: empty prompt"
+    assert info.value.problems[1].startswith(f"{path}[train]:3: unknown category 'wine'")
+
+
+def test_csv_data_files_mapping_of_splits(tmp_path):
+    train = tmp_path / "tr.csv"
+    train.write_text("Goal,Category\nhow do dice work,neutral\n", encoding="utf-8")
+    test = tmp_path / "te.csv"
+    test.write_text("Goal,Category\nwhat is a negroni,neutral\nshuffle cards,neutral\n", encoding="utf-8")
+    files = {"train": train, "test": [test]}
+    exs = load_hf("csv", split="test", data_files=files, columns={"prompt": "Goal", "category": "Category"})
+    assert [(e.id, e.prompt, e.split) for e in exs] == [
+        ("csv-00001", "what is a negroni", "test"),
+        ("csv-00002", "shuffle cards", "test"),
+    ]
+
+
+def test_missing_data_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl\[train\]: cannot load dataset"):
+        load_hf("json", data_files=tmp_path / "nope.jsonl")

@@ -331,6 +331,20 @@ def load_file(
     return finish(parse_file(path, columns, defaults), registry)
 
 
+HFDataFiles = str | Path | Sequence[str | Path] | Mapping[str, str | Path | Sequence[str | Path]]
+
+
+def _hf_data_files(data_files: HFDataFiles, split: str) -> str | list[str] | dict[str, Any]:
+    """``data_files`` as ``datasets`` takes it: paths as strings, a bare file or list under ``split``."""
+
+    def strs(files: str | Path | Sequence[str | Path]) -> str | list[str]:
+        return str(files) if isinstance(files, str | Path) else [str(f) for f in files]
+
+    if isinstance(data_files, Mapping):
+        return {name: strs(files) for name, files in data_files.items()}
+    return {split: strs(data_files)}
+
+
 def load_hf(
     name_or_path: str | Path,
     split: str = "train",
@@ -338,12 +352,23 @@ def load_hf(
     registry: RegistryLike = None,
     *,
     defaults: Mapping[str, str] | None = None,
+    data_files: HFDataFiles | None = None,
 ) -> list[Example]:
-    """Load a Hugging Face dataset (hub name, or a directory saved with ``save_to_disk``).
+    """Load a Hugging Face dataset: a hub name, a directory saved with ``save_to_disk``, or data files.
 
-    ``datasets`` is imported here, not at module import, because it is an optional dependency. When
-    the dataset has no split column, its rows take the split they were loaded from (``validation`` ->
-    ``val``).
+    - a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` is read with
+      ``datasets.load_from_disk`` (for a ``DatasetDict``, ``split`` picks the split);
+    - with ``data_files``, ``name_or_path`` is a ``datasets`` builder such as ``"json"`` or ``"csv"``
+      and the call is ``datasets.load_dataset(name_or_path, data_files=..., split=split)``. A single
+      file or a list of files is filed under ``split`` (so ``split="validation"`` works on one file);
+      a mapping ``{split name: file(s)}`` is passed as it is. Row locations and default ids then name
+      the file, e.g. ``val.jsonl[validation]:3`` and ``val-00003``;
+    - anything else goes to ``datasets.load_dataset(name_or_path, split=split)`` (the hub or its
+      cache; with ``HF_HUB_OFFLINE=1`` only cached or local datasets load).
+
+    ``datasets`` is imported here, not at module import, because it is an optional dependency
+    (``pip install 'mosaic-safety[hf]'``). When the dataset has no split column, its rows take the
+    split they were loaded from (``validation`` -> ``val``).
     """
     try:
         import datasets  # type: ignore[import-not-found]
@@ -352,15 +377,25 @@ def load_hf(
             f"{name_or_path}: loading Hugging Face datasets needs the optional 'datasets' package: "
             "pip install datasets"
         ) from None
-    origin = f"{name_or_path}[{split}]"
+    files = None if data_files is None else _hf_data_files(data_files, split)
+    chosen = files.get(split) if isinstance(files, dict) else None
+    single = Path(chosen) if isinstance(chosen, str) else None
+    origin = f"{single if single is not None else name_or_path}[{split}]"
+    local = Path(name_or_path)
     try:
-        local = Path(name_or_path)
-        if local.is_dir() and (local / "dataset_dict.json").exists():
-            dataset = datasets.load_from_disk(str(local))[split]
+        if files is not None:
+            dataset = datasets.load_dataset(str(name_or_path), data_files=files, split=split)
+        elif local.is_dir() and (local / "dataset_dict.json").exists():
+            splits = datasets.load_from_disk(str(local))
+            if split not in splits:
+                raise DataError(f"{origin}: no split {split!r}; the saved dataset has {', '.join(splits)}")
+            dataset = splits[split]
         elif local.is_dir() and (local / "dataset_info.json").exists():
             dataset = datasets.load_from_disk(str(local))
         else:
             dataset = datasets.load_dataset(str(name_or_path), split=split)
+    except DataError:
+        raise
     except Exception as exc:  # datasets raises many types (offline, missing split, bad path)
         raise DataError(
             f"{origin}: cannot load dataset ({type(exc).__name__}: {exc}); with HF_HUB_OFFLINE=1 only "
@@ -371,9 +406,8 @@ def load_hf(
     if (columns or {}).get("split", "split") not in header and "split" not in merged:
         merged["split"] = _SPLIT_ALIASES.get(split, split)
     records = ((f"{origin}:{i}", row) for i, row in enumerate(dataset, start=1))
-    parsed = examples_from_records(
-        records, header, origin, columns, merged, id_prefix=Path(str(name_or_path)).name
-    )
+    id_prefix = single.stem if single is not None else Path(str(name_or_path)).name
+    parsed = examples_from_records(records, header, origin, columns, merged, id_prefix=id_prefix)
     return finish(parsed, registry)
 
 

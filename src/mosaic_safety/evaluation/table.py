@@ -16,8 +16,9 @@ from ..policy import Policy
 from .judges import Judge
 
 
-def held_out_groups(suite: Suite, categories: Sequence[str], split: str, per_group: int, seed: int = 0
-                    ) -> dict[str, list[str]]:
+def held_out_groups(
+    suite: Suite, categories: Sequence[str], split: str, per_group: int, seed: int = 0
+) -> dict[str, list[str]]:
     """Prompts per group (each category, ``neutral``, ``boundary``), a seeded sample of ``per_group``."""
     rng = random.Random(seed)
     by_cat = suite.by_category(split)
@@ -48,8 +49,9 @@ def refusal_table(
                 prompts.append(p)
                 policy_rows.append(policy)
                 keys.append((policy.key, group))
-    responses = model.generate(prompts, policy_rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               progress=progress)
+    responses = model.generate(
+        prompts, policy_rows, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    )
     refused = judge(prompts, responses)
     counts: dict[tuple[str, str], list[int]] = {}
     for key, r in zip(keys, refused):
@@ -57,8 +59,12 @@ def refusal_table(
         c[0] += int(r)
         c[1] += 1
     rates = {p.key: {g: counts[(p.key, g)][0] / counts[(p.key, g)][1] for g in groups} for p in policies}
-    return {"groups": {g: len(v) for g, v in groups.items()}, "rates": rates, "judge": judge.name,
-            "max_new_tokens": max_new_tokens}
+    return {
+        "groups": {g: len(v) for g, v in groups.items()},
+        "rates": rates,
+        "judge": judge.name,
+        "max_new_tokens": max_new_tokens,
+    }
 
 
 def table_checks(table: dict[str, Any], categories: Sequence[str]) -> dict[str, Any]:
@@ -72,8 +78,10 @@ def table_checks(table: dict[str, Any], categories: Sequence[str]) -> dict[str, 
     neutral = [rates[c]["neutral"] for c in singles if "neutral" in rates[c]]
     boundary = [rates[c]["boundary"] for c in singles if "boundary" in rates[c]]
     summary = {
-        "target_min": min(on), "target_mean": sum(on) / len(on),
-        "other_max": max(other, default=0.0), "other_mean": sum(other) / len(other) if other else 0.0,
+        "target_min": min(on),
+        "target_mean": sum(on) / len(on),
+        "other_max": max(other, default=0.0),
+        "other_mean": sum(other) / len(other) if other else 0.0,
         "neutral_max": max(neutral, default=0.0),
     }
     if boundary:

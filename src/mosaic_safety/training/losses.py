@@ -21,7 +21,9 @@ def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return _row_mean(ce, mask)
 
 
-def response_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def response_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Per-row mean of KL(p_teacher || p_student) over response positions. Shape ``(B,)``.
 
     Forward KL with the frozen base model as the target: the controlled model is pulled towards the

@@ -25,7 +25,9 @@ def response_key(fingerprint: str, template: str, prompt: str, max_new_tokens: i
 class BaseResponseCache:
     """Greedy base-model responses (token ids, EOS included when the model stopped)."""
 
-    def __init__(self, model: ControlledModel, cache_dir: str | Path, max_new_tokens: int = 32, batch_size: int = 32):
+    def __init__(
+        self, model: ControlledModel, cache_dir: str | Path, max_new_tokens: int = 32, batch_size: int = 32
+    ):
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -59,8 +61,9 @@ class BaseResponseCache:
         with self.path.open("a", encoding="utf-8") as f:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
-                ids = self.model.generate_ids(chunk, [None] * len(chunk), max_new_tokens=self.max_new_tokens,
-                                              batch_size=self.batch_size)
+                ids = self.model.generate_ids(
+                    chunk, [None] * len(chunk), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+                )
                 for prompt, row in zip(chunk, ids):
                     row = row + [eos] if len(row) < self.max_new_tokens else row  # it stopped by itself
                     self._store[self.key(prompt)] = row

@@ -64,7 +64,9 @@ def data_hash(pools: dict[str, Any]) -> str:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, backbone: Backbone | None = None, reporter: Reporter | None = None):
+    def __init__(
+        self, config: TrainConfig, backbone: Backbone | None = None, reporter: Reporter | None = None
+    ):
         self.config = config
         self.report = reporter or (lambda kind, data: None)
         torch.manual_seed(config.optim.seed)
@@ -75,18 +77,29 @@ class Trainer:
         self.categories = list(registry.policy(config.data.categories or list(registry.names)))
         self.tokens, self.frozen = self._init_tokens()
         self.model = ControlledModel(self.backbone, self.tokens)
-        self.pools = training_pools(self.suite, self.categories, config.data.limit_per_category, config.optim.seed)
+        self.pools = training_pools(
+            self.suite, self.categories, config.data.limit_per_category, config.optim.seed
+        )
         s = config.sampling
         self.sampler = OrderSampler(
-            self.categories, self.pools["prompts"], self.pools["neutral"], self.pools["boundary"],
-            max_order=s.max_order, per_subset=s.per_subset, cap=s.cap, neg_ratio=s.neg_ratio,
-            inactive_share=s.inactive_share, boundary_share=s.boundary_share,
-            trainable=[c for c in self.categories if c not in self.frozen], seed=config.optim.seed,
+            self.categories,
+            self.pools["prompts"],
+            self.pools["neutral"],
+            self.pools["boundary"],
+            max_order=s.max_order,
+            per_subset=s.per_subset,
+            cap=s.cap,
+            neg_ratio=s.neg_ratio,
+            inactive_share=s.inactive_share,
+            boundary_share=s.boundary_share,
+            trainable=[c for c in self.categories if c not in self.frozen],
+            seed=config.optim.seed,
         )
         self.trainable = [p for n, p in self.tokens.blocks.items() if n not in self.frozen]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.optim.lr)
-        self.teacher = BaseResponseCache(self.model, cache_root() / "responses", config.teacher.max_new_tokens,
-                                         config.teacher.batch_size)
+        self.teacher = BaseResponseCache(
+            self.model, cache_root() / "responses", config.teacher.max_new_tokens, config.teacher.batch_size
+        )
         self._refusals = {
             c: self.backbone.tokenizer(registry[c].refusal_text, add_special_tokens=False)["input_ids"]
             + [self.backbone.tokenizer.eos_token_id]
@@ -98,21 +111,34 @@ class Trainer:
         emb, tok = self.backbone.model.get_input_embeddings(), self.backbone.tokenizer
         registry = self.suite.registry
         if not cfg.init_artifact:
-            return ControlTokens.initialise(registry, emb, tok, cfg.tokens.m, cfg.tokens.init,
-                                            cfg.tokens.placement, cfg.optim.seed, self.categories), set()
+            return ControlTokens.initialise(
+                registry,
+                emb,
+                tok,
+                cfg.tokens.m,
+                cfg.tokens.init,
+                cfg.tokens.placement,
+                cfg.optim.seed,
+                self.categories,
+            ), set()
         old = ControlTokens.load(cfg.init_artifact, self.backbone.describe())
         if old.placement != cfg.tokens.placement:
-            raise ArtifactError(f"{cfg.init_artifact}: placement {old.placement!r} differs from the config's "
-                                f"{cfg.tokens.placement!r}; incremental training must keep it")
+            raise ArtifactError(
+                f"{cfg.init_artifact}: placement {old.placement!r} differs from the config's "
+                f"{cfg.tokens.placement!r}; incremental training must keep it"
+            )
         for name in old.categories:
             if name not in registry or registry[name] != old.registry[name]:
-                raise ArtifactError(f"{cfg.init_artifact}: category {name!r} is not defined identically in suite "
-                                    f"{self.suite.name!r}")
+                raise ArtifactError(
+                    f"{cfg.init_artifact}: category {name!r} is not defined identically in suite "
+                    f"{self.suite.name!r}"
+                )
         new = [c for c in self.categories if c not in old.categories]
         if not new:
             raise ArtifactError(f"{cfg.init_artifact} already has every requested category; nothing to train")
-        fresh = ControlTokens.initialise(registry, emb, tok, cfg.tokens.m, cfg.tokens.init, cfg.tokens.placement,
-                                         cfg.optim.seed, new)
+        fresh = ControlTokens.initialise(
+            registry, emb, tok, cfg.tokens.m, cfg.tokens.init, cfg.tokens.placement, cfg.optim.seed, new
+        )
         tokens = ControlTokens(registry, {n: b.detach() for n, b in old.blocks.items()}, old.placement)
         tokens.add_categories(fresh)
         tokens.freeze(old.categories)
@@ -137,8 +163,9 @@ class Trainer:
         kl_mean = 0.0
         if neg and self.config.optim.kl_weight > 0:
             with torch.no_grad():
-                base = self.model.encode([items[j].prompt for j in neg], [Policy(())] * len(neg),
-                                         [targets[j] for j in neg])
+                base = self.model.encode(
+                    [items[j].prompt for j in neg], [Policy(())] * len(neg), [targets[j] for j in neg]
+                )
                 teacher_logits = self.model.logits(base)
             width = base.window  # both windows end at the last position, so the tails align
             kl = response_kl(logits[neg, -width:], teacher_logits, base.labels)
@@ -166,13 +193,19 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.config
         budgets = [
-            {"order": b.order, "subsets": b.subsets, "positives_per_subset": b.positives_per_subset,
-             "negatives_per_subset": b.negatives_per_subset, "positives": b.positives, "negatives": b.negatives}
+            {
+                "order": b.order,
+                "subsets": b.subsets,
+                "positives_per_subset": b.positives_per_subset,
+                "negatives_per_subset": b.negatives_per_subset,
+                "positives": b.positives,
+                "negatives": b.negatives,
+            }
             for b in self.sampler.budgets
         ]
         self.report("budgets", {"budgets": budgets})
         self.prepare()
-        start_epoch, step = (self._resume(out) if resume else (0, 0))
+        start_epoch, step = self._resume(out) if resume else (0, 0)
         steps_per_epoch = self.sampler.steps_per_epoch(cfg.optim.batch_size)
         total = steps_per_epoch * cfg.optim.epochs
         self.report("start", {"total_steps": total, "done_steps": step, "steps_per_epoch": steps_per_epoch})
@@ -196,8 +229,17 @@ class Trainer:
                     self.report("step", record)
                     if step % cfg.log.every == 0 or step == total:
                         avg = {k: sum(w[k] for w in window) / len(window) for k in stats}
-                        log.write(json.dumps({"step": step, "epoch": epoch + 1, **avg,
-                                              "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+                        log.write(
+                            json.dumps(
+                                {
+                                    "step": step,
+                                    "epoch": epoch + 1,
+                                    **avg,
+                                    "elapsed_s": round(time.time() - t0, 1),
+                                }
+                            )
+                            + "\n"
+                        )
                         log.flush()
                         if writer is not None:
                             for k, v in avg.items():
@@ -210,14 +252,20 @@ class Trainer:
             if writer is not None:
                 writer.close()
         seconds = time.time() - t0
-        artifact = self.save(out, {"steps": step, "seconds": round(seconds, 1), "final_loss": last,
-                                   "budgets": budgets})
+        artifact = self.save(
+            out, {"steps": step, "seconds": round(seconds, 1), "final_loss": last, "budgets": budgets}
+        )
         return TrainResult(artifact, step, seconds, last, budgets)
 
     def save(self, out: Path, training: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
         extra = {
-            "training": {"config": self.config.to_dict(), "data_hash": data_hash(self.pools),
-                         "suite": self.suite.name, "frozen_categories": sorted(self.frozen), **training},
+            "training": {
+                "config": self.config.to_dict(),
+                "data_hash": data_hash(self.pools),
+                "suite": self.suite.name,
+                "frozen_categories": sorted(self.frozen),
+                **training,
+            },
             "metrics": metrics or {},
         }
         return self.tokens.save(out, self.backbone.describe(), extra)
@@ -246,7 +294,9 @@ class Trainer:
         ckpt = ckpts[-1]
         manifest = read_manifest(ckpt)
         if manifest["training"]["config"] != self.config.to_dict():
-            raise ArtifactError(f"{ckpt}: checkpoint was made with a different config; resume needs the same one")
+            raise ArtifactError(
+                f"{ckpt}: checkpoint was made with a different config; resume needs the same one"
+            )
         loaded = ControlTokens.load(ckpt, self.backbone.describe())
         state = load_file(str(ckpt / "optimizer.safetensors"))
         with torch.no_grad():
@@ -267,6 +317,7 @@ def _tensorboard(out: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise RuntimeError("log.tensorboard needs the tensorboard package: pip install 'mosaic-safety[tensorboard]'") \
-            from exc
+        raise RuntimeError(
+            "log.tensorboard needs the tensorboard package: pip install 'mosaic-safety[tensorboard]'"
+        ) from exc
     return SummaryWriter(str(out / "tensorboard"))
