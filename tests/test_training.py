@@ -180,3 +180,14 @@ def test_incremental_training_keeps_old_tokens_bitwise(tmp_path, tiny_backbone):
     for name in ("alcohol", "betting"):
         assert torch.equal(new.blocks[name], old.blocks[name])
     assert all(item.policy and "horror" in item.policy for item in second.sampler.epoch_items(0))
+
+
+def test_first_token_weight_reweights_the_decision_token():
+    logits = torch.zeros(1, 3, 5)
+    logits[0, 0, 1] = 4.0  # confident and right on the first token, uniform afterwards
+    labels = torch.tensor([[1, 2, 2]])
+    plain = response_cross_entropy(logits, labels)
+    heavy = response_cross_entropy(logits, labels, first_weight=4.0)
+    ce = F.cross_entropy(logits[0], labels[0], reduction="none")
+    assert torch.allclose(plain, ce.mean().reshape(1))
+    assert torch.allclose(heavy, ((4 * ce[0] + ce[1] + ce[2]) / 6).reshape(1))

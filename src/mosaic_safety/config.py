@@ -64,6 +64,7 @@ class OptimConfig:
     epochs: int = 8
     batch_size: int = 8
     kl_weight: float = 1.0  # lambda of CE + lambda * KL(p_base || p_ctrl) on negatives
+    first_token_weight: float = 1.0  # weight of the first response token (the refusal decision); 1 = paper
     grad_clip: float = 1.0  # 0 disables
     seed: int = 0
 
@@ -114,6 +115,7 @@ class TrainConfig:
             (self.optim.epochs >= 1, "optim.epochs must be at least 1"),
             (self.optim.batch_size >= 1, "optim.batch_size must be at least 1"),
             (self.optim.kl_weight >= 0, "optim.kl_weight must be >= 0"),
+            (self.optim.first_token_weight > 0, "optim.first_token_weight must be positive"),
             (self.teacher.max_new_tokens >= 1, "teacher.max_new_tokens must be at least 1"),
         ]
         for ok, message in checks:

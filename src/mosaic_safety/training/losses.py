@@ -1,7 +1,8 @@
 """Losses on response tokens: refusal cross-entropy and the distribution-level KL (MOSAIC §2.2).
 
 Both are averaged over a row's response tokens first, then over rows, so a long base answer does
-not outweigh a short refusal template in the batch.
+not outweigh a short refusal template in the batch. ``first_weight`` optionally up-weights the first
+response token, where the refuse-or-answer decision is made (1.0 = plain token mean, the paper's loss).
 """
 
 from __future__ import annotations
@@ -10,19 +11,24 @@ import torch
 import torch.nn.functional as F
 
 
-def _row_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+def _row_mean(values: torch.Tensor, mask: torch.Tensor, first_weight: float = 1.0) -> torch.Tensor:
+    weights = mask.to(values.dtype)
+    if first_weight != 1.0:
+        first = mask.to(torch.int8).argmax(-1)  # index of each row's first response token
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        weights[rows, first] = weights[rows, first] * first_weight
+    return (values * weights).sum(-1) / weights.sum(-1).clamp(min=1e-6)
 
 
-def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 1.0) -> torch.Tensor:
     """Per-row mean token cross-entropy; ``labels`` is -100 outside the response. Shape ``(B,)``."""
     mask = labels != -100
     ce = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
-    return _row_mean(ce, mask)
+    return _row_mean(ce, mask, first_weight)
 
 
 def response_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 1.0
 ) -> torch.Tensor:
     """Per-row mean of KL(p_teacher || p_student) over response positions. Shape ``(B,)``.
 
@@ -33,4 +39,4 @@ def response_kl(
     student = F.log_softmax(student_logits.float(), dim=-1)
     teacher = F.log_softmax(teacher_logits.float(), dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
-    return _row_mean(kl, mask)
+    return _row_mean(kl, mask, first_weight)

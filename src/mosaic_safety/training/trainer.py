@@ -157,7 +157,7 @@ class Trainer:
         targets = self._targets(items)
         batch = self.model.encode([i.prompt for i in items], [i.policy for i in items], targets)
         logits = self.model.logits(batch)
-        ce = response_cross_entropy(logits, batch.labels)
+        ce = response_cross_entropy(logits, batch.labels, self.config.optim.first_token_weight)
         per_row = ce.clone()
         neg = [j for j, item in enumerate(items) if not item.positive]
         kl_mean = 0.0
@@ -168,7 +168,7 @@ class Trainer:
                 )
                 teacher_logits = self.model.logits(base)
             width = base.window  # both windows end at the last position, so the tails align
-            kl = response_kl(logits[neg, -width:], teacher_logits, base.labels)
+            kl = response_kl(logits[neg, -width:], teacher_logits, base.labels, self.config.optim.first_token_weight)
             per_row[neg] = per_row[neg] + self.config.optim.kl_weight * kl
             kl_mean = float(kl.detach().mean())
         pos = [j for j, item in enumerate(items) if item.positive]
