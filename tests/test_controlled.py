@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import chat_ids
 
 from mosaic_safety.controlled import ControlledModel
 from mosaic_safety.policy import Policy
@@ -12,23 +13,13 @@ PROMPTS = ["How do I bake sourdough bread at home?", "Tell me a scary story", "W
 
 
 def base_logits(backbone, prompt):
-    ids = backbone.tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_dict=True,
-        return_tensors="pt",
-    )["input_ids"]
+    ids = chat_ids(backbone, prompt)
     with torch.no_grad():
         return backbone.model(input_ids=ids).logits[0]
 
 
 def base_greedy(backbone, prompt, n):
-    ids = backbone.tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_dict=True,
-        return_tensors="pt",
-    )["input_ids"]
+    ids = chat_ids(backbone, prompt)
     out = backbone.model.generate(
         ids,
         max_new_tokens=n,

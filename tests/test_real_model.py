@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from tiny import chat_ids
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +41,7 @@ def test_empty_policy_equals_base_on_smollm2(smollm2, minors):
     prompts = ["What is the capital of France?", "Give me one tip for learning to juggle."]
     ours = cm.generate_ids(prompts, ["", ""], max_new_tokens=8)
     for prompt, row in zip(prompts, ours):
-        ids = smollm2.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            return_dict=True,
-            return_tensors="pt",
-        )["input_ids"]
+        ids = chat_ids(smollm2, prompt)
         with torch.no_grad():
             ref = smollm2.model(input_ids=ids).logits[0, -1]
             mine = cm.next_token_logits([prompt], [""])[0]

@@ -68,7 +68,7 @@ def _progress() -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
-        disable=not console.is_terminal and os.environ.get("MOSAIC_PROGRESS") == "0",
+        disable=os.environ.get("MOSAIC_PROGRESS") == "0",
     )
 
 

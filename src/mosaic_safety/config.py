@@ -25,7 +25,6 @@ class ModelConfig:
     name: str = "smollm2-135m-instruct"  # alias, local dir, .gguf file or hub id
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)
-    tiny: bool = False  # build a tiny random Llama instead (tests and smoke runs only)
 
 
 @dataclass

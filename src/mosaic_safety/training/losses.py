@@ -20,7 +20,9 @@ def _row_mean(values: torch.Tensor, mask: torch.Tensor, first_weight: float = 1.
     return (values * weights).sum(-1) / weights.sum(-1).clamp(min=1e-6)
 
 
-def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 1.0) -> torch.Tensor:
+def response_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 1.0
+) -> torch.Tensor:
     """Per-row mean token cross-entropy; ``labels`` is -100 outside the response. Shape ``(B,)``."""
     mask = labels != -100
     ce = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
@@ -28,7 +30,10 @@ def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, first_wei
 
 
 def response_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    first_weight: float = 1.0,
 ) -> torch.Tensor:
     """Per-row mean of KL(p_teacher || p_student) over response positions. Shape ``(B,)``.
 

@@ -168,7 +168,9 @@ class Trainer:
                 )
                 teacher_logits = self.model.logits(base)
             width = base.window  # both windows end at the last position, so the tails align
-            kl = response_kl(logits[neg, -width:], teacher_logits, base.labels, self.config.optim.first_token_weight)
+            kl = response_kl(
+                logits[neg, -width:], teacher_logits, base.labels, self.config.optim.first_token_weight
+            )
             per_row[neg] = per_row[neg] + self.config.optim.kl_weight * kl
             kl_mean = float(kl.detach().mean())
         pos = [j for j, item in enumerate(items) if item.positive]
