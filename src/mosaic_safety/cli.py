@@ -164,7 +164,7 @@ def train(
                 f"[green]✓[/] trained {result.steps} steps in {result.seconds:.0f}s; artifact: {target}",
                 highlight=False,
             )
-            if cfg.eval.per_category >= 0 and cfg.eval.max_new_tokens > 0:
+            if cfg.eval.max_new_tokens > 0:
                 table = _closing_table(trainer, progress)
                 (target / "eval_table.json").write_text(json.dumps(table, indent=2) + "\n")
                 trainer.save(
@@ -177,7 +177,7 @@ def train(
                     },
                     metrics={"refusal_table": table},
                 )
-        if cfg.eval.per_category >= 0 and cfg.eval.max_new_tokens > 0:
+        if cfg.eval.max_new_tokens > 0:
             print_table(table, trainer.categories)
 
 

@@ -295,9 +295,10 @@ class Trainer:
             return 0, 0
         ckpt = ckpts[-1]
         manifest = read_manifest(ckpt)
-        if manifest["training"]["config"] != self.config.to_dict():
+        if _resume_key(manifest["training"]["config"]) != _resume_key(self.config.to_dict()):
             raise ArtifactError(
-                f"{ckpt}: checkpoint was made with a different config; resume needs the same one"
+                f"{ckpt}: checkpoint was made with a different config; resume needs the same one "
+                "(only optim.epochs may change, to train longer)"
             )
         loaded = ControlTokens.load(ckpt, self.backbone.describe())
         state = load_file(str(ckpt / "optimizer.safetensors"))
@@ -313,6 +314,11 @@ class Trainer:
         info = json.loads((ckpt / "trainer_state.json").read_text())
         self.report("stage", {"name": f"resumed from {ckpt.name} (step {info['step']})"})
         return int(info["epoch"]), int(info["step"])
+
+
+def _resume_key(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a config a resumed run must share with its checkpoint: all but the epoch count."""
+    return {**config, "optim": {k: v for k, v in config["optim"].items() if k != "epochs"}}
 
 
 def _tensorboard(out: Path) -> Any:
