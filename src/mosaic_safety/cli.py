@@ -45,12 +45,21 @@ def friendly_errors():
     from .config import ConfigError
     from .controlled import PlacementError
     from .data.schema import DataError
+    from .methods.base import MethodError
     from .policy import PolicyError
     from .tokens import ArtifactError
 
     try:
         yield
-    except (ArtifactError, BackboneError, ConfigError, DataError, PlacementError, PolicyError) as exc:
+    except (
+        ArtifactError,
+        BackboneError,
+        ConfigError,
+        DataError,
+        MethodError,
+        PlacementError,
+        PolicyError,
+    ) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
     except FileNotFoundError as exc:
@@ -141,15 +150,21 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the last epoch checkpoint in the output."
     ),
+    method: str | None = typer.Option(
+        None, "--method", "-m", help="mosaic (default) | lora_sft | orpo | magic_token | dsa"
+    ),
     overrides: list[str] | None = typer.Argument(None, help="key.sub=value overrides, e.g. optim.epochs=2"),
 ) -> None:
-    """Train control tokens on a frozen model and print the refusal table on held-out prompts."""
+    """Train control tokens (or a comparison method) on a frozen model; print the held-out refusal table."""
     from .config import load_config
     from .training.trainer import Trainer
 
     with friendly_errors():
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, [*(overrides or []), *([f"method={method}"] if method else [])])
         target = output or Path(cfg.output)
+        if cfg.method != "mosaic":
+            _train_other_method(cfg, target)
+            return
         with _progress() as progress:
             display = TrainDisplay(progress)
             trainer = Trainer(cfg, reporter=display)
@@ -179,6 +194,19 @@ def train(
                 )
         if cfg.eval.max_new_tokens > 0:
             print_table(table, trainer.categories)
+
+
+def _train_other_method(cfg: Any, target: Path) -> None:
+    from .methods import method_module
+
+    module = method_module(cfg.method)
+    with _progress() as progress:
+        summary = module.train(cfg, target, reporter=TrainDisplay(progress))
+    console.print(
+        f"[green]✓[/] {cfg.method}: trained {summary.get('steps', '?')} steps in "
+        f"{summary.get('seconds', 0):.0f}s; artifact: {target} (evaluate it with `mosaic eval --artifact {target}`)",
+        highlight=False,
+    )
 
 
 def _closing_table(trainer: Any, progress: Progress) -> dict[str, Any]:

@@ -94,6 +94,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: str = "runs/mosaic"
     init_artifact: str = ""  # incremental training: start from this artifact, its tokens frozen
+    method: str = "mosaic"  # mosaic | lora_sft | orpo | magic_token | dsa (see docs/methods.md)
+    method_options: dict[str, Any] = field(default_factory=dict)  # validated by the method itself
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +118,10 @@ class TrainConfig:
             (self.optim.kl_weight >= 0, "optim.kl_weight must be >= 0"),
             (self.optim.first_token_weight > 0, "optim.first_token_weight must be positive"),
             (self.teacher.max_new_tokens >= 1, "teacher.max_new_tokens must be at least 1"),
+            (
+                self.method in ("mosaic", "lora_sft", "orpo", "magic_token", "dsa"),
+                f"method {self.method!r}: choose mosaic | lora_sft | orpo | magic_token | dsa",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -136,6 +142,10 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (inner,) = typing.get_args(kind)
         return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin in (typing.Union, types.UnionType):
         return value
     if kind is bool:

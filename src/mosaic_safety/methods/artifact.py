@@ -1,0 +1,156 @@
+"""Artifacts of the comparison methods (LoRA SFT, ORPO, magic tokens, DSA, ...).
+
+Same rules as MOSAIC control-token artifacts: a directory with ``weights.safetensors`` and
+``mosaic.json``, written through temporary files and renames, and validated on load (format and
+version, method name, backbone hidden size and fingerprint, the expected tensors with their shapes,
+finiteness). Only safetensors are read, never pickles. Secrets a method needs (magic-token
+strings) live in ``secrets.json`` with owner-only permissions and never in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..policy import CategoryRegistry
+from ..tokens import MANIFEST_FILE, ArtifactError, check_backbone
+
+METHOD_FORMAT = "mosaic-method"
+METHOD_FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+SECRETS_FILE = "secrets.json"
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_method_artifact(
+    out_dir: str | Path,
+    method: str,
+    backbone: dict[str, Any],
+    registry: CategoryRegistry,
+    tensors: Mapping[str, torch.Tensor],
+    options: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    secrets: dict[str, Any] | None = None,
+) -> Path:
+    """Write a method artifact; other files in ``out_dir`` (logs, checkpoints) are left alone."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": METHOD_FORMAT,
+        "format_version": METHOD_FORMAT_VERSION,
+        "library_version": __version__,
+        "method": method,
+        "backbone": backbone,
+        "registry": registry.to_dict(),
+        "options": options or {},
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+    } | (extra or {})
+    flat = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    if flat:
+        _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(flat, str(p)))
+    if secrets is not None:
+
+        def write_secret(p: Path) -> None:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(secrets, fh)
+
+        _atomic_write(out / SECRETS_FILE, write_secret)
+    _atomic_write(
+        out / MANIFEST_FILE,
+        lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8"),
+    )
+    return out
+
+
+def artifact_method(artifact_dir: str | Path) -> str:
+    """Which method wrote an artifact (``mosaic`` for control-token artifacts)."""
+    root = Path(artifact_dir)
+    path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: artifact directory not found")
+    if not path.exists():
+        raise ArtifactError(f"{root}: not a mosaic artifact (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: corrupt manifest (not an object)")
+    if manifest.get("format") == "mosaic-control-tokens":
+        return "mosaic"
+    if manifest.get("format") == METHOD_FORMAT and isinstance(manifest.get("method"), str):
+        return manifest["method"]
+    raise ArtifactError(f"{path}: not a mosaic-safety artifact")
+
+
+def load_method_artifact(
+    artifact_dir: str | Path,
+    method: str,
+    backbone: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], CategoryRegistry]:
+    """Read and validate a method artifact: (manifest, tensors, registry)."""
+    root = Path(artifact_dir)
+    found = artifact_method(root)
+    path = root / MANIFEST_FILE
+    if found != method:
+        raise ArtifactError(f"{root}: this is a {found!r} artifact, not {method!r}")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format_version") != METHOD_FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format version {manifest.get('format_version')!r} is not supported "
+            f"(expects {METHOD_FORMAT_VERSION})"
+        )
+    for key in ("backbone", "registry", "tensors", "options"):
+        if key not in manifest:
+            raise ArtifactError(f"{path}: manifest lacks {key!r}")
+    registry = CategoryRegistry.from_dict(manifest["registry"], source=str(path))
+    expected: dict[str, list[int]] = manifest["tensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    if expected:
+        wpath = root / WEIGHTS_FILE
+        try:
+            tensors = load_file(str(wpath))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{wpath}: not a readable safetensors file ({exc})") from exc
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ArtifactError(f"{wpath}: missing tensors {missing}, unexpected tensors {unexpected}")
+        for name, shape in expected.items():
+            t = tensors[name]
+            if list(t.shape) != list(shape) or t.dtype != torch.float32:
+                raise ArtifactError(
+                    f"{wpath}: {name} has shape {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} float32"
+                )
+            if not torch.isfinite(t).all():
+                raise ArtifactError(f"{wpath}: {name} contains NaN or infinite values")
+    if backbone is not None:
+        check_backbone(manifest, backbone, root)
+    return manifest, tensors, registry
+
+
+def read_secrets(artifact_dir: str | Path) -> dict[str, Any]:
+    path = Path(artifact_dir) / SECRETS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing (this method stores its secrets there)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt secrets file ({exc})") from exc
