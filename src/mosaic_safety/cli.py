@@ -428,6 +428,13 @@ def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> No
         print_table(table, [c["name"] for c in manifest["categories"]])
 
 
+# == serve command: owned by src/mosaic_safety/serving (register it between these markers) ==
+# == end serve ==
+
+# == judges commands: owned by src/mosaic_safety/evaluation/judges_cli.py (register between markers) ==
+# == end judges ==
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
