@@ -34,7 +34,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the width
 out = Console()
 
 
@@ -428,10 +428,118 @@ def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> No
         print_table(table, [c["name"] for c in manifest["categories"]])
 
 
+@app.command("eval")
+def eval_command(
+    method: str | None = typer.Option(
+        None, "--method", "-m", help="none | in_context | mosaic | lora_sft | orpo | magic_token | dsa "
+        "(default: the method that wrote --artifact)"
+    ),
+    artifact: Path | None = typer.Option(None, "--artifact", "-a", help="Artifact of a trained method."),
+    suite: str = typer.Option("minors", "--suite", "-s", help="Built-in suite name or suite directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for results.json, report.md and plots."),
+    model: str | None = typer.Option(None, help="Backbone (default: the artifact's, else SmolLM2-135M)."),
+    split: str = typer.Option("test", help="Suite split to evaluate on."),
+    max_order: int = typer.Option(4, help="Evaluate orders 1..K."),
+    subsets_per_order: int = typer.Option(0, help="Seeded sample of subsets per order (0: all)."),
+    limit: int = typer.Option(0, help="Prompts per group (each category, neutral, boundary); 0: all."),
+    max_new_tokens: int = typer.Option(24, help="Greedy decoding budget per response."),
+    batch_size: int = typer.Option(32, help="Generation batch size."),
+    judge: str = typer.Option("template+phrase", help="template | phrase | template+phrase | llm | hf:MODEL"),
+    fast: bool = typer.Option(False, help="Stop decoding once the judge's verdict is settled."),
+    seed: int = typer.Option(0, help="Seed of the prompt and subset samples."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    dtype: str = typer.Option("auto", help="float32 | bfloat16 | auto"),
+) -> None:
+    """Measure defense success (DSR) and over-refusal (OR) per composition order; write a report."""
+    from .data.suites import load_suite
+    from .evaluation.protocol import EvalPlan, evaluate
+    from .evaluation.report import write_results
+    from .methods import load_method
+
+    with friendly_errors():
+        data = load_suite(suite)
+        m = load_method(method, artifact=artifact, model=model, suite=suite, device=device, dtype=dtype)
+        plan = EvalPlan(
+            split=split, max_order=max_order, subsets_per_order=subsets_per_order, limit=limit, seed=seed,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, fast=fast,
+        )
+        the_judge = _make_judge(judge, data.registry)
+        console.print(
+            f"[cyan]•[/] evaluating {m.name} on {data.name}/{split} (orders 1–{max_order}, judge {the_judge.name})",
+            highlight=False,
+        )
+        with _progress() as progress:
+            task = progress.add_task("responses", total=None, info=m.name)
+            ticker = TrainDisplay(progress)
+
+            def advance(n: int) -> None:
+                progress.advance(task, n)
+                ticker._plain_tick("responses", task)
+
+            results = evaluate(
+                m, data, the_judge, plan, progress=advance, on_total=lambda n: progress.update(task, total=n)
+            )
+        paths = write_results(results, out)
+    print_orders(results)
+    console.print(f"[green]✓[/] report: {paths[1]}  plots: {', '.join(str(p) for p in paths[2:])}", highlight=False)
+
+
+def _make_judge(spec: str, registry: Any) -> Any:
+    from .evaluation.judges import AnyJudge, PhraseJudge, TemplateJudge
+
+    judges = {"template": lambda: TemplateJudge(registry), "phrase": PhraseJudge}
+    parts = spec.split("+")
+    if not all(p in judges for p in parts):
+        raise typer.BadParameter(f"unknown judge {spec!r}; use template, phrase or template+phrase")
+    made = [judges[p]() for p in parts]
+    return made[0] if len(made) == 1 else AnyJudge(*made)
+
+
+def print_orders(results: dict[str, Any]) -> None:
+    from .evaluation.report import METRICS, pct
+
+    table = Table(title=f"{results['method']['method']}: refusal by order ({results['judge']} judge)")
+    table.add_column("order")
+    table.add_column("subsets", justify="right")
+    for _, label in METRICS:
+        table.add_column(label, justify="right")
+    for k, s in results["orders"].items():
+        table.add_row(k, str(s["subsets"]), *(pct(s[key]) for key, _ in METRICS))
+    out.print(table)
+
+
+report_app = typer.Typer(help="Reports over evaluation results.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
+
+
+@report_app.command("compare")
+def report_compare(
+    dirs: list[Path] = typer.Argument(..., help="Evaluation output directories (with results.json)."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Where compare.md/json/png go."),
+) -> None:
+    """Table-1-style comparison of methods: DSR / OR per order, trainable parameters, prompt overhead."""
+    from .evaluation.report import compare
+
+    with friendly_errors():
+        try:
+            paths = compare(dirs, out)
+        except ValueError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+    print(paths[0].read_text(encoding="utf-8"))
+    console.print(f"[green]✓[/] comparison: {paths[0]}, {paths[2]}", highlight=False)
+
+
 # == serve command: owned by src/mosaic_safety/serving (register it between these markers) ==
+from .serving.cli import serve_command  # noqa: E402  (light: typer only; heavy imports are lazy)
+
+app.command("serve")(serve_command)
 # == end serve ==
 
 # == judges commands: owned by src/mosaic_safety/evaluation/judges_cli.py (register between markers) ==
+from .evaluation.judges_cli import judges_app  # noqa: E402  (typer + rich only; judges load lazily)
+
+app.add_typer(judges_app, name="judges")
 # == end judges ==
 
 

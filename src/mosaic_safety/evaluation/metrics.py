@@ -1,0 +1,48 @@
+"""Rates with Wilson 95% intervals, and the arithmetic of DSR / over-refusal summaries.
+
+A rate on 20 prompts is ±20 points; every reported rate carries its interval so nobody reads a
+5-point difference between two methods as a result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n (``(0, 1)`` when n is 0)."""
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(votes: Iterable[bool]) -> dict[str, Any]:
+    """``{k, n, rate, lo, hi}`` for a list of refusal votes (rate ``None`` when there are none)."""
+    votes = list(votes)
+    k, n = sum(map(bool, votes)), len(votes)
+    lo, hi = wilson(k, n)
+    return {"k": k, "n": n, "rate": k / n if n else None, "lo": lo, "hi": hi}
+
+
+def pooled(rates: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the counts of several rates: one interval over all their prompts."""
+    k = sum(r["k"] for r in rates)
+    n = sum(r["n"] for r in rates)
+    lo, hi = wilson(k, n)
+    return {"k": k, "n": n, "rate": k / n if n else None, "lo": lo, "hi": hi}
+
+
+def mean_rate(rates: Sequence[dict[str, Any]]) -> float | None:
+    """Mean of per-subset rates (the paper's order-k figure); subsets with no prompts are skipped."""
+    values = [r["rate"] for r in rates if r["rate"] is not None]
+    return sum(values) / len(values) if values else None

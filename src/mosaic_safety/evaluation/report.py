@@ -1,0 +1,222 @@
+"""Reports of evaluation results: ``results.json``, ``report.md`` and PNG plots; the method comparison.
+
+Everything here reads the results dict produced by ``protocol.evaluate`` (plus optional extras such
+as utility and margin), so a report can be rebuilt from ``results.json`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+METRICS = (
+    ("dsr", "DSR ↑"),
+    ("or_inactive", "OR inactive ↓"),
+    ("or_neutral", "OR neutral ↓"),
+    ("or_boundary", "OR boundary ↓"),
+)
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _ci(r: dict[str, Any] | None) -> str:
+    if r is None or r.get("rate") is None:
+        return "–"
+    return f"{pct(r['rate'])} [{pct(r['lo'])}, {pct(r['hi'])}]"
+
+
+def write_results(results: dict[str, Any], out: str | Path, plots: bool = True) -> list[Path]:
+    """Write results.json, report.md and (optionally) the plots into ``out``; returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "report.md"]
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(paths[0])
+    images: list[Path] = []
+    if plots:
+        images = [
+            plot_orders([results], out / "dsr_or_by_order.png"),
+            plot_heatmap(results, out / "heatmap.png"),
+        ]
+        paths.extend(images)
+    paths[1].write_text(markdown(results, [p.name for p in images]), encoding="utf-8")
+    return paths
+
+
+def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
+    m = results["method"]
+    plan = results["plan"]
+    lines = [
+        f"# Evaluation: `{m['method']}` on `{results['suite']}` ({plan['split']} split)",
+        "",
+        f"- judge: `{results['judge']}`; greedy decoding, {plan['max_new_tokens']} new tokens"
+        + (f" (fast path from {plan['fast_tokens']})" if plan.get("fast") else ""),
+        f"- prompts per group: {', '.join(f'{g} {n}' for g, n in results['groups'].items())}",
+        f"- policies: {len(results['policies'])} (orders 0–{max(int(k) for k in results['orders'])}"
+        + (f", {plan['subsets_per_order']} sampled subsets per order" if plan["subsets_per_order"] else "")
+        + ")",
+        f"- trainable parameters: {results['cost']['trainable_parameters']:,}; fingerprint `{m['fingerprint']}`",
+        f"- generation: {results['generation'].get('generated', 0)} new responses in "
+        f"{results['generation']['seconds']:.0f}s ({results['generation']['rows']} rows)",
+        "",
+        "## By order (mean over subsets; pooled 95% Wilson interval)",
+        "",
+        "| order | subsets | " + " | ".join(label for _, label in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for k, s in results["orders"].items():
+        cells = [f"{pct(s[key])} {_ci(s[key + '_pooled'])[len(pct(s[key])) :]}".strip() for key, _ in METRICS]
+        lines.append(f"| {k} | {s['subsets']} | " + " | ".join(cells) + " |")
+    groups = list(results["groups"])
+    lines += [
+        "",
+        "## Refusal rate by active set × prompt group",
+        "",
+        "| policy | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
+    for row in results["policies"]:
+        cells = []
+        for g in groups:
+            v = row["rates"][g]["rate"]
+            cells.append(f"**{pct(v)}**" if g in row["categories"] else pct(v))
+        lines.append(f"| {row['policy']} | " + " | ".join(cells) + " |")
+    for name, section in results.get("extras", {}).items():
+        lines += ["", f"## {name}", "", "```json", json.dumps(section, indent=1)[:4000], "```"]
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{i}]({i})" for i in images]
+    return "\n".join(lines) + "\n"
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_orders(all_results: Sequence[dict[str, Any]], path: Path) -> Path:
+    """DSR and OR (inactive, neutral, boundary) against order, one line per method."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4), sharey=True)
+    for results in all_results:
+        orders = [k for k in results["orders"] if k != "0"]
+        for ax, (key, label) in zip(axes, METRICS):
+            ys = [results["orders"][k][key] for k in orders]
+            xs = [int(k) for k, y in zip(orders, ys) if y is not None]
+            ax.plot(xs, [100 * y for y in ys if y is not None], marker="o", label=results["method"]["method"])
+            ax.set_title(label)
+            ax.set_xlabel("order")
+            ax.set_xticks(range(1, 1 + max((int(k) for k in orders), default=1)))
+            ax.grid(alpha=0.3)
+    axes[0].set_ylabel("refusal rate (%)")
+    axes[0].set_ylim(-3, 103)
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(results: dict[str, Any], path: Path) -> Path:
+    """Refusal rate for every evaluated policy (rows) and prompt group (columns)."""
+    plt = _plt()
+    groups = list(results["groups"])
+    rows = results["policies"]
+    data = [[100 * (r["rates"][g]["rate"] or 0) for g in groups] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.1 * len(groups) + 3, 0.32 * len(rows) + 1.4))
+    im = ax.imshow(data, cmap="RdYlGn_r", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), [r["policy"] for r in rows], fontsize=7)
+    for i, r in enumerate(rows):
+        for j, g in enumerate(groups):
+            bold = g in r["categories"]
+            ax.text(
+                j,
+                i,
+                f"{data[i][j]:.0f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                fontweight="bold" if bold else "normal",
+            )
+    ax.set_title(f"{results['method']['method']}: refusal rate (%) by active set × prompt group")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(result_dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
+    """A Table-1-style comparison of several evaluation directories: methods × orders, DSR / OR, cost."""
+    loaded = []
+    for d in result_dirs:
+        path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no results.json (run `mosaic eval ... --out {d}` first)")
+        try:
+            loaded.append(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: corrupt results file ({exc})") from exc
+    if not loaded:
+        raise ValueError("nothing to compare")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    orders = sorted({k for r in loaded for k in r["orders"] if k != "0"}, key=int)
+    base = next((r for r in loaded if r["method"]["method"] == "none"), None)
+    lines = [
+        "# Method comparison",
+        "",
+        f"Suite `{loaded[0]['suite']}`, split `{loaded[0]['plan']['split']}`; judges: "
+        + ", ".join(sorted({r["judge"] for r in loaded}))
+        + ". Order-k figures are means over subsets.",
+        "",
+        "| method | trainable params | prompt overhead (order 1) | "
+        + " | ".join(f"DSR@{k} ↑ | OR-in@{k} ↓ | OR-neu@{k} ↓ | OR-bnd@{k} ↓" for k in orders)
+        + " | empty-policy refusal (categories) |",
+        "|---|---|---|" + "---|---|---|---|" * len(orders) + "---|",
+    ]
+    table = []
+    for r in loaded:
+        overhead = [v for k, v in r["cost"]["prompt_overhead"].items() if k]
+        row = {
+            "method": r["method"]["method"],
+            "trainable_parameters": r["cost"]["trainable_parameters"],
+            "prompt_overhead": sum(overhead) / len(overhead) if overhead else 0,
+            "orders": {k: {m: r["orders"].get(k, {}).get(m) for m, _ in METRICS} for k in orders},
+            "empty_or": (r["orders"].get("0", {}) or {}).get("or_inactive"),
+            "extras": r.get("extras", {}),
+        }
+        table.append(row)
+        cells = [" | ".join(pct(row["orders"][k][m]) for m, _ in METRICS) for k in orders]
+        lines.append(
+            f"| {row['method']} | {row['trainable_parameters']:,} | {row['prompt_overhead']:.0f} | "
+            + " | ".join(cells)
+            + f" | {pct(row['empty_or'])} |"
+        )
+    extra_keys = sorted({k for r in table for k in r["extras"]})
+    if extra_keys:
+        lines += ["", "## Extras", ""]
+        for r in table:
+            for k in extra_keys:
+                if k in r["extras"]:
+                    lines.append(f"- **{r['method']}** {k}: `{json.dumps(r['extras'][k])[:400]}`")
+    if base is not None:
+        lines += [
+            "",
+            f"Base model (`none`) greedy responses are the reference for OR; "
+            f"its fingerprint `{base['method']['fingerprint']}`.",
+        ]
+    image = plot_orders(loaded, out / "compare_by_order.png")
+    lines += ["", f"![by order]({image.name})"]
+    (out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "compare.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    return [out / "compare.md", out / "compare.json", image]

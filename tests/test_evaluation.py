@@ -1,0 +1,249 @@
+"""Evaluation protocol: metric arithmetic, subset choice, the generation cache, fast path, reports, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from mosaic_safety.evaluation.cache import GenerationCache
+from mosaic_safety.evaluation.judges import AnyJudge, PhraseJudge, TemplateJudge
+from mosaic_safety.evaluation.metrics import mean_rate, pooled, rate, wilson
+from mosaic_safety.evaluation.protocol import (
+    EvalPlan,
+    choose_policies,
+    evaluate,
+    fast_agreement,
+    judge_window,
+    summarise,
+)
+from mosaic_safety.evaluation.report import compare, write_results
+from mosaic_safety.methods.controlled_method import base_method, in_context_method
+from mosaic_safety.policy import Policy
+
+
+def test_wilson_matches_the_textbook_formula():
+    lo, hi = wilson(8, 10)
+    # Wilson interval for 8/10 at z=1.96 (Agresti & Coull 1998, table values)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson(0, 0) == (0.0, 1.0)
+    lo, hi = wilson(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson(3, 2)
+
+
+def test_rates_pool_and_mean():
+    a, b = rate([True, True, False, False]), rate([True] * 6)
+    assert a["rate"] == 0.5 and b["rate"] == 1.0
+    p = pooled([a, b])
+    assert (p["k"], p["n"], p["rate"]) == (8, 10, 0.8)
+    assert mean_rate([a, b]) == 0.75  # mean over subsets, not pooled
+    assert rate([])["rate"] is None and mean_rate([rate([])]) is None
+
+
+def test_summarise_hand_made_case():
+    cats = ["a", "b", "c"]
+    groups = {"a": 2, "b": 2, "c": 2, "neutral": 2, "boundary": 1}
+    pa, pab = Policy(("a",)), Policy(("a", "b"))
+    votes = {
+        ("", "a"): [False, False],
+        ("", "b"): [False, True],
+        ("", "c"): [False, False],
+        ("", "neutral"): [False, False],
+        ("", "boundary"): [False],
+        ("a", "a"): [True, True],
+        ("a", "b"): [True, False],
+        ("a", "c"): [False, False],
+        ("a", "neutral"): [True, False],
+        ("a", "boundary"): [False],
+        ("a,b", "a"): [True, False],
+        ("a,b", "b"): [True, True],
+        ("a,b", "c"): [True, False],
+        ("a,b", "neutral"): [False, False],
+        ("a,b", "boundary"): [True],
+    }
+    s = summarise([Policy(()), pa, pab], groups, votes, cats)
+    empty, one, two = s["policies"]
+    assert empty["dsr"] is None and empty["or_inactive"]["rate"] == pytest.approx(1 / 6)
+    assert one["dsr"]["rate"] == 1.0 and one["or_inactive"]["rate"] == 0.25
+    assert one["or_neutral"]["rate"] == 0.5 and one["or_boundary"]["rate"] == 0.0
+    assert (
+        two["dsr"]["rate"] == 0.75 and two["or_inactive"]["rate"] == 0.5 and two["or_boundary"]["rate"] == 1.0
+    )
+    assert s["orders"]["1"]["dsr"] == 1.0 and s["orders"]["2"]["or_neutral"] == 0.0
+    assert s["matrix"]["a,b"]["b"] == 1.0 and s["matrix"]["(empty)"]["b"] == 0.5
+
+
+def test_choose_policies_all_or_seeded_sample():
+    cats = ["a", "b", "c", "d", "e"]
+    every = choose_policies(cats, 4)
+    assert len(every) == 1 + 5 + 10 + 10 + 5 and every[0] == Policy(())
+    sample = choose_policies(cats, 4, per_order=3, seed=1)
+    assert [p.order for p in sample].count(1) == 5  # order 1 always complete
+    assert [p.order for p in sample].count(2) == 3 and [p.order for p in sample].count(4) == 3
+    assert sample == choose_policies(cats, 4, per_order=3, seed=1)
+    assert sample != choose_policies(cats, 4, per_order=3, seed=2)
+    assert len(choose_policies(cats[:2], 4)) == 1 + 2 + 1
+    with pytest.raises(ValueError):
+        choose_policies(cats, 0)
+
+
+class CountingMethod:
+    """Counts generate() calls on a real method: the cache test must see zero on a re-run."""
+
+    def __init__(self, method):
+        self.inner, self.calls, self.rows = method, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, prompts, policies, **kw):
+        self.calls += 1
+        self.rows += len(prompts)
+        return self.inner.generate(prompts, policies, **kw)
+
+
+@pytest.fixture
+def plan():
+    return EvalPlan(limit=2, max_order=2, subsets_per_order=2, max_new_tokens=4, batch_size=8)
+
+
+def test_second_run_calls_no_model(tiny_backbone, minors, plan, tmp_path):
+    from mosaic_safety.data import load_suite
+
+    suite = load_suite("minors")
+    judge = AnyJudge(TemplateJudge(minors), PhraseJudge())
+    method = CountingMethod(in_context_method(tiny_backbone, minors))
+    cache = GenerationCache(method.fingerprint(), tmp_path)
+    first = evaluate(method, suite, judge, plan, cache=cache)
+    assert method.calls > 0 and first["generation"]["generated"] == method.rows
+    rows = len(first["responses"])
+    assert rows == (1 + 5 + 2) * (5 * 2 + 2 + 2)
+    method.calls = 0
+    again = evaluate(method, suite, judge, plan, cache=GenerationCache(method.fingerprint(), tmp_path))
+    assert method.calls == 0 and again["generation"]["generated"] == 0
+    assert again["policies"] == first["policies"]
+    # a different decoding budget is a different key
+    evaluate(method, suite, judge, EvalPlan(**{**plan.__dict__, "max_new_tokens": 5}), cache=cache)
+    assert method.calls > 0
+
+
+def test_policy_independent_method_generates_once_per_prompt(tiny_backbone, minors, plan, tmp_path):
+    from mosaic_safety.data import load_suite
+
+    method = CountingMethod(base_method(tiny_backbone, minors))
+    res = evaluate(method, load_suite("minors"), PhraseJudge(), plan, cache=GenerationCache("x", tmp_path))
+    assert method.rows == sum(res["groups"].values())  # not × number of policies
+
+
+def test_interrupted_cache_line_is_ignored(tmp_path):
+    cache = GenerationCache("fp", tmp_path)
+    cache.put_many(["k1", "k2"], ["one", "two"])
+    with cache.path.open("a") as fh:
+        fh.write('{"key": "k3", "resp')  # cut mid-write
+    again = GenerationCache("fp", tmp_path)
+    assert len(again) == 2 and again.get("k2") == "two" and again.get("k3") is None
+
+
+def test_fast_path_agrees_with_full_decoding(tiny_backbone, minors, tmp_path):
+    from mosaic_safety.data import load_suite
+
+    suite = load_suite("minors")
+    judge = AnyJudge(TemplateJudge(minors), PhraseJudge())
+    assert judge_window(judge) == 80
+    method = in_context_method(tiny_backbone, minors)
+    prompts = [e.prompt for e in suite.split("test")[:12]]
+    policies = [Policy(("alcohol",)), Policy(())] * 6
+    plan = EvalPlan(max_new_tokens=24, fast_tokens=6)
+    got = fast_agreement(method, prompts, policies, judge, plan, GenerationCache("f", tmp_path))
+    assert got["rows"] == 12 and got["agreement"] == 1.0
+
+
+def test_reports_and_compare(tiny_backbone, minors, plan, tmp_path):
+    from mosaic_safety.data import load_suite
+
+    suite = load_suite("minors")
+    judge = PhraseJudge()
+    dirs = []
+    for make in (base_method, in_context_method):
+        res = evaluate(
+            make(tiny_backbone, minors), suite, judge, plan, cache=GenerationCache(make.__name__, tmp_path)
+        )
+        d = tmp_path / make.__name__
+        paths = write_results(res, d)
+        assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+        assert json.loads((d / "results.json").read_text())["orders"]["1"]["subsets"] == 5
+        assert (d / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+        dirs.append(d)
+    md, js, png = compare(dirs, tmp_path / "cmp")
+    text = md.read_text()
+    assert "| none |" in text and "| in_context |" in text and "DSR@2" in text
+    table = json.loads(js.read_text())
+    assert table[1]["prompt_overhead"] > 0 and table[0]["prompt_overhead"] == 0
+    assert not math.isnan(table[0]["orders"]["1"]["or_neutral"])
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        compare([tmp_path / "missing"], tmp_path / "cmp2")
+
+
+def _mosaic(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mosaic_safety.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
+    import os
+
+    env = {**os.environ, "MOSAIC_PROGRESS": "0"}
+    art = tmp_path / "art"
+    tiny_tokens.save(art, tiny_backbone.describe())
+    common = ["--limit", "2", "--max-order", "2", "--subsets-per-order", "2", "--max-new-tokens", "4"]
+    r = _mosaic(
+        "eval",
+        "--artifact",
+        str(art),
+        "--model",
+        "tiny-random-llama",
+        "--out",
+        str(tmp_path / "m"),
+        *common,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "refusal by order" in r.stdout and (tmp_path / "m" / "report.md").exists()
+    r = _mosaic(
+        "eval",
+        "--method",
+        "none",
+        "--model",
+        "tiny-random-llama",
+        "--out",
+        str(tmp_path / "n"),
+        *common,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    r = _mosaic(
+        "report", "compare", str(tmp_path / "n"), str(tmp_path / "m"), "--out", str(tmp_path / "c"), env=env
+    )
+    assert r.returncode == 0, r.stderr
+    assert "| mosaic |" in r.stdout and (tmp_path / "c" / "compare_by_order.png").exists()
+    # clear errors, no tracebacks
+    r = _mosaic(
+        "eval", "--method", "lora", "--model", "tiny-random-llama", "--out", str(tmp_path / "x"), env=env
+    )
+    assert r.returncode == 2 and "unknown method" in r.stderr and "Traceback" not in r.stderr
+    r = _mosaic("eval", "--artifact", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), env=env)
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = _mosaic("eval", "--method", "mosaic", "--out", str(tmp_path / "x"), env=env)
+    assert r.returncode == 2 and "needs --artifact" in r.stderr
+    r = _mosaic("report", "compare", str(tmp_path / "nope"), "--out", str(tmp_path / "c2"), env=env)
+    assert r.returncode == 2 and "no results.json" in r.stderr
