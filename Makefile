@@ -22,8 +22,16 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# The main job: train MOSAIC tokens, then compare none / in_context / mosaic on held-out prompts at
+# orders 1-4 (20 prompts per group, 3 sampled subsets per order for orders 2-4).
+DEMO_EVAL := --limit 20 --max-order 4 --subsets-per-order 3 --max-new-tokens 16 --fast
 demo: $(STAMP)
-	$(BIN)/mosaic train --config configs/smollm2-minors.yaml
+	$(BIN)/mosaic train --config configs/smollm2-minors.yaml eval.max_new_tokens=0
+	$(BIN)/mosaic eval --method none --out runs/eval/none $(DEMO_EVAL)
+	$(BIN)/mosaic eval --method in_context --out runs/eval/in_context $(DEMO_EVAL)
+	$(BIN)/mosaic eval --artifact runs/smollm2-minors --out runs/eval/mosaic $(DEMO_EVAL)
+	$(BIN)/mosaic report compare runs/eval/none runs/eval/in_context runs/eval/mosaic --out runs/compare
+	@echo "Reports: runs/eval/*/report.md (plots beside them); comparison: runs/compare/compare.md"
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench

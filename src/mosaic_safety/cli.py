@@ -35,7 +35,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 console = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the width
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readable in logs
 
 
 @contextmanager
@@ -541,6 +541,19 @@ def print_orders(results: dict[str, Any]) -> None:
     for k, s in results["orders"].items():
         table.add_row(k, str(s["subsets"]), *(pct(s[key]) for key, _ in METRICS))
     out.print(table)
+    groups = list(results["groups"])
+    singles = Table(title="refusal rate by prompt group: empty and single-category policies (bold: own)")
+    singles.add_column("policy")
+    for g in groups:
+        singles.add_column(g, justify="right")
+    for row in results["policies"]:
+        if row["order"] <= 1:
+            cells = [pct(row["rates"][g]["rate"]) for g in groups]
+            singles.add_row(
+                row["policy"],
+                *(f"[bold]{c}[/]" if g in row["categories"] else c for g, c in zip(groups, cells)),
+            )
+    out.print(singles)
 
 
 report_app = typer.Typer(help="Reports over evaluation results.", no_args_is_help=True)
