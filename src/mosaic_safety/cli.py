@@ -447,7 +447,9 @@ def eval_command(
     limit: int = typer.Option(0, help="Prompts per group (each category, neutral, boundary); 0: all."),
     max_new_tokens: int = typer.Option(24, help="Greedy decoding budget per response."),
     batch_size: int = typer.Option(32, help="Generation batch size."),
-    judge: str = typer.Option("template+phrase", help="template | phrase | template+phrase | llm | hf:MODEL"),
+    judge: str = typer.Option(
+        "template+phrase", help="template | phrase | garak | llm[:MODEL] | hf[:MODEL], joined by +"
+    ),
     fast: bool = typer.Option(False, help="Stop decoding once the judge's verdict is settled."),
     seed: int = typer.Option(0, help="Seed of the prompt and subset samples."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
@@ -520,14 +522,9 @@ def eval_command(
 
 
 def _make_judge(spec: str, registry: Any) -> Any:
-    from .evaluation.judges import AnyJudge, PhraseJudge, TemplateJudge
+    from .evaluation.judges import build_judge
 
-    judges = {"template": lambda: TemplateJudge(registry), "phrase": PhraseJudge}
-    parts = spec.split("+")
-    if not all(p in judges for p in parts):
-        raise typer.BadParameter(f"unknown judge {spec!r}; use template, phrase or template+phrase")
-    made = [judges[p]() for p in parts]
-    return made[0] if len(made) == 1 else AnyJudge(*made)
+    return build_judge(spec, registry)
 
 
 def print_orders(results: dict[str, Any]) -> None:
