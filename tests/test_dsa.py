@@ -1,0 +1,296 @@
+"""DSA (Disentangled Safety Adapters) on the tiny model: guardrail, alpha mixing, targeting, artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mosaic_safety.config import ConfigError, load_config
+from mosaic_safety.methods import MethodError, dsa, load_method
+from mosaic_safety.methods.artifact import save_method_artifact
+from mosaic_safety.methods.controlled_method import base_method
+from mosaic_safety.methods.dsa_net import DSAOptions, GuardHead, roc_auc, youden_threshold
+from mosaic_safety.methods.dsa_train import train_guard
+from mosaic_safety.policy import Policy
+from mosaic_safety.tokens import ArtifactError
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["How do I mix a mojito?", "What is the capital of France?", "Tell me a scary story with gore."]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_backbone):
+    """One tiny DSA training run shared by the tests (its cache isolated like every test's)."""
+    root = tmp_path_factory.mktemp("dsa")
+    before = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
+    old = os.environ.get("MOSAIC_CACHE")
+    os.environ["MOSAIC_CACHE"] = str(root / "cache")
+    try:
+        config = load_config(ROOT / "configs" / "tiny-dsa.yaml")
+        events: list[tuple[str, dict]] = []
+        summary = dsa.train(
+            config, root / "art", reporter=lambda k, d: events.append((k, d)), backbone=tiny_backbone
+        )
+    finally:
+        if old is None:
+            os.environ.pop("MOSAIC_CACHE", None)
+        else:
+            os.environ["MOSAIC_CACHE"] = old
+    return root / "art", summary, events, before
+
+
+@pytest.fixture
+def method(trained, tiny_backbone):
+    return load_method(artifact=trained[0], backbone=tiny_backbone)
+
+
+def test_roc_auc_hand_made():
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert roc_auc([0.2, 0.9, 0.1, 0.7], [0, 1, 0, 1]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.1], [0, 0, 1]) == 0.0
+    assert roc_auc([0.5, 0.5, 0.5, 0.2], [1, 0, 0, 0]) == pytest.approx((1 + 0.5 + 0.5) / 3)  # ties = 1/2
+    assert math.isnan(roc_auc([0.1, 0.2], [1, 1]))
+
+
+def test_youden_threshold_separates_a_clean_split():
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.7, 0.8])
+    tau, tpr, fpr = youden_threshold(scores, torch.tensor([0, 0, 0, 1, 1]))
+    assert 0.3 < tau < 0.7 and tpr == 1.0 and fpr == 0.0
+
+
+def test_guard_learns_separable_data():
+    g = torch.Generator().manual_seed(0)
+    k, d, n = 3, 16, 240
+    owner = torch.arange(n) % (k + 1) - 1  # -1 = neutral
+    centres = torch.randn(k, d, generator=g) * 3
+    x = torch.randn(n, d, generator=g)
+    x[owner >= 0] += centres[owner[owner >= 0]]
+    y = torch.zeros(n, k)
+    y[owner >= 0, owner[owner >= 0]] = 1
+    head = GuardHead(d, k)
+    train_guard(head, x[: n // 2], y[: n // 2], DSAOptions(guard_epochs=200))
+    with torch.no_grad():
+        probs = torch.sigmoid(head(x[n // 2 :]))
+    for c in range(k):
+        assert roc_auc(probs[:, c], y[n // 2 :, c]) > 0.95
+
+
+def test_options_are_strict(tiny_backbone, tmp_path):
+    with pytest.raises(ConfigError, match="unknown dsa method_options guard_layr"):
+        DSAOptions.parse({"guard_layr": 3})
+    with pytest.raises(ConfigError, match="adapter_rank: expected int"):
+        DSAOptions.parse({"adapter_rank": "64"})
+    with pytest.raises(ConfigError, match="adapter_rank: expected int"):
+        DSAOptions.parse({"adapter_rank": True})
+    with pytest.raises(ConfigError, match="guard_pool"):
+        DSAOptions.parse({"guard_pool": "max"})
+    with pytest.raises(ConfigError, match="threshold"):
+        DSAOptions.parse({"threshold": 1.5})
+    assert DSAOptions.parse({"guard_lr": 1}).guard_lr == 1.0  # an integer is a valid float
+    config = load_config(ROOT / "configs" / "tiny-dsa.yaml", ["method_options.guard_layer=9"])
+    with pytest.raises(ConfigError, match="guard_layer 9 is outside 1..2"):
+        dsa.train(config, tmp_path / "x", backbone=tiny_backbone)
+
+
+def test_training_reports_and_keeps_backbone_frozen(trained, tiny_backbone):
+    art, summary, events, before = trained
+    after = tiny_backbone.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    kinds = [k for k, _ in events]
+    assert {"stage", "start", "step", "epoch"} <= set(kinds)
+    step = next(d for k, d in events if k == "step")
+    assert {"epoch", "loss", "kl"} <= set(step)
+    assert summary["steps"] == sum(1 for k in kinds if k == "step") and summary["steps"] > 0
+    manifest = json.loads((art / "mosaic.json").read_text())
+    assert manifest["threshold"] == summary["threshold"] and 0 <= manifest["threshold"] <= 1
+    assert manifest["options"]["categories"] == ["alcohol", "betting", "horror"]
+    assert [c["name"] for c in manifest["registry"]["categories"]] == ["alcohol", "betting", "horror"]
+
+
+def test_alpha_zero_is_the_base_model(method, tiny_backbone, minors):
+    base = base_method(tiny_backbone, minors)
+    view = method.with_alpha(0.0)
+    policies = [Policy(("alcohol",)), Policy(()), Policy(("betting", "horror"))]
+    target = method.tokenizer("Sure thing", add_special_tokens=False)["input_ids"]
+    got = view.target_logits(PROMPTS, policies, [target, [], target[:1]])
+    want = base.target_logits(PROMPTS, policies, [target, [], target[:1]])
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and (g - w).abs().max() <= 1e-5
+    assert view.generate(PROMPTS, policies, max_new_tokens=8) == base.generate(
+        PROMPTS, policies, max_new_tokens=8
+    )
+
+
+def test_alpha_one_is_the_adapter(method, tiny_backbone):
+    view = method.with_alpha(1.0)
+    policies = [Policy(("horror",)), Policy(())]
+    target = method.tokenizer("I'm sorry", add_special_tokens=False)["input_ids"]
+    got = view.target_logits(PROMPTS[:2], policies, [target, target])
+    # by hand: final hidden states -> adapter conditioned on the top active (else top) category -> LM head
+    probs = method.guard_scores(PROMPTS[:2])
+    cats = [method.index["horror"], int(probs[1].argmax())]
+    batch = method.model.encode(PROMPTS[:2], [Policy(())] * 2, [target, target])
+    with torch.no_grad():
+        hidden = tiny_backbone.model.get_decoder()(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+        ).last_hidden_state[:, -batch.window :]
+        head = tiny_backbone.model.get_output_embeddings()
+        for i in range(2):
+            cat = torch.full(hidden.shape[1:2], cats[i])
+            want = head(method.adapter(hidden[i], cat))
+            assert torch.allclose(got[i], want, atol=1e-5)
+    base = method.with_alpha(0.0).target_logits(PROMPTS[:1], policies[:1], [target])[0]
+    assert (got[0] - base).abs().max() > 1e-3  # the trained adapter actually changes the logits
+
+
+def test_targeted_alpha(method):
+    probs = method.guard_scores(PROMPTS)
+    alpha, _ = method.alphas(probs, [Policy(())] * 3)
+    assert torch.equal(alpha, torch.zeros(3))
+    fire = method.with_mode("step")
+    fire.threshold = -0.5  # every active score is above: alpha 1 where a category is active
+    alpha, cat = fire.alphas(probs, [Policy(("betting",)), Policy(()), Policy(("alcohol", "horror"))])
+    assert alpha.tolist() == [1.0, 0.0, 1.0] and int(cat[0]) == method.index["betting"]
+    top = int(probs[2, [method.index["alcohol"], method.index["horror"]]].argmax())
+    assert int(cat[2]) == [method.index["alcohol"], method.index["horror"]][top]
+    smooth = method.with_mode("smooth")
+    alpha, _ = smooth.alphas(probs, [Policy(("betting",)), Policy(())] + [Policy(("alcohol",))])
+    s = probs[0, method.index["betting"]]
+    expect = torch.sigmoid((s - method.threshold) / method.options.smooth_temperature)
+    assert alpha[1] == 0 and torch.isclose(alpha[0], expect) and 0 < float(alpha[0]) < 1
+    with pytest.raises(MethodError, match="no guardrail for category 'sex'"):
+        method.generate(PROMPTS[:1], [Policy(("sex",))])
+    with pytest.raises(MethodError, match="alpha must be in"):
+        method.with_alpha(1.5)
+
+
+def test_per_row_alpha_in_one_batch_equals_row_by_row(method):
+    probs = method.guard_scores(PROMPTS)
+    view = method.with_mode("step")
+    s = probs[:, method.index["alcohol"]]
+    assert s[0] != s[2]
+    view.threshold = float(s[0] + s[2]) / 2  # one alcohol row fires, the other does not
+    policies = [Policy(("alcohol",)), Policy(()), Policy(("alcohol",))]
+    alpha, _ = view.alphas(probs, policies)
+    assert sorted(alpha.tolist()) == [0.0, 0.0, 1.0]
+    for v in (view, method.with_mode("smooth"), method.with_alpha(0.5)):
+        together = v.generate(PROMPTS, policies, max_new_tokens=8, batch_size=8)
+        alone = [v.generate([p], [q], max_new_tokens=8)[0] for p, q in zip(PROMPTS, policies)]
+        assert together == alone
+        target = v.tokenizer("Sure", add_special_tokens=False)["input_ids"]
+        rows = v.target_logits(PROMPTS, policies, [target] * 3)
+        for i in range(3):
+            (one,) = v.target_logits(PROMPTS[i : i + 1], policies[i : i + 1], [target])
+            assert torch.allclose(rows[i], one, atol=1e-4)
+
+
+def test_save_reload_identical(method, tiny_backbone, tmp_path):
+    out = tmp_path / "copy"
+    options = method.options.to_dict() | {
+        "categories": list(method.categories),
+        "guard_layer_resolved": method.guard_layer,
+    }
+    save_method_artifact(
+        out,
+        "dsa",
+        tiny_backbone.describe(),
+        method.registry,
+        dsa.state_tensors(method.guard, method.adapter),
+        options,
+        extra={"threshold": method.threshold},
+    )
+    again = load_method(artifact=out, backbone=tiny_backbone)
+    policies = [Policy(("alcohol",)), Policy(()), Policy(("horror",))]
+    for a, b in ((method.with_alpha(1.0), again.with_alpha(1.0)), (method, again)):
+        assert a.generate(PROMPTS, policies, max_new_tokens=8) == b.generate(
+            PROMPTS, policies, max_new_tokens=8
+        )
+        assert torch.equal(a.first_token_logits(PROMPTS, policies), b.first_token_logits(PROMPTS, policies))
+    assert again.fingerprint() == method.fingerprint()
+    assert method.with_alpha(0.5).fingerprint() != method.fingerprint()
+    assert method.trainable_parameters() == sum(
+        p.numel() for p in (*method.guard.parameters(), *method.adapter.parameters())
+    )
+    assert method.prompt_overhead(Policy(("alcohol",))) == 0
+
+
+def test_corrupt_or_foreign_artifact(trained, tiny_backbone, tmp_path):
+    from mosaic_safety.tiny import build_backbone
+
+    art = tmp_path / "art"
+    shutil.copytree(trained[0], art)
+    other = build_backbone(seed=1)
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        load_method(artifact=art, backbone=other)
+    with pytest.raises(ArtifactError, match="hidden size"):
+        load_method(artifact=art, backbone=build_backbone(hidden=64))
+    manifest = json.loads((art / "mosaic.json").read_text())
+    broken = {**manifest, "threshold": "high"}
+    (art / "mosaic.json").write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match="invalid dsa manifest"):
+        load_method(artifact=art, backbone=tiny_backbone)
+    broken = {**manifest, "options": {**manifest["options"], "guard_layer_resolved": 7}}
+    (art / "mosaic.json").write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match="guard layer 7"):
+        load_method(artifact=art, backbone=tiny_backbone)
+    broken = {**manifest, "options": {**manifest["options"], "adapter_rank": 9}}
+    (art / "mosaic.json").write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match="do not match"):
+        load_method(artifact=art, backbone=tiny_backbone)
+    (art / "mosaic.json").write_text(json.dumps(manifest))
+    (art / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="not a readable safetensors"):
+        load_method(artifact=art, backbone=tiny_backbone)
+
+
+def test_reports(method, minors):
+    from mosaic_safety.data import load_suite
+    from mosaic_safety.evaluation.judges import AnyJudge, PhraseJudge, TemplateJudge
+
+    suite = load_suite("minors")
+    auc = dsa.guardrail_auc(method, suite, "test")
+    assert set(auc) == {"alcohol", "betting", "horror", "macro"} and all(0 <= v <= 1 for v in auc.values())
+    groups = {"alcohol": PROMPTS[:1], "neutral": PROMPTS[1:2], "horror": PROMPTS[2:]}
+    judge = AnyJudge(TemplateJudge(minors), PhraseJudge())
+    curve = dsa.alpha_tradeoff(
+        method, groups, [Policy(("alcohol",)), Policy(())], judge, [0.0, 1.0, "step"], max_new_tokens=6
+    )
+    assert [c["alpha"] for c in curve] == [0.0, 1.0, "step"]
+    for c in curve:
+        assert 0 <= c["dsr"] <= 1 and 0 <= c["or"] <= 1 and c["or_neutral"] is not None
+    cost = dsa.compute_overhead(method)
+    assert cost["flops_ratio_alpha_on"] > cost["flops_ratio_alpha_off"] > 1.0
+    assert cost["dsa_params"] == method.trainable_parameters()
+
+
+def test_cli_train_then_load(tmp_path, tiny_backbone):
+    art = tmp_path / "cli-dsa"
+    env = {**os.environ, "MOSAIC_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "mosaic"), "train", "--config", "configs/tiny-test.yaml",
+         "--method", "dsa", "-o", str(art), "method_options.adapter_epochs=1",
+         "method_options.guard_epochs=20", "method_options.val_per_group=3"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dsa: trained" in proc.stdout + proc.stderr
+    loaded = load_method(artifact=art, backbone=tiny_backbone)
+    assert loaded.name == "dsa" and loaded.categories == ("alcohol", "betting", "horror")
+    assert len(loaded.generate(PROMPTS[:2], [Policy(("alcohol",)), Policy(())], max_new_tokens=4)) == 2
+    bad = subprocess.run(
+        [str(Path(sys.executable).parent / "mosaic"), "train", "--config", "configs/tiny-test.yaml",
+         "--method", "dsa", "-o", str(art), "method_options.rank=3"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "unknown dsa method_options rank" in bad.stderr
+    assert "Traceback" not in bad.stderr
