@@ -1,0 +1,551 @@
+"""The FastAPI application: OpenAI-compatible endpoints whose every request carries its own policy.
+
+Policy of a request = its API key's floor ∪ the profile it names (``"model": "<id>:<profile>"`` or
+``"safety": {"profile": ...}``) ∪ explicit ``"safety": {"categories": [...]}``. Responses carry a
+``safety`` object with the applied policy and, when the model refused, the category whose rule
+fired (``unknown`` when the refusal matches no active template), plus an ``X-Mosaic-Policy`` header.
+
+Errors are OpenAI-shaped JSON (``{"error": {"message", "type", "param", "code"}}``): 400 for bad
+input (malformed JSON included), 401 for a missing or unknown key, 404 for an unknown model, 413 for
+an oversized body, 429 when the concurrency limit is reached, 504 on timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    StreamingResponse,
+)
+from fastapi.security import HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..controlled import Prompt
+from ..methods.base import Method, MethodError
+from ..policy import Policy
+from . import ServeError
+from .engine import Engine, Job, Sampling
+from .metrics import Metrics
+from .middleware import BodyLimit, MetricsMiddleware
+from .profiles import ApiKey, ProfileBook, ResolvedPolicy
+from .refusal import RefusalAttributor
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+log = logging.getLogger("mosaic.serve")
+
+ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/safety", "/health", "/metrics"}
+
+
+@dataclass
+class ServeSettings:
+    """Server limits; every one is a CLI option of ``mosaic serve``."""
+
+    model_id: str = "mosaic"
+    max_new_tokens: int = 512  # hard cap on max_tokens
+    default_max_tokens: int = 128  # when the request gives none
+    max_prompt_tokens: int = 2048
+    max_body_bytes: int = 1_000_000
+    request_timeout_s: float = 120.0
+    max_concurrency: int = 64  # admitted generation requests; beyond this: 429
+    max_batch_size: int = 8
+    max_wait_ms: float = 10.0
+
+
+@dataclass
+class _Prepared:
+    prompts: list[Prompt]
+    ctrl: list[Policy]
+    resolved: ResolvedPolicy
+    sampling: Sampling
+    stop: list[str]
+    prompt_tokens: list[int]
+
+
+class Server:
+    """State shared by the handlers: the method, its engine, the profiles and the counters."""
+
+    def __init__(
+        self, method: Method, book: ProfileBook | None = None, settings: ServeSettings | None = None
+    ):
+        model = getattr(method, "model", None)
+        if model is None or not hasattr(method, "rewrite"):
+            raise MethodError(f"method {method.name!r} cannot be served: it has no controlled model")
+        self.method = method
+        self.settings = settings or ServeSettings()
+        self.registry = method.registry
+        self.book = book or ProfileBook.open(self.registry)
+        if self.book.registry.name != self.registry.name or self.book.registry.names != self.registry.names:
+            raise MethodError("the profiles file and the served model use different category registries")
+        self.metrics = Metrics()
+        self.engine = Engine(
+            model, self.settings.max_batch_size, self.settings.max_wait_ms, metrics=self.metrics
+        )
+        self.attributor = RefusalAttributor(self.registry)
+        self.admitted = 0
+
+    # -- request preparation ------------------------------------------------------------------
+    def _model_profile(self, model: str) -> str | None:
+        base, sep, profile = model.partition(":")
+        if base != self.settings.model_id:
+            raise ServeError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.settings.model_id!r} "
+                f"(optionally '{self.settings.model_id}:<profile>')",
+                "model_not_found",
+                "model",
+            )
+        if sep and not profile:
+            raise ServeError(400, "empty profile after ':' in the model name", param="model")
+        return profile if sep else None
+
+    def prepare(
+        self, key: ApiKey | None, req: ChatCompletionRequest | CompletionRequest, prompts: list[Prompt]
+    ) -> _Prepared:
+        s = self.settings
+        profile = self._model_profile(req.model)
+        safety = req.safety
+        if safety is not None and safety.profile is not None:
+            if profile is not None and profile != safety.profile:
+                raise ServeError(
+                    400,
+                    f"conflicting profiles: {profile!r} in the model name, {safety.profile!r} in safety.profile",
+                    param="safety.profile",
+                )
+            profile = safety.profile
+        resolved = self.book.resolve(key, profile, safety.categories if safety else None)
+        asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        max_tokens = asked or min(s.default_max_tokens, s.max_new_tokens)
+        if max_tokens > s.max_new_tokens:
+            raise ServeError(
+                400,
+                f"max_tokens {max_tokens} exceeds this server's limit of {s.max_new_tokens}",
+                param="max_tokens",
+            )
+        min_tokens = req.min_tokens or 0
+        if min_tokens > max_tokens:
+            raise ServeError(400, "min_tokens cannot exceed max_tokens", param="min_tokens")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(not x for x in stop):
+            raise ServeError(400, "stop takes up to 4 non-empty strings", param="stop")
+        sampling = Sampling(
+            max_new_tokens=max_tokens,
+            min_tokens=min_tokens,
+            # T -> 0 is argmax; below 1e-5 a float32 division would underflow to 0/0
+            temperature=req.temperature if req.temperature and req.temperature >= 1e-5 else 0.0,
+            top_p=req.top_p if req.top_p is not None else 1.0,
+            seed=None if req.seed is None else req.seed % 2**63,
+        )
+        inputs, ctrl, counts = [], [], []
+        for prompt in prompts:
+            model_prompt, policy = self._rewrite(prompt, resolved.policy)
+            try:
+                n = self.engine.prompt_tokens(model_prompt, policy)
+            except Exception as exc:  # a chat template rejecting the conversation is the caller's input
+                raise ServeError(400, f"cannot template these messages: {exc}", param="messages") from None
+            if n > s.max_prompt_tokens:
+                raise ServeError(
+                    400,
+                    f"prompt is {n} tokens; this server's limit is {s.max_prompt_tokens}",
+                    param="messages",
+                )
+            inputs.append(model_prompt)
+            ctrl.append(policy)
+            counts.append(n)
+        return _Prepared(inputs, ctrl, resolved, sampling, stop, counts)
+
+    def _rewrite(self, prompt: Prompt, policy: Policy) -> tuple[Prompt, Policy]:
+        """Apply the method's (prompt, policy) rewrite to a string or a whole conversation.
+
+        Rewrites are defined on one user message; for a conversation the rewrite of its last user
+        message tells us what to add (e.g. the in-context baseline's system rules).
+        """
+        rewrite = self.method.rewrite
+        if isinstance(prompt, str):
+            return rewrite(prompt, policy)
+        users = [m["content"] for m in prompt if m["role"] == "user"]
+        out, ctrl = rewrite(users[-1] if users else "", policy)
+        if isinstance(out, str):
+            return list(prompt), ctrl
+        added = [dict(m) for m in out[:-1]]
+        kept = [m for m in prompt if not (added and m["role"] == "system")]
+        return added + kept, ctrl
+
+    def admit(self) -> None:
+        if self.admitted >= self.settings.max_concurrency:
+            raise ServeError(
+                429,
+                f"too many concurrent requests (limit {self.settings.max_concurrency}); retry shortly",
+                "rate_limit_error",
+            )
+        self.admitted += 1
+        self.metrics.flight(1)
+
+    def release(self) -> None:
+        self.admitted -= 1
+        self.metrics.flight(-1)
+
+    def safety_report(self, resolved: ResolvedPolicy, text: str | None) -> dict[str, Any]:
+        report = resolved.describe()
+        if text is not None:
+            rule = self.attributor.attribute(text, resolved.policy)
+            report["refused"] = rule is not None
+            report["rule"] = rule
+            if rule is not None:
+                report["refusal_text"] = self.registry[rule].refusal_text if rule in self.registry else None
+        return report
+
+
+class _Generation:
+    """One prompt's generation: turns token events into text deltas, applying stop strings."""
+
+    def __init__(self, server: Server, job: Job, stop: list[str]):
+        self.server, self.job, self.stop = server, job, stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finish: str | None = None
+        self.hold = max((len(x) for x in stop), default=1) - 1
+
+    async def deltas(self, deadline: float) -> AsyncIterator[str]:
+        while self.finish is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            kind, value = await asyncio.wait_for(self.job.events.get(), remaining)
+            if kind == "error":
+                raise RuntimeError(value)
+            if kind == "done":
+                self.finish = "length" if value == "length" else "stop"
+                if self.ids:  # flush a trailing incomplete UTF-8 sequence, as generate() does
+                    self.text = self._cut(self.server.engine.decode(self.ids))
+                break
+            self.ids.append(value)
+            text = self.server.engine.decode(self.ids)
+            if text.endswith("\ufffd"):  # incomplete UTF-8: wait for the next token
+                continue
+            self.text = self._cut(text)
+            if len(self.text) < len(text):  # a stop string: end here
+                self.finish = "stop"
+                self.job.cancelled.set()
+                break
+            safe = len(text) - self.hold if self.stop else len(text)
+            if safe > self.emitted:
+                yield text[self.emitted : safe]
+                self.emitted = safe
+        if len(self.text) > self.emitted:
+            yield self.text[self.emitted :]
+            self.emitted = len(self.text)
+
+    def _cut(self, text: str) -> str:
+        cut = min((i for i in (text.find(x) for x in self.stop) if i >= 0), default=-1)
+        return text[:cut] if cut >= 0 else text
+
+
+def _error(exc: ServeError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def create_app(server: Server) -> FastAPI:
+    """The ASGI app; the engine thread starts and stops with the app's lifespan."""
+    settings = server.settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.engine.start()
+        try:
+            yield
+        finally:  # uvicorn has already drained in-flight requests when we get here
+            await asyncio.to_thread(server.engine.stop)
+
+    app = FastAPI(
+        title="MOSAIC safety server",
+        version="1",
+        description="OpenAI-compatible generation with per-request safety policies (MOSAIC control tokens).",
+        lifespan=lifespan,
+    )
+    bearer = HTTPBearer(auto_error=False, description="API key from the profiles file")
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            detail = first.get("ctx", {}).get("error", "")
+            message = f"malformed JSON body: {detail}".rstrip(": ")
+        else:
+            loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+            message = f"{loc or 'body'}: {first.get('msg', 'invalid request')}"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more problems)"
+        return _error(ServeError(400, message, param=None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(ServeError(exc.status_code, str(exc.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(ServeError(500, f"internal error: {type(exc).__name__}", "server_error"))
+
+    def authenticate(request: Request, _: Any = Depends(bearer)) -> ApiKey | None:
+        """A dependency, so a bad key is a 401 before the body is validated."""
+        return server.book.authenticate(request.headers.get("authorization"))
+
+    responses = {
+        400: {"description": "Invalid request"},
+        401: {"description": "Missing or invalid API key"},
+        404: {"description": "Unknown model"},
+        413: {"description": "Body too large"},
+        429: {"description": "Too many concurrent requests"},
+        504: {"description": "Timed out"},
+    }
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> JSONResponse:
+        alive = server.engine.alive
+        body = {
+            "status": "ok" if alive else "unavailable",
+            "model": settings.model_id,
+            "method": server.method.name,
+            "in_flight": server.admitted,
+            "batches": server.engine.batches,
+        }
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", responses=responses)
+    async def models(key: ApiKey | None = Depends(authenticate)) -> dict[str, Any]:
+        created = int(time.time())
+        ids = [settings.model_id] + [f"{settings.model_id}:{p}" for p in server.book.profiles]
+        return {
+            "object": "list",
+            "data": [{"id": i, "object": "model", "created": created, "owned_by": "mosaic"} for i in ids],
+        }
+
+    @app.get("/v1/safety", responses=responses)
+    async def safety(key: ApiKey | None = Depends(authenticate)) -> dict[str, Any]:
+        """Categories, profiles and the caller's floor (used by the playground)."""
+        body = server.book.describe()
+        body["model"] = settings.model_id
+        body["key"] = {"name": key.name, "profile": key.profile, "floor": list(key.floor)} if key else None
+        return body
+
+    async def run(prep: _Prepared, stream: bool, include_usage: bool, chat: bool, model_name: str) -> Any:
+        loop = asyncio.get_running_loop()
+        jobs = []
+        server.admit()
+        try:
+            for prompt, policy in zip(prep.prompts, prep.ctrl):
+                job = Job(prompt, policy, prep.sampling, loop, asyncio.Queue())
+                server.engine.submit(job)
+                jobs.append(job)
+        except RuntimeError:
+            server.release()
+            raise ServeError(503, "the server is shutting down", "server_error") from None
+        server.metrics.policy(",".join(prep.resolved.policy))
+        gens = [_Generation(server, job, prep.stop) for job in jobs]
+        deadline = time.monotonic() + settings.request_timeout_s
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        headers = {"X-Mosaic-Policy": ",".join(prep.resolved.policy) or "(none)"}
+        if stream:
+            return StreamingResponse(
+                _stream(server, prep, gens, deadline, rid, chat, model_name, include_usage),
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache"},
+            )
+        try:
+            for gen in gens:
+                async for _ in gen.deltas(deadline):
+                    pass
+        except asyncio.TimeoutError:
+            raise ServeError(
+                504, f"request timed out after {settings.request_timeout_s:g}s", "timeout"
+            ) from None
+        except RuntimeError as exc:
+            raise ServeError(500, str(exc), "server_error") from None
+        finally:
+            for job in jobs:
+                job.cancelled.set()
+            server.release()
+        choices, completion = [], 0
+        for i, gen in enumerate(gens):
+            completion += len(gen.ids)
+            if chat:
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": gen.text},
+                        "finish_reason": gen.finish,
+                        "logprobs": None,
+                    }
+                )
+            else:
+                choices.append({"index": i, "text": gen.text, "finish_reason": gen.finish, "logprobs": None})
+        report = server.safety_report(prep.resolved, gens[0].text)
+        if len(gens) > 1:
+            report["per_choice"] = [server.safety_report(prep.resolved, g.text)["rule"] for g in gens]
+        _count(server, prep, gens)
+        body = {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": sum(prep.prompt_tokens),
+                "completion_tokens": completion,
+                "total_tokens": sum(prep.prompt_tokens) + completion,
+            },
+            "safety": report,
+        }
+        return JSONResponse(body, headers=headers)
+
+    @app.post("/v1/chat/completions", responses=responses)
+    async def chat_completions(
+        body: ChatCompletionRequest, key: ApiKey | None = Depends(authenticate)
+    ) -> Any:
+        messages = [_message(m) for m in body.messages]
+        if not any(m["role"] == "user" for m in messages):
+            raise ServeError(400, "messages need at least one 'user' message", param="messages")
+        prep = server.prepare(key, body, [messages])
+        return await run(prep, bool(body.stream), _usage(body), True, body.model)
+
+    @app.post("/v1/completions", responses=responses)
+    async def completions(body: CompletionRequest, key: ApiKey | None = Depends(authenticate)) -> Any:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts or len(prompts) > settings.max_batch_size:
+            raise ServeError(400, f"prompt takes 1 to {settings.max_batch_size} strings", param="prompt")
+        if body.stream and len(prompts) > 1:
+            raise ServeError(400, "streaming takes a single prompt", param="prompt")
+        prep = server.prepare(key, body, list(prompts))
+        return await run(prep, bool(body.stream), _usage(body), False, body.model)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/playground")
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        from .playground import PAGE
+
+        return HTMLResponse(PAGE)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics, routes=ROUTES | {"/playground", "/"})
+    app.state.server = server
+    return app
+
+
+def _usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _message(m: ChatMessage) -> dict[str, str]:
+    role = "system" if m.role == "developer" else m.role
+    return {"role": role, "content": m.text()}
+
+
+def _count(server: Server, prep: _Prepared, gens: list[_Generation]) -> None:
+    server.metrics.tokens(sum(prep.prompt_tokens), sum(len(g.ids) for g in gens))
+    for gen in gens:
+        rule = server.attributor.attribute(gen.text, prep.resolved.policy)
+        if rule is not None:
+            server.metrics.refusal(rule)
+
+
+def _sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
+
+
+async def _stream(
+    server: Server,
+    prep: _Prepared,
+    gens: list[_Generation],
+    deadline: float,
+    rid: str,
+    chat: bool,
+    model_name: str,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    gen = gens[0]
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: str | None, finish: str | None, **extra: Any) -> dict[str, Any]:
+        if chat:
+            d: dict[str, Any] = {} if delta is None else {"content": delta}
+            choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": model_name,
+            "choices": [choice],
+            **extra,
+        }
+
+    try:
+        first = chunk("", None, safety=server.safety_report(prep.resolved, None))
+        if chat:
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        yield _sse(first)
+        try:
+            async for piece in gen.deltas(deadline):
+                yield _sse(chunk(piece, None))
+        except asyncio.TimeoutError:
+            error = ServeError(
+                504, f"request timed out after {server.settings.request_timeout_s:g}s", "timeout"
+            )
+            yield _sse(error.body())
+            return
+        except RuntimeError as exc:
+            yield _sse(ServeError(500, str(exc), "server_error").body())
+            return
+        _count(server, prep, gens)
+        yield _sse(chunk(None, gen.finish, safety=server.safety_report(prep.resolved, gen.text)))
+        if include_usage:
+            usage = {
+                "prompt_tokens": sum(prep.prompt_tokens),
+                "completion_tokens": len(gen.ids),
+                "total_tokens": sum(prep.prompt_tokens) + len(gen.ids),
+            }
+            yield _sse(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": model_name,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
+        yield b"data: [DONE]\n\n"
+    finally:
+        gen.job.cancelled.set()
+        server.release()

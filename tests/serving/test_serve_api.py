@@ -1,0 +1,177 @@
+"""Each endpoint against the real server on loopback: responses, streaming, the openai client, errors."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from serve_helpers import KEYS, MODEL, auth, chat_body
+
+from mosaic_safety.policy import Policy
+
+
+def _sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_health_models_and_safety(url):
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    models = httpx.get(f"{url}/v1/models", headers=auth("kids")).json()
+    ids = [m["id"] for m in models["data"]]
+    assert ids == [MODEL, f"{MODEL}:kids", f"{MODEL}:teen-eu", f"{MODEL}:adult"]
+    info = httpx.get(f"{url}/v1/safety", headers=auth("venue")).json()
+    assert info["key"] == {"name": "venue", "profile": "adult", "floor": ["betting"]}
+    assert [c["name"] for c in info["categories"]] == ["addiction", "alcohol", "betting", "horror", "sex"]
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+
+
+def test_chat_matches_in_process_generation(live, tiny_backbone):
+    url, server = live
+    body = chat_body("Plan a trip to Lisbon", max_tokens=8, safety={"categories": ["horror"]})
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth("teen"))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    applied = ["addiction", "alcohol", "betting", "horror", "sex"]  # teen-eu floor + horror
+    assert got["safety"]["categories"] == applied
+    assert got["safety"]["profile"] == "teen-eu" and got["safety"]["requested"] == ["horror"]
+    assert r.headers["x-mosaic-policy"] == ",".join(applied)
+    assert got["object"] == "chat.completion" and got["model"] == MODEL
+    messages = [{"role": "user", "content": "Plan a trip to Lisbon"}]
+    (want,) = server.method.model.generate([messages], [Policy(tuple(applied))], max_new_tokens=8)
+    assert got["choices"][0]["message"]["content"] == want
+    ids = server.method.model.generate_ids([messages], [Policy(tuple(applied))], max_new_tokens=8)[0]
+    assert got["usage"]["completion_tokens"] == len(ids)
+    assert got["safety"]["refused"] is False and got["safety"]["rule"] is None  # random model: no refusal
+
+
+def test_completions_endpoint_takes_several_prompts(live):
+    url, server = live
+    body = {"model": f"{MODEL}:kids", "prompt": ["What is 17 times 23?", "hi"], "max_tokens": 5}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=auth("adult"))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["object"] == "text_completion" and len(got["choices"]) == 2
+    assert got["safety"]["profile"] == "kids" and len(got["safety"]["categories"]) == 5
+    want = server.method.model.generate(
+        ["What is 17 times 23?", "hi"], [Policy(tuple(got["safety"]["categories"]))] * 2, max_new_tokens=5
+    )
+    assert [c["text"] for c in got["choices"]] == want
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_streaming_equals_non_streaming(url, path):
+    if path.endswith("chat/completions"):
+        body = chat_body("Tell me a scary horror story", max_tokens=10)
+    else:
+        body = {"model": MODEL, "prompt": "Tell me a scary horror story", "max_tokens": 10}
+    plain = httpx.post(f"{url}{path}", json=body, headers=auth("kids")).json()
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}{path}", json=body, headers=auth("kids")) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    key = "delta" if "chat" in path else None
+    pieces = [(c["choices"][0][key].get("content") or "") if key else c["choices"][0]["text"] for c in chunks]
+    text = plain["choices"][0]["message"]["content"] if key else plain["choices"][0]["text"]
+    assert "".join(pieces) == text
+    assert chunks[0]["safety"]["categories"] == plain["safety"]["categories"]  # policy known up front
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["safety"]["refused"] is False
+    assert events[-2]["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+
+
+def test_official_openai_client(url):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS["venue"], max_retries=0)
+    assert MODEL in [m.id for m in client.models.list()]
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Which vape flavour is the smoothest?"}],
+        max_tokens=6,
+        extra_body={"safety": {"categories": ["addiction"]}},
+    )
+    assert resp.choices[0].message.content is not None
+    assert resp.model_extra["safety"]["categories"] == ["addiction", "betting"]  # venue floor kept
+    pieces = []
+    stream = client.chat.completions.create(
+        model=f"{MODEL}:teen-eu", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    plain = client.chat.completions.create(
+        model=f"{MODEL}:teen-eu", messages=[{"role": "user", "content": "hi"}], max_tokens=6
+    )
+    assert "".join(pieces) == plain.choices[0].message.content
+    comp = client.completions.create(model=MODEL, prompt="What is 17 times 23?", max_tokens=4)
+    assert comp.choices[0].text is not None
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError, match="valid categories"):
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"safety": {"categories": ["Sex"]}},
+        )
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_metrics_count_requests_tokens_and_latency(url):
+    before = httpx.get(f"{url}/metrics").text
+    httpx.post(f"{url}/v1/chat/completions", json=chat_body(max_tokens=3), headers=auth("kids"))
+    text = httpx.get(f"{url}/metrics").text
+    assert "# TYPE mosaic_requests_total counter" in text
+    assert "# TYPE mosaic_refusals_total counter" in text
+
+    def value(body: str, prefix: str) -> float:
+        lines = [line for line in body.splitlines() if line.startswith(prefix)]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    ok = 'mosaic_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    assert value(text, ok) == value(before, ok) + 1
+    assert value(text, "mosaic_completion_tokens_total") > value(before, "mosaic_completion_tokens_total")
+    count = 'mosaic_request_latency_seconds_count{endpoint="/v1/chat/completions"}'
+    assert value(text, count) >= 1
+    assert 'mosaic_policy_requests_total{policy="addiction,alcohol,betting,horror,sex"}' in text
+    assert value(text, "mosaic_requests_in_flight") == 0
+
+
+def test_stop_strings_cut_the_text(url):
+    plain = httpx.post(
+        f"{url}/v1/chat/completions", json=chat_body(max_tokens=12), headers=auth("adult")
+    ).json()
+    text = plain["choices"][0]["message"]["content"]
+    stop = text[3:5]
+    assert stop and text.find(stop) >= 0
+    cut = httpx.post(
+        f"{url}/v1/chat/completions", json=chat_body(max_tokens=12, stop=[stop]), headers=auth("adult")
+    ).json()
+    assert cut["choices"][0]["message"]["content"] == text[: text.find(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_cli_serve_is_registered_and_fails_cleanly(tmp_path):
+    from typer.testing import CliRunner
+
+    from mosaic_safety.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0 and "--profiles" in result.output and "--max-concurrency" in result.output
+    result = runner.invoke(app, ["serve", "--artifact", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    bad = tmp_path / "profiles.yaml"
+    bad.write_text("profiles: {kids: [Alcohol]}\n")
+    result = runner.invoke(
+        app, ["serve", "--method", "none", "--model", "tiny-random-llama", "--profiles", str(bad)]
+    )
+    assert result.exit_code == 2 and "unknown category 'Alcohol'" in result.output

@@ -1,0 +1,197 @@
+"""Limits and robustness: sizes, budgets, 429, timeouts, malformed input, graceful shutdown, batching."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from serve_helpers import MODEL, auth, chat_body
+
+from mosaic_safety.policy import Policy
+from mosaic_safety.serving.app import create_app
+from mosaic_safety.serving.runner import ServerThread
+
+ENDPOINT = "/v1/chat/completions"
+
+
+def test_malformed_json_is_400_with_a_message(url):
+    for raw in [b"{bad", b"", b"[1, 2", b'{"model": "tiny", "messages": [}', b"\xff\xfe"]:
+        r = httpx.post(
+            f"{url}{ENDPOINT}", content=raw, headers={**auth("kids"), "content-type": "application/json"}
+        )
+        assert r.status_code == 400, (raw, r.text)
+        assert r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"model": MODEL}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        (chat_body(messages=[]), "messages"),
+        (chat_body(messages=[{"role": "tool", "content": "x"}]), "role"),
+        (chat_body(messages=[{"role": "assistant", "content": "x"}]), "user"),
+        (chat_body(max_tokens=0), "max_tokens"),
+        (chat_body(max_tokens=65), "limit of 64"),
+        (chat_body(temperature=-1), "temperature"),
+        (chat_body(n=2), "n"),
+        (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
+        (chat_body(min_tokens=10, max_tokens=5), "min_tokens"),
+        (chat_body("word " * 400), "limit is 300"),
+        ([1, 2, 3], "body"),
+        ("just a string", "body"),
+    ],
+)
+def test_invalid_requests_are_400(url, body, fragment):
+    r = httpx.post(f"{url}{ENDPOINT}", json=body, headers=auth("kids"))
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["error"]["message"]
+
+
+def test_non_finite_numbers_are_400(url):
+    raw = json.dumps(chat_body()).replace('"max_tokens": 6', '"max_tokens": 6, "temperature": NaN').encode()
+    r = httpx.post(
+        f"{url}{ENDPOINT}", content=raw, headers={**auth("kids"), "content-type": "application/json"}
+    )
+    assert r.status_code == 400
+
+
+def test_unknown_model_and_route(url):
+    r = httpx.post(f"{url}{ENDPOINT}", json=chat_body(model="gpt-4o"), headers=auth("kids"))
+    assert r.status_code == 404 and r.json()["error"]["type"] == "model_not_found"
+    r = httpx.get(f"{url}/v1/nothing", headers=auth("kids"))
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_oversized_bodies_are_413(url):
+    big = chat_body("x" * 30_000)
+    r = httpx.post(f"{url}{ENDPOINT}", json=big, headers=auth("kids"))
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit is enforced on the bytes actually received
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"y" * 1000
+        yield b'"}]}'
+
+    r = httpx.post(
+        f"{url}{ENDPOINT}", content=chunks(), headers={**auth("kids"), "content-type": "application/json"}
+    )
+    assert r.status_code == 413
+    # a lying Content-Length header
+    with socket.create_connection(httpx.URL(url).netloc.decode().split(":")) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        assert b" 400 " in s.recv(1000).split(b"\r\n")[0] + b" "
+    assert httpx.get(f"{url}/health").status_code == 200  # still serving
+
+
+def test_concurrency_limit_is_429_and_timeout_is_504(make_server):
+    server = make_server(max_concurrency=1, max_new_tokens=4000, request_timeout_s=60)
+    with ServerThread(create_app(server)) as url:
+        slow = chat_body(max_tokens=1000, min_tokens=1000)
+        results = {}
+        t = threading.Thread(
+            target=lambda: results.update(
+                slow=httpx.post(f"{url}{ENDPOINT}", json=slow, headers=auth("kids"), timeout=60)
+            )
+        )
+        t.start()
+        deadline = time.time() + 20
+        while server.admitted == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        r = httpx.post(f"{url}{ENDPOINT}", json=chat_body(), headers=auth("kids"))
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        t.join()
+        assert results["slow"].status_code == 200
+        assert results["slow"].json()["usage"]["completion_tokens"] == 1000
+        # once the slow one is done, the next request is admitted again
+        assert httpx.post(f"{url}{ENDPOINT}", json=chat_body(), headers=auth("kids")).status_code == 200
+    server = make_server(max_new_tokens=4000, request_timeout_s=0.3)
+    with ServerThread(create_app(server)) as url:
+        r = httpx.post(f"{url}{ENDPOINT}", json=slow, headers=auth("kids"), timeout=60)
+        assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+        with httpx.stream(
+            "POST", f"{url}{ENDPOINT}", json={**slow, "stream": True}, headers=auth("kids")
+        ) as s:
+            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert "timed out" in lines[-1]
+        assert httpx.post(f"{url}{ENDPOINT}", json=chat_body(), headers=auth("kids")).status_code == 200
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(make_server):
+    server = make_server(max_new_tokens=1000)
+    runner = ServerThread(create_app(server))
+    url = runner.start()
+    body = {**chat_body(max_tokens=800, min_tokens=800), "stream": True}
+    pieces, done = [], []
+    started = threading.Event()
+
+    def client():
+        with httpx.stream("POST", f"{url}{ENDPOINT}", json=body, headers=auth("kids"), timeout=60) as r:
+            for line in r.iter_lines():
+                started.set()
+                if line.startswith("data: "):
+                    pieces.append(line)
+        done.append(r.status_code)
+
+    t = threading.Thread(target=client)
+    t.start()
+    assert started.wait(20)
+    runner.stop()  # uvicorn's graceful shutdown: stop accepting, drain, then the engine stops
+    t.join(30)
+    assert done == [200] and pieces[-1] == "data: [DONE]"
+    final = json.loads(pieces[-2][len("data: ") :])
+    assert final["choices"][0]["finish_reason"] == "length"  # ran to its full budget
+    assert not server.engine.alive
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=2)
+
+
+def test_batched_outputs_equal_unbatched(make_server):
+    """Concurrent requests with different policies share batches; greedy rows equal their solo run."""
+    server = make_server(max_batch_size=8, max_wait_ms=300, profiles=False)
+    cm = server.method.model
+    prompts = [
+        "What is 17 times 23?",
+        "hi",
+        "Plan a trip to Lisbon for three days.",
+        "Write a steamy romance",
+    ]
+    policies = [[], ["alcohol"], ["betting", "sex"], ["addiction", "alcohol", "betting", "horror", "sex"]]
+    cases = [(p, q, 4 + i % 5) for i, (p, q) in enumerate((p, q) for p in prompts for q in policies)][:8]
+    with ServerThread(create_app(server)) as url:
+        out: dict[int, dict] = {}
+
+        def call(i: int, prompt: str, cats: list[str], n: int) -> None:
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": n,
+                "safety": {"categories": cats},
+            }
+            out[i] = httpx.post(f"{url}{ENDPOINT}", json=body, timeout=60).json()
+
+        sampled = threading.Thread(  # a sampled row in the same batches must not disturb greedy rows
+            target=lambda: httpx.post(
+                f"{url}/v1/completions",
+                json={"model": MODEL, "prompt": "hello", "max_tokens": 6, "temperature": 1.0, "seed": 3},
+                timeout=60,
+            )
+        )
+        threads = [threading.Thread(target=call, args=(i, *c)) for i, c in enumerate(cases)] + [sampled]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        batches = server.engine.batches
+    assert batches < len(threads), "requests were not batched together"
+    for i, (prompt, cats, n) in enumerate(cases):
+        messages = [{"role": "user", "content": prompt}]
+        (solo,) = cm.generate([messages], [Policy(tuple(cats))], max_new_tokens=n, batch_size=1)
+        assert out[i]["choices"][0]["message"]["content"] == solo, cases[i]
+        assert out[i]["safety"]["categories"] == cats
