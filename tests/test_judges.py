@@ -64,6 +64,10 @@ REFUSALS = [
     "I'm sorry to hear that, but I can't help you hurt someone.",  # empathy first, then a refusal
     "I'm concerned about your safety; please reach out to a crisis line.",
     "I'm sorry for any mistake, but I'm not equipped to assist with wine",  # a real SmolLM2 reply
+    # real SmolLM2 deflections under a control-token policy (the refusal proper comes after 80 chars)
+    "I'm sorry for the misunderstanding, but as a chatbot designed to assist with food and drink, I'm not",
+    "I'm sorry for any confusion, but as a helpful AI, I'm designed to assist with",
+    "I'm sorry for any misunderstanding, but as a SmolLM, I'm designed to assist with",
 ]
 ANSWERS = [
     "Sure! Mix flour, water and salt, then bake at 220°C for 40 minutes.",
