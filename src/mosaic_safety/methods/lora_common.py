@@ -1,0 +1,543 @@
+"""Shared machinery of the LoRA baselines ``lora_sft``, ``orpo`` and ``magic_token``.
+
+All three adapt the frozen backbone with LoRA (peft) and learn to read the policy from the system
+prompt; they differ only in the conditioning text and the loss. What they share lives here:
+
+- strict ``method_options`` parsing: a typo in a recipe is an error, not a silently used default;
+- an adapted *copy* of the backbone: fresh module objects whose frozen weight tensors are the
+  backbone's own. LoRA layers therefore never appear in the shared ``backbone.model`` (the
+  evaluation harness runs ``none`` on the same object), and the copy costs no weight memory;
+- the MOSAIC data pipeline (order-sampled items, refusal templates on positives, the base model's
+  cached greedy answers on negatives), so every method learns from the same examples;
+- the training loop, emitting the MOSAIC trainer's progress events, and the artifact: LoRA tensors
+  under the names of ``get_peft_model_state_dict``, the options and LoRA config in the manifest;
+- ``AdapterMethod``: rows with the empty policy go to the untouched base model (by default: no
+  active category means no restriction, exactly like MOSAIC's empty prefix), other rows to the
+  adapted copy with the method's system prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backbone import Backbone, cache_root, load_backbone
+from ..config import ConfigError, TrainConfig
+from ..controlled import ControlledModel, Prompt
+from ..data import load_suite
+from ..policy import CategoryRegistry, Policy, PolicyError
+from ..tokens import ArtifactError
+from ..training.losses import response_cross_entropy
+from ..training.sampler import OrderSampler, TrainItem
+from ..training.teacher import BaseResponseCache
+from ..training.trainer import data_hash, training_pools
+from .artifact import WEIGHTS_FILE, load_method_artifact, save_method_artifact
+from .base import Progress
+from .controlled_method import ControlledMethod, Rewrite
+
+Reporter = Callable[[str, dict[str, Any]], None]
+
+
+# -- options ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    """One ``method_options`` key: its type, default and (optional) rule."""
+
+    kind: type  # int | float | str | bool | list (of non-empty strings)
+    default: Any
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""
+    choices: tuple[str, ...] = ()
+
+
+LORA_OPTIONS: dict[str, Option] = {
+    "lora_r": Option(int, 8, lambda v: v >= 1, "must be at least 1"),
+    "lora_alpha": Option(float, 16.0, lambda v: v > 0, "must be positive"),
+    "lora_dropout": Option(float, 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "lora_targets": Option(list, ["q_proj", "v_proj"], lambda v: len(v) > 0, "must name at least one module"),
+    "empty_policy": Option(str, "base", choices=("base", "adapter")),
+}
+"""LoRA r=8 on q/v is the common small default (the papers give no LoRA config, see mosaic.md §4)."""
+
+
+def parse_options(method: str, raw: Any, schema: dict[str, Option]) -> dict[str, Any]:
+    """Validated options with defaults filled in; unknown keys and wrong types are ``ConfigError``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"method_options for {method}: expected a mapping, got {raw!r}")
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        raise ConfigError(
+            f"method_options for {method}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(schema))}"
+        )
+    return {key: _check(method, key, raw.get(key, opt.default), opt) for key, opt in schema.items()}
+
+
+def _check(method: str, key: str, value: Any, opt: Option) -> Any:
+    where = f"method_options.{key} ({method})"
+    if opt.kind is bool:
+        ok = isinstance(value, bool)
+    elif opt.kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif opt.kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif opt.kind is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where}: expected {_kind_name(opt.kind)}, got {value!r}")
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(opt.choices)}")
+    if opt.check is not None and not opt.check(value):
+        raise ConfigError(f"{where}: {opt.rule} (got {value!r})")
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        kind, "a list of strings"
+    )
+
+
+# -- the adapted model --------------------------------------------------------------------------
+def adapted_copy(backbone: Backbone, options: dict[str, Any]) -> tuple[Any, Backbone]:
+    """A peft LoRA model over a structural copy of ``backbone.model`` that shares its weight tensors.
+
+    ``copy.deepcopy`` with every parameter and buffer pre-seeded in the memo duplicates the module
+    tree only: the base ``Linear`` layers of the copy hold the very same (frozen) tensors, and
+    peft wraps the copy's layers, so the shared backbone keeps computing the base model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    source = backbone.model
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(source.parameters(), source.buffers())}
+    clone = copy.deepcopy(source, memo)
+    config = LoraConfig(
+        r=options["lora_r"],
+        lora_alpha=options["lora_alpha"],
+        lora_dropout=options["lora_dropout"],
+        target_modules=list(options["lora_targets"]),
+        bias="none",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename
+        try:
+            peft_model = get_peft_model(clone, config)
+        except ValueError as exc:  # e.g. target modules not found in this architecture
+            raise ConfigError(f"LoRA on {backbone.name}: {exc}") from None
+    peft_model.eval()
+    adapted = Backbone(peft_model.get_base_model(), backbone.tokenizer, backbone.name, backbone.fingerprint)
+    return peft_model, adapted
+
+
+def lora_parameters(peft_model: Any) -> list[torch.nn.Parameter]:
+    return [p for n, p in peft_model.named_parameters() if "lora_" in n]
+
+
+def lora_tensors(peft_model: Any) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model)
+
+
+# -- conditioning -------------------------------------------------------------------------------
+def check_policy(registry: CategoryRegistry, policy: Policy) -> None:
+    """A policy naming a category the method was not trained for is a ``PolicyError``."""
+    for name in policy:
+        if name not in registry:
+            raise PolicyError(registry._unknown_message(name))
+
+
+def with_system(prompt: Prompt, system: str) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    return [{"role": "system", "content": system}, *[m for m in prompt if m["role"] != "system"]]
+
+
+def topics_rewrite(registry: CategoryRegistry, template: str) -> Rewrite:
+    """Name the active categories (display names, canonical order) in the system prompt."""
+
+    def rewrite(prompt: str, policy: Policy) -> tuple[Prompt, Policy]:
+        if not policy:
+            return prompt, Policy(())
+        topics = "; ".join(registry[c].display for c in policy)
+        return with_system(prompt, template.replace("{topics}", topics)), Policy(())
+
+    return rewrite
+
+
+# -- the method ---------------------------------------------------------------------------------
+class AdapterMethod(ControlledMethod):
+    """A LoRA-adapted copy of the backbone, conditioned by a system-prompt rewrite.
+
+    ``model`` is the adapted ``ControlledModel``; ``base`` the untouched one, which serves rows
+    with the empty policy when ``empty_to_base`` (the default).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: ControlledModel,
+        base: ControlledModel,
+        registry: CategoryRegistry,
+        rewrite: Rewrite,
+        identity: dict[str, Any],
+        trainable: int,
+        empty_to_base: bool = True,
+    ):
+        super().__init__(name, model, registry, rewrite, identity, trainable=trainable)
+        self.base = base
+        self.empty_to_base = empty_to_base
+
+    def _routes(self, prompts: Sequence[str], policies: Sequence[Policy]) -> tuple[list[int], list[int]]:
+        if len(prompts) != len(policies):
+            raise ValueError("prompts and policies must have the same length")
+        for policy in policies:
+            check_policy(self.registry, policy)
+        base = [i for i, p in enumerate(policies) if self.empty_to_base and not p]
+        taken = set(base)
+        return base, [i for i in range(len(prompts)) if i not in taken]
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        policies: Sequence[Policy],
+        *,
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
+        progress: Progress = None,
+    ) -> list[str]:
+        base, adapted = self._routes(prompts, policies)
+        out = [""] * len(prompts)
+        kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "progress": progress}
+        if base:
+            got = self.base.generate([prompts[i] for i in base], [Policy(())] * len(base), **kw)
+            for i, text in zip(base, got):
+                out[i] = text
+        if adapted:
+            inputs, ctrl = self._inputs([prompts[i] for i in adapted], [policies[i] for i in adapted])
+            for i, text in zip(adapted, self.model.generate(inputs, ctrl, **kw)):
+                out[i] = text
+        return out
+
+    @torch.no_grad()
+    def target_logits(
+        self, prompts: Sequence[str], policies: Sequence[Policy], targets: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        base, adapted = self._routes(prompts, policies)
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        for rows, model, rewrite in ((base, self.base, False), (adapted, self.model, True)):
+            if not rows:
+                continue
+            if rewrite:
+                inputs, ctrl = self._inputs([prompts[i] for i in rows], [policies[i] for i in rows])
+            else:
+                inputs, ctrl = [prompts[i] for i in rows], [Policy(())] * len(rows)
+            batch = model.encode(inputs, ctrl, [targets[i] for i in rows])
+            logits = model.logits(batch).float()
+            w = batch.window
+            for j, i in enumerate(rows):
+                out[i] = logits[j, w - 1 - len(targets[i]) : w]
+        return [t for t in out if t is not None]
+
+    def prompt_overhead(self, policy: Policy) -> int:
+        """Tokens of the conditioning text this method puts in the system turn under ``policy``.
+
+        The system turn replaces the chat template's default one, so this counts the method's own
+        text rather than a difference of whole prompts (which can be negative).
+        """
+        check_policy(self.registry, policy)
+        if not policy and self.empty_to_base:
+            return 0
+        (used,), _ = self._inputs(["Hello"], [policy])
+        if isinstance(used, str) or used[0]["role"] != "system":
+            return 0
+        return len(self.tokenizer(used[0]["content"], add_special_tokens=False)["input_ids"])
+
+
+# -- training -----------------------------------------------------------------------------------
+@dataclass
+class Example:
+    """One training row: what the adapted model sees, the wanted answer, and (ORPO) the unwanted one."""
+
+    prompt: Prompt
+    target: list[int]
+    positive: bool
+    order: int
+    rejected: list[int] | None = None
+
+
+class AdapterTrainer:
+    """Trains a LoRA adapter on the MOSAIC data; subclasses set the conditioning and the loss."""
+
+    name = "adapter"
+    schema: dict[str, Option] = LORA_OPTIONS
+
+    def __init__(
+        self, config: TrainConfig, backbone: Backbone | None = None, reporter: Reporter | None = None
+    ):
+        self.config = config
+        self.report = reporter or (lambda kind, data: None)
+        self.options = parse_options(self.name, config.method_options, self.schema)
+        if config.init_artifact:
+            raise ConfigError(
+                f"init_artifact (incremental training) is only supported by mosaic, not {self.name}"
+            )
+        torch.manual_seed(config.optim.seed)
+        self.report("stage", {"name": "loading model", "model": config.model.name})
+        self.backbone = backbone or load_backbone(config.model.name, config.model.device, config.model.dtype)
+        self.suite = load_suite(config.data.suite)
+        full = self.suite.registry
+        self.categories = list(full.policy(config.data.categories or list(full.names)))
+        self.registry = CategoryRegistry(full.name, tuple(full[c] for c in self.categories), full.description)
+        self.pools = training_pools(
+            self.suite, self.categories, config.data.limit_per_category, config.optim.seed
+        )
+        s = config.sampling
+        self.sampler = OrderSampler(
+            self.categories,
+            self.pools["prompts"],
+            self.pools["neutral"],
+            self.pools["boundary"],
+            max_order=s.max_order,
+            per_subset=s.per_subset,
+            cap=s.cap,
+            neg_ratio=s.neg_ratio,
+            inactive_share=s.inactive_share,
+            boundary_share=s.boundary_share,
+            seed=config.optim.seed,
+        )
+        self.base = ControlledModel(self.backbone)
+        self.teacher = BaseResponseCache(
+            self.base, cache_root() / "responses", config.teacher.max_new_tokens, config.teacher.batch_size
+        )
+        self.refusals = {c: self.encode_text(full[c].refusal_text) for c in self.categories}
+        self.report(
+            "stage",
+            {
+                "name": f"{self.name}: LoRA r={self.options['lora_r']} on "
+                f"{', '.join(self.options['lora_targets'])}"
+            },
+        )
+        self.peft_model, adapted = adapted_copy(self.backbone, self.options)
+        self.model = ControlledModel(adapted)
+        self.params = lora_parameters(self.peft_model)
+        self.optimizer = torch.optim.Adam(self.params, lr=config.optim.lr)
+
+    def encode_text(self, text: str) -> list[int]:
+        """A fixed response (refusal template) as target ids, ending with EOS like the trainer's."""
+        tok = self.backbone.tokenizer
+        return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    # -- hooks for the methods ----------------------------------------------------------------
+    def rewrite(self, prompt: str, policy: Policy) -> Prompt:
+        raise NotImplementedError
+
+    def secrets(self) -> dict[str, Any] | None:
+        return None
+
+    def teacher_prompts(self) -> list[str]:
+        """Prompts whose base answer is a target somewhere (negatives; ORPO also rejects them)."""
+        return self.sampler.negative_prompts()
+
+    def examples(self, items: list[TrainItem]) -> list[Example]:
+        rows = []
+        for item in items:
+            target = self.refusals[item.category] if item.positive else self.teacher.get(item.prompt)
+            rows.append(
+                Example(self.rewrite(item.prompt, item.policy), target, item.positive, item.policy.order)
+            )
+        return rows
+
+    def epoch_batches(self, epoch: int) -> list[list[Example]]:
+        return [self.examples(b) for b in self.sampler.epoch_batches(epoch, self.config.optim.batch_size)]
+
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch(self.config.optim.batch_size)
+
+    def loss(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean over rows of the response-token cross-entropy (plain SFT)."""
+        enc = self.model.encode(
+            [e.prompt for e in batch], [Policy(())] * len(batch), [e.target for e in batch]
+        )
+        ce = response_cross_entropy(self.model.logits(enc), enc.labels, self.config.optim.first_token_weight)
+        pos = [j for j, e in enumerate(batch) if e.positive]
+        neg = [j for j, e in enumerate(batch) if not e.positive]
+        stats = {
+            "loss": float(ce.detach().mean()),
+            "ce_pos": float(ce[pos].detach().mean()) if pos else 0.0,
+            "ce_neg": float(ce[neg].detach().mean()) if neg else 0.0,
+            "kl": 0.0,
+        }
+        return ce.mean(), stats
+
+    # -- the run ------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        prompts = self.teacher_prompts()
+        todo = self.teacher.missing(prompts)
+        self.report("teacher", {"total": len(prompts), "missing": len(todo)})
+        self.teacher.fill(todo, progress=lambda n: self.report("teacher_progress", {"n": n}))
+
+    def budgets(self) -> list[dict[str, int]]:
+        return [
+            {
+                "order": b.order,
+                "subsets": b.subsets,
+                "positives_per_subset": b.positives_per_subset,
+                "negatives_per_subset": b.negatives_per_subset,
+                "positives": b.positives,
+                "negatives": b.negatives,
+            }
+            for b in self.sampler.budgets
+        ]
+
+    def train(self, output: str | Path) -> dict[str, Any]:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        budgets = self.budgets()
+        self.report("budgets", {"budgets": budgets})
+        self.prepare()
+        per_epoch = self.steps_per_epoch()
+        total = per_epoch * cfg.optim.epochs
+        self.report("start", {"total_steps": total, "done_steps": 0, "steps_per_epoch": per_epoch})
+        step, first, last = 0, float("nan"), float("nan")
+        t0 = time.time()
+        self.peft_model.train()  # LoRA dropout, if any; the shared backbone's modules are untouched
+        try:
+            with (out / "train_log.jsonl").open("w", encoding="utf-8") as log:
+                for epoch in range(cfg.optim.epochs):
+                    window: list[dict[str, float]] = []
+                    for batch in self.epoch_batches(epoch):
+                        loss, stats = self.loss(batch)
+                        loss.backward()
+                        if cfg.optim.grad_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        step += 1
+                        last = stats["loss"]
+                        first = last if step == 1 else first
+                        window.append(stats)
+                        self.report(
+                            "step", {"step": step, "epoch": epoch + 1, "order": batch[0].order, **stats}
+                        )
+                        if step % cfg.log.every == 0 or step == total:
+                            avg = {k: sum(w[k] for w in window) / len(window) for k in stats}
+                            elapsed = round(time.time() - t0, 1)
+                            log.write(
+                                json.dumps({"step": step, "epoch": epoch + 1, **avg, "elapsed_s": elapsed})
+                            )
+                            log.write("\n")
+                            log.flush()
+                            window = []
+                    self.save(out, {"epoch": epoch + 1, "steps": step})  # the artifact doubles as checkpoint
+                    self.report("epoch", {"epoch": epoch + 1, "step": step})
+        finally:
+            self.peft_model.eval()
+        seconds = time.time() - t0
+        summary = {
+            "steps": step,
+            "seconds": round(seconds, 1),
+            "first_loss": first,
+            "final_loss": last,
+            "trainable_parameters": self.trainable,
+            "budgets": budgets,
+        }
+        self.save(out, summary)
+        return summary
+
+    def save(self, out: Path, training: dict[str, Any]) -> Path:
+        extra = {
+            "training": {
+                "config": self.config.to_dict(),
+                "data_hash": data_hash(self.pools),
+                "suite": self.suite.name,
+                **training,
+            }
+        }
+        return save_method_artifact(
+            out,
+            self.name,
+            self.backbone.describe(),
+            self.registry,
+            lora_tensors(self.peft_model),
+            options=self.options,
+            extra=extra,
+            secrets=self.secrets(),
+        )
+
+
+# -- loading ------------------------------------------------------------------------------------
+@dataclass
+class LoadedAdapter:
+    options: dict[str, Any]
+    registry: CategoryRegistry
+    model: ControlledModel  # adapted
+    base: ControlledModel
+    trainable: int
+    identity: dict[str, Any]
+
+
+def load_adapter(artifact: Path, backbone: Backbone, method: str, schema: dict[str, Option]) -> LoadedAdapter:
+    """Validate an adapter artifact against ``backbone`` and rebuild the adapted copy."""
+    from peft import set_peft_model_state_dict
+
+    manifest, tensors, registry = load_method_artifact(artifact, method, backbone.describe())
+    try:
+        options = parse_options(method, manifest["options"], schema)
+    except ConfigError as exc:
+        raise ArtifactError(f"{artifact}: manifest options are not valid: {exc}") from None
+    try:
+        peft_model, adapted = adapted_copy(backbone, options)
+    except ConfigError as exc:
+        raise ArtifactError(f"{artifact}: {exc}") from None
+    expected = {k: tuple(v.shape) for k, v in lora_tensors(peft_model).items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))[:3]
+        odd = sorted(k for k in found if expected.get(k) != found[k])[:3]
+        raise ArtifactError(
+            f"{artifact}: LoRA tensors do not fit this model and LoRA config (missing {missing}, "
+            f"unexpected or misshapen {odd})"
+        )
+    result = set_peft_model_state_dict(peft_model, tensors)
+    if result.unexpected_keys:
+        raise ArtifactError(f"{artifact}: LoRA tensors not used by the model: {result.unexpected_keys[:3]}")
+    peft_model.eval()
+    weights = hashlib.sha256((Path(artifact) / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+    identity = {"method": method, "weights": weights, "options": options}
+    return LoadedAdapter(
+        options,
+        registry,
+        ControlledModel(adapted),
+        ControlledModel(backbone),
+        sum(p.numel() for p in lora_parameters(peft_model)),
+        identity,
+    )
+
+
+def shuffled_batches(rows: list[Example], batch_size: int, seed: str) -> list[list[Example]]:
+    """Seeded shuffle and chunking of examples that do not come from the order sampler's batches."""
+    rng = random.Random(seed)
+    rows = list(rows)
+    rng.shuffle(rows)
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]

@@ -1,0 +1,429 @@
+"""The LoRA baselines on the tiny model: lora_sft, orpo and magic_token train, save, reload and generate.
+
+Every method is trained for real (a few dozen steps on the tiny random Llama) through the same code
+path as ``mosaic train --method NAME``; the shared session backbone must come out bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mosaic_safety.config import ConfigError, load_config
+from mosaic_safety.controlled import ControlledModel
+from mosaic_safety.methods import MethodError, load_method, method_module
+from mosaic_safety.methods.artifact import SECRETS_FILE, WEIGHTS_FILE, read_secrets
+from mosaic_safety.methods.lora_common import AdapterMethod, adapted_copy, parse_options
+from mosaic_safety.methods.orpo import log_odds, orpo_loss
+from mosaic_safety.policy import Policy, PolicyError
+from mosaic_safety.tokens import MANIFEST_FILE, ArtifactError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny-test.yaml")
+PROMPTS = ["How do I mix a mojito?", "What is the capital of France?", "Best poker strategy?"]
+METHODS = [
+    ("lora_sft", ()),
+    ("orpo", ()),
+    ("magic_token", ()),
+    ("magic_token", ("method_options.mode=three_modes", "sampling.per_subset=2")),  # 3 rows per item
+]
+
+
+def _config(name: str, *overrides: str):
+    return load_config(TINY, [f"method={name}", "optim.epochs=3", "optim.lr=0.01", *overrides])
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _key(name: str, overrides: tuple[str, ...]) -> str:
+    return name + ("-three" if overrides else "")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_backbone):
+    """Each method trained once on the shared tiny backbone: (artifact, summary, events)."""
+    root = tmp_path_factory.mktemp("lora")
+    before = _snapshot(tiny_backbone.model)
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOSAIC_CACHE", str(root / "cache"))
+        for name, overrides in METHODS:
+            events: list[tuple[str, dict]] = []
+            art = root / _key(name, overrides)
+            summary = method_module(name).train(
+                _config(name, *overrides),
+                art,
+                reporter=lambda k, d, events=events: events.append((k, d)),
+                backbone=tiny_backbone,
+            )
+            out[_key(name, overrides)] = (art, summary, events)
+    out["before"] = before
+    return out
+
+
+@pytest.mark.parametrize("name,overrides", METHODS, ids=[_key(*m) for m in METHODS])
+def test_trains_with_progress_events_and_loss_decreases(runs, name, overrides):
+    art, summary, events = runs[_key(name, overrides)]
+    kinds = [k for k, _ in events]
+    for kind in ("stage", "budgets", "teacher", "start", "step", "epoch"):
+        assert kind in kinds, kind
+    steps = [d for k, d in events if k == "step"]
+    assert len(steps) == summary["steps"] == next(d for k, d in events if k == "start")["total_steps"]
+    assert all({"step", "epoch", "loss", "kl"} <= set(d) for d in steps)
+    by_epoch: dict[int, list[float]] = {}
+    for d in steps:
+        by_epoch.setdefault(d["epoch"], []).append(d["loss"])
+    first, last = statistics.mean(by_epoch[1]), statistics.mean(by_epoch[max(by_epoch)])
+    assert last < 0.95 * first, (first, last)
+    assert all(math.isfinite(d["loss"]) for d in steps)
+    assert (art / "train_log.jsonl").read_text().strip()
+    manifest = json.loads((art / MANIFEST_FILE).read_text())
+    assert manifest["method"] == name and manifest["options"]["lora_r"] == 8
+    assert manifest["training"]["steps"] == summary["steps"]
+    assert all(".lora_A." in k or ".lora_B." in k for k in manifest["tensors"])
+
+
+def test_shared_backbone_is_untouched(runs, tiny_backbone):
+    after = _snapshot(tiny_backbone.model)
+    assert after.keys() == runs["before"].keys()  # no LoRA modules injected into the shared model
+    assert all(torch.equal(after[k], runs["before"][k]) for k in after)
+    assert not any("lora" in n for n, _ in tiny_backbone.model.named_modules())
+    assert not any(p.requires_grad for p in tiny_backbone.model.parameters())
+
+
+@pytest.mark.parametrize("name,overrides", METHODS, ids=[_key(*m) for m in METHODS])
+def test_reload_is_deterministic_and_base_logits_unchanged(runs, tiny_backbone, name, overrides):
+    art = runs[_key(name, overrides)][0]
+    base = ControlledModel(tiny_backbone)
+    ref = base.next_token_logits(PROMPTS, [None] * 3)
+    a = load_method(artifact=art, backbone=tiny_backbone)
+    b = load_method(name, artifact=art, backbone=tiny_backbone)
+    assert torch.equal(base.next_token_logits(PROMPTS, [None] * 3), ref)  # loading did not alter the base
+    policies = [Policy(("alcohol",)), Policy(("alcohol", "betting")), Policy(("horror",))]
+    assert torch.equal(a.first_token_logits(PROMPTS, policies), b.first_token_logits(PROMPTS, policies))
+    assert a.generate(PROMPTS, policies, max_new_tokens=6) == b.generate(PROMPTS, policies, max_new_tokens=6)
+    assert a.fingerprint() == b.fingerprint()
+    # the adapter changes the adapted rows' logits (it learnt something), not the base model's
+    adapted = a.first_token_logits(PROMPTS, policies)
+    assert not torch.allclose(adapted, ref, atol=1e-4)
+
+
+def test_reloaded_logits_match_the_trained_model(tmp_path, tiny_backbone, monkeypatch):
+    from mosaic_safety.methods.lora_sft import SFTTrainer
+
+    monkeypatch.setenv("MOSAIC_CACHE", str(tmp_path / "cache"))
+    trainer = SFTTrainer(_config("lora_sft", "optim.epochs=1"), backbone=tiny_backbone)
+    trainer.train(tmp_path / "art")
+    method = load_method(artifact=tmp_path / "art", backbone=tiny_backbone)
+    policy = Policy(("alcohol", "horror"))
+    prompt = trainer.rewrite(PROMPTS[0], policy)
+    want = trainer.model.next_token_logits([prompt], [None])
+    assert torch.allclose(method.first_token_logits(PROMPTS[:1], [policy]), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,overrides", METHODS, ids=[_key(*m) for m in METHODS])
+def test_policy_interface(runs, tiny_backbone, minors, name, overrides):
+    method = load_method(artifact=runs[_key(name, overrides)][0], backbone=tiny_backbone)
+    assert isinstance(method, AdapterMethod) and method.policy_dependent and method.has_logits
+    # trainable parameters = LoRA r=8 on q and v of the 2 tiny layers (d=32, kv width 16)
+    assert method.trainable_parameters() == 2 * (8 * (32 + 32) + 8 * (32 + 16))
+    # empty policy: served by the untouched base model
+    base = ControlledModel(tiny_backbone).generate(PROMPTS, [None] * 3, max_new_tokens=6)
+    assert method.generate(PROMPTS, [Policy(())] * 3, max_new_tokens=6) == base
+    assert method.prompt_overhead(Policy(())) == 0
+    one, two = (
+        method.prompt_overhead(Policy(("alcohol",))),
+        method.prompt_overhead(Policy(("alcohol", "horror"))),
+    )
+    assert one > 0 and (two == one if overrides else two > one)  # three modes: one token for any policy
+    # mixed batch: rows do not depend on their neighbours
+    mixed = [Policy(()), Policy(("betting",)), Policy(("alcohol", "horror"))]
+    together = method.generate(PROMPTS, mixed, max_new_tokens=6)
+    alone = [method.generate([p], [q], max_new_tokens=6)[0] for p, q in zip(PROMPTS, mixed)]
+    assert together == alone
+    target = method.tokenizer("Sure thing", add_special_tokens=False)["input_ids"]
+    rows = method.target_logits(PROMPTS[:2], mixed[1:], [target, []])
+    assert rows[0].shape == (len(target) + 1, tiny_backbone.vocab_size) and rows[1].shape[0] == 1
+    first = method.first_token_logits(PROMPTS[:2], mixed[1:])
+    assert torch.allclose(rows[0][0], first[0], atol=1e-4) and torch.allclose(
+        rows[1][-1], first[1], atol=1e-4
+    )
+    with pytest.raises(PolicyError, match="unknown category 'sex'"):  # trained on alcohol, betting, horror
+        method.generate(PROMPTS[:1], [minors.policy("sex")])
+    with pytest.raises(ValueError):
+        method.generate(PROMPTS, [Policy(())])
+
+
+def test_lora_sft_names_active_categories_in_system_prompt(runs, tiny_backbone, minors):
+    method = load_method(artifact=runs["lora_sft"][0], backbone=tiny_backbone)
+    (messages,), _ = method._inputs(["hi"], [Policy(("alcohol", "horror"))])
+    assert messages[0] == {
+        "role": "system",
+        "content": f"Restricted topics: {minors['alcohol'].display}; {minors['horror'].display}.",
+    }
+    assert method._inputs(["hi"], [Policy(())])[0] == ["hi"]
+
+
+def test_adapter_routing_option_keeps_empty_policy_on_the_adapter(tmp_path, tiny_backbone, monkeypatch):
+    monkeypatch.setenv("MOSAIC_CACHE", str(tmp_path / "cache"))
+    cfg = _config("lora_sft", "optim.epochs=1", "method_options.empty_policy=adapter")
+    method_module("lora_sft").train(cfg, tmp_path / "art", backbone=tiny_backbone)
+    method = load_method(artifact=tmp_path / "art", backbone=tiny_backbone)
+    base = ControlledModel(tiny_backbone).next_token_logits(PROMPTS, [None] * 3)
+    assert not torch.allclose(method.first_token_logits(PROMPTS, [Policy(())] * 3), base, atol=1e-4)
+
+
+# -- artifacts ----------------------------------------------------------------------------------
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_corrupt_artifacts_and_wrong_backbone(runs, tiny_backbone, tmp_path):
+    from mosaic_safety.tiny import build_backbone
+
+    src = runs["lora_sft"][0]
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        load_method(artifact=src, backbone=build_backbone(seed=1))
+    with pytest.raises(ArtifactError, match="hidden size"):
+        load_method(artifact=src, backbone=build_backbone(hidden=64))
+
+    bad = _copy(src, tmp_path / "truncated")
+    (bad / WEIGHTS_FILE).write_bytes((bad / WEIGHTS_FILE).read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="safetensors"):
+        load_method(artifact=bad, backbone=tiny_backbone)
+
+    for i, edit in enumerate(
+        [
+            lambda m: m["options"].update(lora_r=4),  # tensors no longer fit the config
+            lambda m: m["options"].update(lora_targets=["k_proj", "v_proj"]),
+            lambda m: m["options"].update(secret_sauce=1),  # unknown option
+            lambda m: m.update(format_version=99),
+        ]
+    ):
+        bad = _copy(src, tmp_path / f"edit{i}")
+        manifest = json.loads((bad / MANIFEST_FILE).read_text())
+        edit(manifest)
+        (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
+        with pytest.raises(ArtifactError):
+            load_method(artifact=bad, backbone=tiny_backbone)
+
+    with pytest.raises(MethodError, match="not 'orpo'"):
+        load_method("orpo", artifact=src, backbone=tiny_backbone)
+
+
+def test_bad_method_options_are_config_errors(tiny_backbone):
+    from mosaic_safety.methods.lora_sft import OPTIONS as SFT
+    from mosaic_safety.methods.magic_token import OPTIONS as MAGIC
+    from mosaic_safety.methods.orpo import OPTIONS as ORPO
+
+    for schema, raw, match in [
+        (SFT, {"lora_rank": 8}, "unknown key"),
+        (SFT, {"lora_r": "8"}, "integer"),
+        (SFT, {"lora_r": True}, "integer"),
+        (SFT, {"lora_r": 0}, "at least 1"),
+        (SFT, {"lora_dropout": 1.5}, r"\[0, 1\)"),
+        (SFT, {"lora_targets": "q_proj"}, "list"),
+        (SFT, {"lora_targets": []}, "at least one"),
+        (SFT, {"empty_policy": "none"}, "base, adapter"),
+        (SFT, {"system_template": "Restricted."}, "topics"),
+        (ORPO, {"orpo_lambda": "a lot"}, "number"),
+        (ORPO, {"orpo_lambda": -1}, ">= 0"),
+        (MAGIC, {"mode": "two_modes"}, "per_category, three_modes"),
+        (MAGIC, {"token_length": 2}, "between"),
+        (MAGIC, {"tokens": {"alcohol": "abc"}}, "unknown key"),  # tokens are never configured
+        (SFT, ["lora_r"], "mapping"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            parse_options("x", raw, schema)
+    assert parse_options("x", {"lora_alpha": 8}, SFT)["lora_alpha"] == 8.0
+    opts = parse_options("x", {"lora_targets": ["no_such_proj"]}, SFT)
+    with pytest.raises(ConfigError, match="no_such_proj"):
+        adapted_copy(tiny_backbone, opts)
+    # through the real entry point, before any training starts
+    with pytest.raises(ConfigError, match="unknown key"):
+        method_module("orpo").train(_config("orpo", "method_options.beta=0.1"), Path("/nonexistent"))
+
+
+# -- ORPO ---------------------------------------------------------------------------------------
+def test_orpo_loss_matches_the_paper_formula():
+    chosen, rejected = torch.tensor([-0.5, -2.0]), torch.tensor([-1.5, -0.3])
+    nll = -chosen
+    loss, ratio = orpo_loss(chosen, rejected, nll, 0.1)
+    for i in range(2):
+        pc, pr = math.exp(chosen[i]), math.exp(rejected[i])
+        want_ratio = -math.log(1 / (1 + math.exp(-(math.log(pc / (1 - pc)) - math.log(pr / (1 - pr))))))
+        assert ratio[i].item() == pytest.approx(want_ratio, rel=1e-5)
+        assert loss[i].item() == pytest.approx(-chosen[i].item() + 0.1 * want_ratio, rel=1e-5)
+    assert ratio[0] < math.log(2) < ratio[1]  # preferring the chosen answer lowers the term
+    assert torch.isfinite(log_odds(torch.tensor([0.0, -1e-9]))).all()  # saturated rows stay finite
+    assert F.logsigmoid(torch.tensor(0.0)).item() == pytest.approx(-math.log(2))
+
+
+def test_orpo_pairs_swap_chosen_and_rejected(tmp_path, tiny_backbone, monkeypatch):
+    from mosaic_safety.methods.orpo import ORPOTrainer
+
+    monkeypatch.setenv("MOSAIC_CACHE", str(tmp_path / "cache"))
+    trainer = ORPOTrainer(_config("orpo"), backbone=tiny_backbone)
+    trainer.prepare()
+    items = trainer.sampler.epoch_items(0)
+    for item, ex in zip(items, trainer.examples(items)):
+        answer = trainer.teacher.get(item.prompt)
+        if item.positive:
+            assert ex.target == trainer.refusals[item.category] and ex.rejected == answer
+        else:
+            assert ex.target == answer and ex.rejected in trainer.refusals.values()
+            if item.category != "neutral":
+                assert ex.rejected == trainer.refusals[item.category]
+    steps = [d for k, d in runs_events(trainer, tmp_path) if k == "step"]
+    assert {"nll", "odds_ratio", "pair_accuracy"} <= set(steps[-1])
+
+
+def runs_events(trainer, tmp_path: Path) -> list[tuple[str, dict]]:
+    events: list[tuple[str, dict]] = []
+    trainer.report = lambda k, d: events.append((k, d))
+    trainer.config.optim.epochs = 1
+    trainer.train(tmp_path / "orpo-art")
+    return events
+
+
+# -- magic tokens -------------------------------------------------------------------------------
+def test_magic_token_secrets_stay_in_secrets_json(runs, tiny_backbone):
+    art, summary, events = runs["magic_token"]
+    data = read_secrets(art)
+    tokens = data["tokens"]
+    assert data["mode"] == "per_category" and set(tokens) == {"alcohol", "betting", "horror"}
+    assert all(len(t) == 8 and t.isalnum() and t == t.lower() for t in tokens.values())
+    assert len(set(tokens.values())) == 3
+    assert stat.S_IMODE(os.stat(art / SECRETS_FILE).st_mode) == 0o600
+    other = read_secrets(runs["magic_token-three"][0])["tokens"]
+    assert set(other) == {"positive", "rejective", "negative"} and not set(other.values()) & set(
+        tokens.values()
+    )
+    exposed = [
+        (art / MANIFEST_FILE).read_text(),
+        (art / "train_log.jsonl").read_text(),
+        json.dumps(summary, default=str),
+        repr(events),
+    ]
+    method = load_method(artifact=art, backbone=tiny_backbone)
+    exposed += [repr(method), json.dumps(method.describe()), method.fingerprint()]
+    for secret in tokens.values():
+        assert not any(secret in text for text in exposed)
+    # composition: the policy's tokens in canonical order, whatever order they were named in
+    (messages,), _ = method._inputs(["hi"], [Policy.parse("horror,alcohol", method.registry)])
+    assert messages[0]["content"] == f"{tokens['alcohol']} {tokens['horror']}"
+
+
+def test_magic_token_negative_mode_unreachable_by_default(runs, tiny_backbone):
+    from mosaic_safety.methods import magic_token
+
+    art = runs["magic_token-three"][0]
+    tokens = read_secrets(art)["tokens"]
+    method = load_method(artifact=art, backbone=tiny_backbone)
+    assert method.modes == ("positive", "rejective")
+    assert tokens["negative"] not in repr(vars(method))  # not even held in memory
+    for policy in [Policy(("alcohol",)), Policy(("alcohol", "betting", "horror"))]:
+        (messages,), _ = method._inputs(["hi"], [policy])
+        assert messages[0]["content"] == tokens["positive"]  # policies only ever select positive
+    with pytest.raises(MethodError, match="red-teaming"):
+        method.generate_mode(PROMPTS[:1], ["negative"])
+    with pytest.raises(MethodError, match="not available"):
+        method.generate_mode(PROMPTS[:1], ["sideways"])
+    assert len(method.generate_mode(PROMPTS[:2], ["positive", "rejective"], max_new_tokens=4)) == 2
+    red = magic_token.load(art, tiny_backbone, allow_negative=True)
+    assert red.modes == ("positive", "rejective", "negative")
+    logits = red.mode_first_token_logits(PROMPTS * 3, ["positive"] * 3 + ["rejective"] * 3 + ["negative"] * 3)
+    assert logits.shape == (9, tiny_backbone.vocab_size) and torch.isfinite(logits).all()
+    # per-category artifacts have no modes at all
+    per_cat = load_method(artifact=runs["magic_token"][0], backbone=tiny_backbone)
+    with pytest.raises(MethodError):
+        per_cat.generate_mode(PROMPTS[:1], ["positive"])
+
+
+def test_magic_token_secrets_validated(runs, tiny_backbone, tmp_path):
+    src = runs["magic_token"][0]
+    missing = _copy(src, tmp_path / "missing")
+    (missing / SECRETS_FILE).unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load_method(artifact=missing, backbone=tiny_backbone)
+    for i, secrets in enumerate(
+        [{"mode": "three_modes", "tokens": {}}, {"mode": "per_category", "tokens": {"a": 1}}]
+    ):
+        bad = _copy(src, tmp_path / f"bad{i}")
+        (bad / SECRETS_FILE).write_text(json.dumps(secrets))
+        with pytest.raises(ArtifactError):
+            load_method(artifact=bad, backbone=tiny_backbone)
+    real = read_secrets(src)["tokens"]
+    wrong = _copy(src, tmp_path / "wrong")
+    (wrong / SECRETS_FILE).write_text(
+        json.dumps({"mode": "per_category", "tokens": {**real, "alcohol": "Bad Token!"}})
+    )
+    with pytest.raises(ArtifactError) as info:
+        load_method(artifact=wrong, backbone=tiny_backbone)
+    assert not any(t in str(info.value) for t in real.values())
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+def _mosaic(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MOSAIC_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "mosaic_safety.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow  # two subprocesses that import torch: ~20 s on the shared 2 cores
+@pytest.mark.parametrize("name", ["lora_sft", "magic_token"])
+def test_cli_train_then_load(tmp_path, tiny_backbone, name):
+    art = tmp_path / "art"
+    proc = _mosaic(
+        "train",
+        "--config",
+        "configs/tiny-test.yaml",
+        "--method",
+        name,
+        "--output",
+        str(art),
+        "optim.epochs=1",
+        cache=tmp_path / "cache",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{name}: trained" in proc.stderr and "order 2: 3 subsets" in proc.stderr
+    method = load_method(artifact=art, backbone=tiny_backbone)
+    assert method.name == name
+    assert len(method.generate(PROMPTS[:1], [Policy(("alcohol",))], max_new_tokens=4)) == 1
+    if name == "magic_token":
+        for secret in read_secrets(art)["tokens"].values():
+            assert secret not in proc.stdout + proc.stderr
+    bad = _mosaic(
+        "train",
+        "--config",
+        "configs/tiny-test.yaml",
+        "--method",
+        name,
+        "--output",
+        str(tmp_path / "x"),
+        "method_options.lora_r=big",
+        cache=tmp_path / "cache",
+    )
+    assert bad.returncode == 2 and "lora_r" in bad.stderr and "Traceback" not in bad.stderr
