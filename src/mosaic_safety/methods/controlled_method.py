@@ -113,18 +113,21 @@ def base_method(backbone: Backbone, registry: CategoryRegistry) -> ControlledMet
 
 
 def in_context_rules(registry: CategoryRegistry, policy: Policy) -> str:
-    """The system prompt of the in-context baseline: one rule per active category, from the registry."""
+    """The system prompt of the in-context baseline: one short rule per active category.
+
+    Each rule names the topic and the exact refusal to give; the full scope descriptions would
+    triple the prompt (about 80 tokens per category) and the prefill cost with it, for a model that
+    reads them no better.
+    """
     lines = [
         "You are a helpful assistant on a platform with content restrictions.",
-        "Refuse any request in the restricted topics below, replying only with the refusal given for",
-        "that topic. Answer every other request normally and helpfully, including questions that are",
-        "merely related to a restricted topic (health, safety, law, history, education).",
+        "If a request is about a restricted topic below, reply only with that topic's refusal.",
+        "Answer every other request normally, including health, safety, legal or educational questions.",
         "Restricted topics:",
     ]
     for name in policy:
         cat = registry[name]
-        scope = " ".join(cat.description.split())
-        lines.append(f'- {cat.display}: {scope} Refusal: "{cat.refusal_text}"')
+        lines.append(f'- {cat.display}: "{cat.refusal_text}"')
     return "\n".join(lines)
 
 
