@@ -151,3 +151,14 @@ def test_refusal_attribution(minors):
     assert att.attribute("I'm sorry, I can't do that.", ["horror"]) == UNKNOWN
     assert att.attribute("Sure! Lisbon is lovely in May.", ALL) is None
     assert att.attribute("", ALL) is None
+
+
+def test_shipped_example_profiles_load(minors):
+    """The example in configs/ is what users copy: it must parse and name only real categories."""
+    from pathlib import Path
+
+    from mosaic_safety.serving.profiles import ProfileBook
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "profiles.example.yaml"
+    book = ProfileBook.load(path, minors)
+    assert {"kids", "teen-eu", "adult"} <= set(book.profiles)
