@@ -125,6 +125,7 @@ def judged_generate(
     plan: EvalPlan,
     cache: GenerationCache,
     progress: Progress = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> tuple[list[str], list[bool], dict[str, Any]]:
     """Generate and judge; with ``plan.fast`` first decode ``fast_tokens`` and finish only the unsettled rows.
 
@@ -148,6 +149,8 @@ def judged_generate(
     )
     votes = judge(prompts, short)
     unsettled = [i for i, (r, v) in enumerate(zip(short, votes)) if not v and len(r.strip()) < window]
+    if on_total is not None:  # the bar grows by the rows that need full decoding
+        on_total(len(prompts) + len(unsettled))
     full, new_full = cached_generate(
         method,
         [prompts[i] for i in unsettled],
@@ -155,6 +158,7 @@ def judged_generate(
         plan.max_new_tokens,
         plan.batch_size,
         cache,
+        progress,
     )
     responses = list(short)
     for i, r in zip(unsettled, full):
@@ -238,7 +242,7 @@ def evaluate(
     if on_total is not None:
         on_total(len(prompts))
     start = time.perf_counter()
-    responses, refused, stats = judged_generate(method, prompts, rows, judge, plan, cache, progress)
+    responses, refused, stats = judged_generate(method, prompts, rows, judge, plan, cache, progress, on_total)
     seconds = time.perf_counter() - start
     votes: dict[tuple[str, str], list[bool]] = {}
     for key, v in zip(keys, refused):
