@@ -206,7 +206,7 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
     art = tmp_path / "art"
     tiny_tokens.save(art, tiny_backbone.describe())
     common = ["--limit", "2", "--max-order", "2", "--subsets-per-order", "2", "--max-new-tokens", "4"]
-    r = _mosaic(
+    eval_mosaic = [
         "eval",
         "--artifact",
         str(art),
@@ -214,19 +214,12 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
         "tiny-random-llama",
         "--out",
         str(tmp_path / "m"),
-        *common,
-        env=env,
-    )
+    ]
+    r = _mosaic(*eval_mosaic, *common, env=env)
     assert r.returncode == 0, r.stderr
     assert "refusal by order" in r.stdout and (tmp_path / "m" / "report.md").exists()
     r = _mosaic(
-        "eval",
-        "--artifact",
-        str(art),
-        "--model",
-        "tiny-random-llama",
-        "--out",
-        str(tmp_path / "m"),
+        *eval_mosaic,
         *common,
         "--utility-pairs",
         "2",

@@ -396,17 +396,21 @@ def _mosaic(*args: str, cache: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name", ["lora_sft", "magic_token"])
 def test_cli_train_then_load(tmp_path, tiny_backbone, name):
     art = tmp_path / "art"
-    proc = _mosaic(
-        "train",
-        "--config",
-        "configs/tiny-test.yaml",
-        "--method",
-        name,
-        "--output",
-        str(art),
-        "optim.epochs=1",
-        cache=tmp_path / "cache",
-    )
+
+    def train(output: Path, override: str) -> subprocess.CompletedProcess:
+        return _mosaic(
+            "train",
+            "--config",
+            "configs/tiny-test.yaml",
+            "--method",
+            name,
+            "--output",
+            str(output),
+            override,
+            cache=tmp_path / "cache",
+        )
+
+    proc = train(art, "optim.epochs=1")
     assert proc.returncode == 0, proc.stderr
     assert f"{name}: trained" in proc.stderr and "order 2: 3 subsets" in proc.stderr
     method = load_method(artifact=art, backbone=tiny_backbone)
@@ -415,15 +419,5 @@ def test_cli_train_then_load(tmp_path, tiny_backbone, name):
     if name == "magic_token":
         for secret in read_secrets(art)["tokens"].values():
             assert secret not in proc.stdout + proc.stderr
-    bad = _mosaic(
-        "train",
-        "--config",
-        "configs/tiny-test.yaml",
-        "--method",
-        name,
-        "--output",
-        str(tmp_path / "x"),
-        "method_options.lora_r=big",
-        cache=tmp_path / "cache",
-    )
+    bad = train(tmp_path / "x", "method_options.lora_r=big")
     assert bad.returncode == 2 and "lora_r" in bad.stderr and "Traceback" not in bad.stderr

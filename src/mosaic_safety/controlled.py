@@ -250,37 +250,19 @@ class ControlledModel:
         """
         if max_new_tokens < 1:
             return
-        from transformers import DynamicCache
-
         eos = torch.tensor(self.eos_ids, device=self.device)
         pad = self.tokenizer.pad_token_id
-        mask, positions = batch.attention_mask, batch.position_ids
-        out = self.model(
-            inputs_embeds=batch.inputs_embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=DynamicCache(),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out = prefill_cache(self.model, batch, logits_to_keep=1)
+        mask, position = batch.attention_mask, batch.position_ids[:, -1:]
         finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=self.device)
-        position = positions[:, -1:]
         for step in range(max_new_tokens):
-            token = _pick(out.logits[:, -1].float(), do_sample, temperature, top_p, generator)
+            token = pick_token(out.logits[:, -1].float(), do_sample, temperature, top_p, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             yield token
             finished |= torch.isin(token, eos)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 return
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            position = position + 1
-            out = self.model(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
+            out, mask, position = extend_cache(self.model, token, mask, position, out.past_key_values)
 
     def generate_ids(
         self,
@@ -301,19 +283,17 @@ class ControlledModel:
         lengths = [
             sum(map(len, self.split_prompt(p))) + self._block(q).shape[0] for p, q in zip(prompts, resolved)
         ]
-        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
         generator = None
         if do_sample:
             generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
         results: list[list[int]] = [[] for _ in prompts]
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in length_batches(lengths, batch_size):
             batch = self.encode([prompts[i] for i in idx], [resolved[i] for i in idx])
             steps = list(self.decode_steps(batch, max_new_tokens, do_sample, temperature, top_p, generator))
             if steps:
                 tokens = torch.stack(steps, dim=1).tolist()
                 for row, i in zip(tokens, idx):
-                    results[i] = _until_eos(row, self.eos_ids)
+                    results[i] = until_eos(row, self.eos_ids)
             if progress is not None:
                 progress(len(idx))
         return results
@@ -360,16 +340,62 @@ def _messages(prompt: Prompt) -> list[dict[str, str]]:
     return messages
 
 
-def _until_eos(row: list[int], eos_ids: list[int]) -> list[int]:
+# -- decoding pieces shared with serving/engine.py and methods/dsa.py -----------------------------
+def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Row indices in batches of similar length, shortest first: little padding per batch."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def prefill_cache(module: Any, batch: EncodedBatch, **kwargs: Any) -> Any:
+    """The first decoding forward: the whole prompt through ``module`` into a fresh KV cache.
+
+    ``module`` is the causal LM (logits; pass ``logits_to_keep=1``) or its bare decoder (hidden states).
+    """
+    from transformers import DynamicCache
+
+    return module(
+        inputs_embeds=batch.inputs_embeds,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        past_key_values=DynamicCache(),
+        use_cache=True,
+        **kwargs,
+    )
+
+
+def extend_cache(
+    module: Any, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, past_key_values: Any
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """One decoding step: feed each row's new ``token`` (B,) through ``module`` with the KV cache.
+
+    Returns the output and the grown attention mask and position ids (B, 1) for the next step.
+    """
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    position = position + 1
+    out = module(
+        input_ids=token[:, None],
+        attention_mask=mask,
+        position_ids=position,
+        past_key_values=past_key_values,
+        use_cache=True,
+    )
+    return out, mask, position
+
+
+def until_eos(row: list[int], eos_ids: list[int]) -> list[int]:
+    """A generated row cut before its first EOS (finished rows are padded after it)."""
     for j, tok in enumerate(row):
         if tok in eos_ids:
             return row[:j]
     return row
 
 
-def _pick(
+def pick_token(
     logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
+    """Next token per row from ``(B, V)`` logits: argmax, or a temperature / top-p sample."""
     if not do_sample:
         return logits.argmax(-1)
     if temperature <= 0:

@@ -228,8 +228,12 @@ def _init_text(cat: Category) -> str:
     return f"{cat.display}: {cat.description}"
 
 
-def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
-    """Read and sanity-check ``mosaic.json`` (structure and format version)."""
+def load_manifest_json(artifact_dir: str | Path) -> tuple[Any, Path]:
+    """The parsed ``mosaic.json`` of an artifact directory (any JSON value) and its path.
+
+    Shared by control-token and method artifacts (``methods/artifact.py``), so a missing
+    directory, a missing manifest or broken JSON reads the same whichever kind was expected.
+    """
     root = Path(artifact_dir)
     if not root.is_dir():
         raise ArtifactError(f"{root}: artifact directory not found")
@@ -237,9 +241,14 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise ArtifactError(f"{root}: not a mosaic artifact (no {MANIFEST_FILE})")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")), path
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: corrupt manifest ({exc})") from exc
+
+
+def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
+    """Read and sanity-check ``mosaic.json`` (structure and format version)."""
+    manifest, path = load_manifest_json(artifact_dir)
     if not isinstance(manifest, dict) or manifest.get("format") != "mosaic-control-tokens":
         raise ArtifactError(f"{path}: not a mosaic control-token manifest")
     version = manifest.get("format_version")

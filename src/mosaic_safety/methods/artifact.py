@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..policy import CategoryRegistry
-from ..tokens import MANIFEST_FILE, ArtifactError, check_backbone
+from ..tokens import MANIFEST_FILE, ArtifactError, check_backbone, load_manifest_json
 
 METHOD_FORMAT = "mosaic-method"
 METHOD_FORMAT_VERSION = 1
@@ -81,22 +81,18 @@ def save_method_artifact(
 
 def artifact_method(artifact_dir: str | Path) -> str:
     """Which method wrote an artifact (``mosaic`` for control-token artifacts)."""
-    root = Path(artifact_dir)
-    path = root / MANIFEST_FILE
-    if not root.is_dir():
-        raise ArtifactError(f"{root}: artifact directory not found")
-    if not path.exists():
-        raise ArtifactError(f"{root}: not a mosaic artifact (no {MANIFEST_FILE})")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: corrupt manifest ({exc})") from exc
+    return _identify(artifact_dir)[0]
+
+
+def _identify(artifact_dir: str | Path) -> tuple[str, dict[str, Any], Path]:
+    """(method name, manifest, manifest path) of an artifact of any kind."""
+    manifest, path = load_manifest_json(artifact_dir)
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: corrupt manifest (not an object)")
     if manifest.get("format") == "mosaic-control-tokens":
-        return "mosaic"
+        return "mosaic", manifest, path
     if manifest.get("format") == METHOD_FORMAT and isinstance(manifest.get("method"), str):
-        return manifest["method"]
+        return manifest["method"], manifest, path
     raise ArtifactError(f"{path}: not a mosaic-safety artifact")
 
 
@@ -107,11 +103,9 @@ def load_method_artifact(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], CategoryRegistry]:
     """Read and validate a method artifact: (manifest, tensors, registry)."""
     root = Path(artifact_dir)
-    found = artifact_method(root)
-    path = root / MANIFEST_FILE
+    found, manifest, path = _identify(root)
     if found != method:
         raise ArtifactError(f"{root}: this is a {found!r} artifact, not {method!r}")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("format_version") != METHOD_FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: format version {manifest.get('format_version')!r} is not supported "

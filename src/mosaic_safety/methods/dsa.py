@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..backbone import Backbone
-from ..controlled import ControlledModel, EncodedBatch
+from ..controlled import ControlledModel, EncodedBatch, extend_cache, length_batches, prefill_cache, until_eos
 from ..policy import CategoryRegistry, Policy
 from ..tokens import ArtifactError
 from .artifact import WEIGHTS_FILE, load_method_artifact
@@ -282,13 +282,7 @@ class DSAMethod(Method):
         mask, position = batch.attention_mask, batch.position_ids[:, -1:]
         rows = mask.shape[0]
         if plain:
-            out = self.backbone.model.get_decoder()(
-                inputs_embeds=batch.inputs_embeds,
-                attention_mask=mask,
-                position_ids=batch.position_ids,
-                past_key_values=DynamicCache(),
-                use_cache=True,
-            )
+            out = prefill_cache(self.backbone.model.get_decoder(), batch)
             last = out.last_hidden_state
             alpha = torch.zeros(rows, device=mask.device)
             category = torch.zeros(rows, dtype=torch.long, device=mask.device)
@@ -308,15 +302,7 @@ class DSAMethod(Method):
                     break
             if step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            position = position + 1
-            out = decoder(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
+            out, mask, position = extend_cache(decoder, token, mask, position, out.past_key_values)
             hidden = out.last_hidden_state[:, -1]
         tokens = torch.stack(steps, 1) if steps else torch.zeros(rows, 0, dtype=torch.long)
         return tokens, alpha
@@ -334,15 +320,13 @@ class DSAMethod(Method):
             raise ValueError("prompts and policies must have the same length")
         self._active(policies)  # unknown categories fail before any compute
         lengths = [sum(map(len, self.model.split_prompt(p))) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
         results: list[list[int]] = [[] for _ in prompts]
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in length_batches(lengths, batch_size):
             batch = self.model.encode([prompts[i] for i in idx], [Policy(())] * len(idx))
             if max_new_tokens > 0:
                 tokens, _ = self.decode(batch, [policies[i] for i in idx], max_new_tokens)
                 for row, i in zip(tokens.tolist(), idx):
-                    results[i] = _until_eos(row, self.model.eos_ids)
+                    results[i] = until_eos(row, self.model.eos_ids)
             if progress is not None:
                 progress(len(idx))
         return results
@@ -368,13 +352,6 @@ class DSAMethod(Method):
             "fixed_alpha": self.fixed_alpha,
             "guard_layer": self.guard_layer,
         }
-
-
-def _until_eos(row: list[int], eos_ids: list[int]) -> list[int]:
-    for j, tok in enumerate(row):
-        if tok in eos_ids:
-            return row[:j]
-    return row
 
 
 # -- artifact -----------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-import json
 import math
 import random
 import time
@@ -33,16 +32,25 @@ from typing import Any
 
 import torch
 
-from ..backbone import Backbone, cache_root, load_backbone
+from ..backbone import Backbone, cache_root
 from ..config import ConfigError, TrainConfig
 from ..controlled import ControlledModel, Prompt
-from ..data import load_suite
 from ..policy import CategoryRegistry, Policy, PolicyError
 from ..tokens import ArtifactError
 from ..training.losses import response_cross_entropy
-from ..training.sampler import OrderSampler, TrainItem
+from ..training.sampler import TrainItem
 from ..training.teacher import BaseResponseCache
-from ..training.trainer import data_hash, training_pools
+from ..training.trainer import (
+    budget_rows,
+    data_hash,
+    fill_teacher,
+    load_inputs,
+    log_window,
+    optimizer_step,
+    order_sampler,
+    response_ids,
+    training_pools,
+)
 from .artifact import WEIGHTS_FILE, load_method_artifact, save_method_artifact
 from .base import Progress
 from .controlled_method import ControlledMethod, Rewrite
@@ -297,30 +305,13 @@ class AdapterTrainer:
             raise ConfigError(
                 f"init_artifact (incremental training) is only supported by mosaic, not {self.name}"
             )
-        torch.manual_seed(config.optim.seed)
-        self.report("stage", {"name": "loading model", "model": config.model.name})
-        self.backbone = backbone or load_backbone(config.model.name, config.model.device, config.model.dtype)
-        self.suite = load_suite(config.data.suite)
+        self.backbone, self.suite, self.categories = load_inputs(config, backbone, self.report)
         full = self.suite.registry
-        self.categories = list(full.policy(config.data.categories or list(full.names)))
         self.registry = CategoryRegistry(full.name, tuple(full[c] for c in self.categories), full.description)
         self.pools = training_pools(
             self.suite, self.categories, config.data.limit_per_category, config.optim.seed
         )
-        s = config.sampling
-        self.sampler = OrderSampler(
-            self.categories,
-            self.pools["prompts"],
-            self.pools["neutral"],
-            self.pools["boundary"],
-            max_order=s.max_order,
-            per_subset=s.per_subset,
-            cap=s.cap,
-            neg_ratio=s.neg_ratio,
-            inactive_share=s.inactive_share,
-            boundary_share=s.boundary_share,
-            seed=config.optim.seed,
-        )
+        self.sampler = order_sampler(config, self.categories, self.pools)
         self.base = ControlledModel(self.backbone)
         self.teacher = BaseResponseCache(
             self.base, cache_root() / "responses", config.teacher.max_new_tokens, config.teacher.batch_size
@@ -340,8 +331,7 @@ class AdapterTrainer:
 
     def encode_text(self, text: str) -> list[int]:
         """A fixed response (refusal template) as target ids, ending with EOS like the trainer's."""
-        tok = self.backbone.tokenizer
-        return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return response_ids(self.backbone.tokenizer, text)
 
     @property
     def trainable(self) -> int:
@@ -391,23 +381,10 @@ class AdapterTrainer:
 
     # -- the run ------------------------------------------------------------------------------
     def prepare(self) -> None:
-        prompts = self.teacher_prompts()
-        todo = self.teacher.missing(prompts)
-        self.report("teacher", {"total": len(prompts), "missing": len(todo)})
-        self.teacher.fill(todo, progress=lambda n: self.report("teacher_progress", {"n": n}))
+        fill_teacher(self.teacher, self.teacher_prompts(), self.report)
 
     def budgets(self) -> list[dict[str, int]]:
-        return [
-            {
-                "order": b.order,
-                "subsets": b.subsets,
-                "positives_per_subset": b.positives_per_subset,
-                "negatives_per_subset": b.negatives_per_subset,
-                "positives": b.positives,
-                "negatives": b.negatives,
-            }
-            for b in self.sampler.budgets
-        ]
+        return budget_rows(self.sampler)
 
     def train(self, output: str | Path) -> dict[str, Any]:
         out = Path(output)
@@ -428,11 +405,7 @@ class AdapterTrainer:
                     window: list[dict[str, float]] = []
                     for batch in self.epoch_batches(epoch):
                         loss, stats = self.loss(batch)
-                        loss.backward()
-                        if cfg.optim.grad_clip > 0:
-                            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
+                        optimizer_step(loss, self.optimizer, self.params, cfg.optim.grad_clip)
                         step += 1
                         last = stats["loss"]
                         first = last if step == 1 else first
@@ -441,13 +414,7 @@ class AdapterTrainer:
                             "step", {"step": step, "epoch": epoch + 1, "order": batch[0].order, **stats}
                         )
                         if step % cfg.log.every == 0 or step == total:
-                            avg = {k: sum(w[k] for w in window) / len(window) for k in stats}
-                            elapsed = round(time.time() - t0, 1)
-                            log.write(
-                                json.dumps({"step": step, "epoch": epoch + 1, **avg, "elapsed_s": elapsed})
-                            )
-                            log.write("\n")
-                            log.flush()
+                            log_window(log, step, epoch + 1, window, t0)
                             window = []
                     self.save(out, {"epoch": epoch + 1, "steps": step})  # the artifact doubles as checkpoint
                     self.report("epoch", {"epoch": epoch + 1, "step": step})

@@ -32,6 +32,8 @@ OPTIONS: dict[str, Option] = {
 
 
 class SFTTrainer(AdapterTrainer):
+    """Plain SFT; the policy reaches the adapter as topic names in the system prompt (``orpo`` reuses it)."""
+
     name = NAME
     schema = OPTIONS
 
@@ -50,10 +52,15 @@ def train(
 
 
 def load(artifact: Path, backbone: Backbone) -> Method:
-    loaded = load_adapter(artifact, backbone, NAME, OPTIONS)
+    return load_topics_adapter(artifact, backbone, NAME, OPTIONS)
+
+
+def load_topics_adapter(artifact: Path, backbone: Backbone, name: str, schema: dict[str, Option]) -> Method:
+    """An adapter artifact conditioned by the ``system_template`` topics prompt (``lora_sft``, ``orpo``)."""
+    loaded = load_adapter(artifact, backbone, name, schema)
     rewrite = topics_rewrite(loaded.registry, loaded.options["system_template"])
     return AdapterMethod(
-        NAME,
+        name,
         loaded.model,
         loaded.base,
         loaded.registry,

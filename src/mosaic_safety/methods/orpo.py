@@ -28,13 +28,13 @@ import torch.nn.functional as F
 
 from ..backbone import Backbone
 from ..config import TrainConfig
-from ..controlled import Prompt
 from ..policy import Policy
 from ..training.losses import response_cross_entropy
 from ..training.sampler import TrainItem
 from .base import Method
-from .lora_common import AdapterMethod, AdapterTrainer, Example, Option, load_adapter, topics_rewrite
+from .lora_common import Example, Option
 from .lora_sft import OPTIONS as SFT_OPTIONS
+from .lora_sft import SFTTrainer, load_topics_adapter
 
 NAME = "orpo"
 
@@ -58,16 +58,11 @@ def orpo_loss(
     return chosen_nll + weight * ratio, ratio
 
 
-class ORPOTrainer(AdapterTrainer):
+class ORPOTrainer(SFTTrainer):
+    """SFT's conditioning (topics in the system prompt), with preference pairs and the ORPO loss."""
+
     name = NAME
     schema = OPTIONS
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._rewrite = topics_rewrite(self.registry, self.options["system_template"])
-
-    def rewrite(self, prompt: str, policy: Policy) -> Prompt:
-        return self._rewrite(prompt, policy)[0]
 
     def teacher_prompts(self) -> list[str]:
         # positives need the base answer too: it is their rejected response
@@ -118,15 +113,4 @@ def train(
 
 
 def load(artifact: Path, backbone: Backbone) -> Method:
-    loaded = load_adapter(artifact, backbone, NAME, OPTIONS)
-    rewrite = topics_rewrite(loaded.registry, loaded.options["system_template"])
-    return AdapterMethod(
-        NAME,
-        loaded.model,
-        loaded.base,
-        loaded.registry,
-        rewrite,
-        loaded.identity,
-        loaded.trainable,
-        empty_to_base=loaded.options["empty_policy"] == "base",
-    )
+    return load_topics_adapter(artifact, backbone, NAME, OPTIONS)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..controlled import ControlledModel, Prompt, _pick
+from ..controlled import ControlledModel, Prompt, extend_cache, pick_token, prefill_cache
 from ..policy import Policy
 from .metrics import Metrics
 
@@ -149,8 +149,6 @@ class Engine:
                     job.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
 
     def _decode(self, jobs: list[Job]) -> None:
-        from transformers import DynamicCache
-
         model = self.model
         with self.lock:
             batch = model.encode([j.prompt for j in jobs], [j.policy for j in jobs])
@@ -167,14 +165,7 @@ class Engine:
             for j in jobs
         ]
         mask, position = batch.attention_mask, batch.position_ids[:, -1:]
-        out = model.model(
-            inputs_embeds=batch.inputs_embeds,
-            attention_mask=mask,
-            position_ids=batch.position_ids,
-            past_key_values=DynamicCache(),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out = prefill_cache(model.model, batch, logits_to_keep=1)
         done = [False] * len(jobs)
         for step in range(max(budgets)):
             logits = out.logits[:, -1].float()
@@ -192,7 +183,9 @@ class Engine:
                     row = logits[i : i + 1] - logits[i : i + 1].max()
                     if step < s.min_tokens:
                         row[:, eos] = float("-inf")
-                    tok = int(_pick(row, s.temperature > 0, s.temperature or 1.0, s.top_p, generators[i])[0])
+                    tok = int(
+                        pick_token(row, s.temperature > 0, s.temperature or 1.0, s.top_p, generators[i])[0]
+                    )
                 tokens.append(tok)
                 if job.cancelled.is_set():
                     done[i] = True
@@ -209,12 +202,4 @@ class Engine:
                 return
             token = torch.tensor(tokens, device=device)
             token = torch.where(torch.isin(token, eos), torch.full_like(token, pad), token)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            position = position + 1
-            out = model.model(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
+            out, mask, position = extend_cache(model.model, token, mask, position, out.past_key_values)

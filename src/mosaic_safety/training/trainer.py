@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,37 +63,114 @@ def data_hash(pools: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(pools, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# -- pieces shared with the LoRA comparison methods (methods/lora_common.py) ----------------------
+def load_inputs(
+    config: TrainConfig, backbone: Backbone | None, report: Reporter
+) -> tuple[Backbone, Suite, list[str]]:
+    """Seed torch, then the backbone (unless given), the suite and the categories the config trains."""
+    torch.manual_seed(config.optim.seed)
+    report("stage", {"name": "loading model", "model": config.model.name})
+    backbone = backbone or load_backbone(config.model.name, config.model.device, config.model.dtype)
+    suite = load_suite(config.data.suite)
+    registry = suite.registry
+    return backbone, suite, list(registry.policy(config.data.categories or list(registry.names)))
+
+
+def order_sampler(
+    config: TrainConfig,
+    categories: list[str],
+    pools: dict[str, Any],
+    trainable: list[str] | None = None,
+) -> OrderSampler:
+    """The order sampler of a run, set up from the config's ``sampling`` section and seed.
+
+    One place, so every method trained on the MOSAIC data draws exactly the same items.
+    """
+    s = config.sampling
+    return OrderSampler(
+        categories,
+        pools["prompts"],
+        pools["neutral"],
+        pools["boundary"],
+        max_order=s.max_order,
+        per_subset=s.per_subset,
+        cap=s.cap,
+        neg_ratio=s.neg_ratio,
+        inactive_share=s.inactive_share,
+        boundary_share=s.boundary_share,
+        trainable=trainable,
+        seed=config.optim.seed,
+    )
+
+
+def response_ids(tokenizer: Any, text: str) -> list[int]:
+    """A fixed response (refusal template) as target ids, ending with EOS so the model learns to stop."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def budget_rows(sampler: OrderSampler) -> list[dict[str, int]]:
+    """The sampler's per-order budgets as plain dicts (progress events and the artifact)."""
+    return [
+        {
+            "order": b.order,
+            "subsets": b.subsets,
+            "positives_per_subset": b.positives_per_subset,
+            "negatives_per_subset": b.negatives_per_subset,
+            "positives": b.positives,
+            "negatives": b.negatives,
+        }
+        for b in sampler.budgets
+    ]
+
+
+def optimizer_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], grad_clip: float
+) -> None:
+    """Backward, optional gradient-norm clipping (``grad_clip > 0``), update, and clear the gradients."""
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def fill_teacher(teacher: BaseResponseCache, prompts: list[str], report: Reporter) -> None:
+    """Generate (or load from cache) the base model's answers to ``prompts``, reporting progress."""
+    todo = teacher.missing(prompts)
+    report("teacher", {"total": len(prompts), "missing": len(todo)})
+    teacher.fill(todo, progress=lambda n: report("teacher_progress", {"n": n}))
+
+
+def log_window(
+    log: IO[str], step: int, epoch: int, window: list[dict[str, float]], t0: float
+) -> dict[str, float]:
+    """Write one JSONL line with the stats averaged over ``window`` (the steps since the last line)."""
+    avg = {k: sum(w[k] for w in window) / len(window) for k in window[-1]}
+    log.write(
+        json.dumps({"step": step, "epoch": epoch, **avg, "elapsed_s": round(time.time() - t0, 1)}) + "\n"
+    )
+    log.flush()
+    return avg
+
+
 class Trainer:
     def __init__(
         self, config: TrainConfig, backbone: Backbone | None = None, reporter: Reporter | None = None
     ):
         self.config = config
         self.report = reporter or (lambda kind, data: None)
-        torch.manual_seed(config.optim.seed)
-        self.report("stage", {"name": "loading model", "model": config.model.name})
-        self.backbone = backbone or load_backbone(config.model.name, config.model.device, config.model.dtype)
-        self.suite = load_suite(config.data.suite)
+        self.backbone, self.suite, self.categories = load_inputs(config, backbone, self.report)
         registry = self.suite.registry
-        self.categories = list(registry.policy(config.data.categories or list(registry.names)))
         self.tokens, self.frozen = self._init_tokens()
         self.model = ControlledModel(self.backbone, self.tokens)
         self.pools = training_pools(
             self.suite, self.categories, config.data.limit_per_category, config.optim.seed
         )
-        s = config.sampling
-        self.sampler = OrderSampler(
+        self.sampler = order_sampler(
+            config,
             self.categories,
-            self.pools["prompts"],
-            self.pools["neutral"],
-            self.pools["boundary"],
-            max_order=s.max_order,
-            per_subset=s.per_subset,
-            cap=s.cap,
-            neg_ratio=s.neg_ratio,
-            inactive_share=s.inactive_share,
-            boundary_share=s.boundary_share,
+            self.pools,
             trainable=[c for c in self.categories if c not in self.frozen],
-            seed=config.optim.seed,
         )
         self.trainable = [p for n, p in self.tokens.blocks.items() if n not in self.frozen]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.optim.lr)
@@ -101,9 +178,7 @@ class Trainer:
             self.model, cache_root() / "responses", config.teacher.max_new_tokens, config.teacher.batch_size
         )
         self._refusals = {
-            c: self.backbone.tokenizer(registry[c].refusal_text, add_special_tokens=False)["input_ids"]
-            + [self.backbone.tokenizer.eos_token_id]
-            for c in self.categories
+            c: response_ids(self.backbone.tokenizer, registry[c].refusal_text) for c in self.categories
         }
 
     def _init_tokens(self) -> tuple[ControlTokens, set[str]]:
@@ -185,26 +260,13 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Generate (or load from cache) the base model's answers to every possible negative."""
-        prompts = self.sampler.negative_prompts()
-        todo = self.teacher.missing(prompts)
-        self.report("teacher", {"total": len(prompts), "missing": len(todo)})
-        self.teacher.fill(todo, progress=lambda n: self.report("teacher_progress", {"n": n}))
+        fill_teacher(self.teacher, self.sampler.negative_prompts(), self.report)
 
     def train(self, output: str | Path, resume: bool = False) -> TrainResult:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.config
-        budgets = [
-            {
-                "order": b.order,
-                "subsets": b.subsets,
-                "positives_per_subset": b.positives_per_subset,
-                "negatives_per_subset": b.negatives_per_subset,
-                "positives": b.positives,
-                "negatives": b.negatives,
-            }
-            for b in self.sampler.budgets
-        ]
+        budgets = budget_rows(self.sampler)
         self.report("budgets", {"budgets": budgets})
         self.prepare()
         start_epoch, step = self._resume(out) if resume else (0, 0)
@@ -219,30 +281,14 @@ class Trainer:
                 window: list[dict[str, float]] = []
                 for items in self.sampler.epoch_batches(epoch, cfg.optim.batch_size):
                     loss, stats = self.loss(items)
-                    loss.backward()
-                    if cfg.optim.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(loss, self.optimizer, self.trainable, cfg.optim.grad_clip)
                     step += 1
                     last = stats["loss"]
                     window.append(stats)
                     record = {"step": step, "epoch": epoch + 1, "order": items[0].policy.order, **stats}
                     self.report("step", record)
                     if step % cfg.log.every == 0 or step == total:
-                        avg = {k: sum(w[k] for w in window) / len(window) for k in stats}
-                        log.write(
-                            json.dumps(
-                                {
-                                    "step": step,
-                                    "epoch": epoch + 1,
-                                    **avg,
-                                    "elapsed_s": round(time.time() - t0, 1),
-                                }
-                            )
-                            + "\n"
-                        )
-                        log.flush()
+                        avg = log_window(log, step, epoch + 1, window, t0)
                         if writer is not None:
                             for k, v in avg.items():
                                 writer.add_scalar(f"train/{k}", v, step)
