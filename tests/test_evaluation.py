@@ -173,7 +173,7 @@ def test_reports_and_compare(tiny_backbone, minors, plan, tmp_path):
         res = evaluate(
             make(tiny_backbone, minors), suite, judge, plan, cache=GenerationCache(make.__name__, tmp_path)
         )
-        d = tmp_path / make.__name__
+        d = tmp_path / res["method"]["method"]
         paths = write_results(res, d)
         assert all(p.exists() and p.stat().st_size > 0 for p in paths)
         assert json.loads((d / "results.json").read_text())["orders"]["1"]["subsets"] == 5
@@ -185,6 +185,13 @@ def test_reports_and_compare(tiny_backbone, minors, plan, tmp_path):
     table = json.loads(js.read_text())
     assert table[1]["prompt_overhead"] > 0 and table[0]["prompt_overhead"] == 0
     assert not math.isnan(table[0]["orders"]["1"]["or_neutral"])
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps([{"method": "in_context", "ratio_to_none": 1.5, "training_seconds": None}]))
+    md, _, _ = compare(dirs, tmp_path / "cmp", cost)
+    assert "| in_context | 0 |" in md.read_text() and "| 1.50 |" in md.read_text()
+    cost.write_text("not json")
+    with pytest.raises(ValueError, match="method_cost"):
+        compare(dirs, tmp_path / "cmp", cost)
     with pytest.raises(FileNotFoundError, match="no results.json"):
         compare([tmp_path / "missing"], tmp_path / "cmp2")
 

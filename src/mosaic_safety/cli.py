@@ -561,13 +561,16 @@ app.add_typer(report_app, name="report")
 def report_compare(
     dirs: list[Path] = typer.Argument(..., help="Evaluation output directories (with results.json)."),
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Where compare.md/json/png go."),
+    cost: Path | None = typer.Option(
+        None, "--cost", help="JSON from bench/method_cost.py (inference ratios)."
+    ),
 ) -> None:
     """Table-1-style comparison of methods: DSR / OR per order, trainable parameters, prompt overhead."""
     from .evaluation.report import compare
 
     with friendly_errors():
         try:
-            paths = compare(dirs, out)
+            paths = compare(dirs, out, cost)
         except ValueError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None

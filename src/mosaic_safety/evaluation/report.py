@@ -184,8 +184,13 @@ def plot_heatmap(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def compare(result_dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
-    """A Table-1-style comparison of several evaluation directories: methods × orders, DSR / OR, cost."""
+def compare(result_dirs: Sequence[str | Path], out: str | Path, cost: str | Path | None = None) -> list[Path]:
+    """A Table-1-style comparison of several evaluation directories: methods × orders, DSR / OR, cost.
+
+    ``cost`` is the JSON written by ``bench/method_cost.py`` (inference time as a ratio to the base
+    model, measured side by side in one run, and training seconds); rows are matched by method name
+    or by the evaluation directory's name.
+    """
     loaded = []
     for d in result_dirs:
         path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
@@ -197,6 +202,13 @@ def compare(result_dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
             raise ValueError(f"{path}: corrupt results file ({exc})") from exc
     if not loaded:
         raise ValueError("nothing to compare")
+    costs: dict[str, dict[str, Any]] = {}
+    if cost is not None:
+        try:
+            costs = {r["method"]: r for r in json.loads(Path(cost).read_text(encoding="utf-8"))}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{cost}: not a bench/method_cost.py JSON file ({exc})") from exc
+    names = [Path(d).name if Path(d).is_dir() else Path(d).parent.name for d in result_dirs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     orders = sorted({k for r in loaded for k in r["orders"] if k != "0"}, key=int)
@@ -208,13 +220,13 @@ def compare(result_dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
         + ", ".join(sorted({r["judge"] for r in loaded}))
         + ". Order-k figures are means over subsets.",
         "",
-        "| method | trainable params | prompt overhead (order 1) | "
+        "| method | trainable params | prompt overhead (order 1) | inference × base | train s | "
         + " | ".join(f"DSR@{k} ↑ | OR-in@{k} ↓ | OR-neu@{k} ↓ | OR-bnd@{k} ↓" for k in orders)
         + " | empty-policy refusal (categories) |",
-        "|---|---|---|" + "---|---|---|---|" * len(orders) + "---|",
+        "|---|---|---|---|---|" + "---|---|---|---|" * len(orders) + "---|",
     ]
     table = []
-    for r in loaded:
+    for r, dirname in zip(loaded, names):
         overhead = [v for k, v in r["cost"]["prompt_overhead"].items() if k]
         row = {
             "method": r["method"]["method"],
@@ -224,18 +236,23 @@ def compare(result_dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
             "empty_or": (r["orders"].get("0", {}) or {}).get("or_inactive"),
             "extras": r.get("extras", {}),
         }
+        measured = costs.get(dirname) or costs.get(row["method"]) or {}
+        row["inference_ratio"] = measured.get("ratio_to_none")
+        row["training_seconds"] = measured.get("training_seconds")
+        row["label"] = row["method"] if dirname == row["method"] else f"{row['method']} [{dirname}]"
         table.append(row)
         cells = [" | ".join(pct(row["orders"][k][m]) for m, _ in METRICS) for k in orders]
+        ratio = "–" if row["inference_ratio"] is None else f"{row['inference_ratio']:.2f}"
+        train_s = "–" if not row["training_seconds"] else f"{row['training_seconds']:.0f}"
         lines.append(
-            f"| {row['method']} | {row['trainable_parameters']:,} | {row['prompt_overhead']:.0f} | "
-            + " | ".join(cells)
-            + f" | {pct(row['empty_or'])} |"
+            f"| {row['label']} | {row['trainable_parameters']:,} | {row['prompt_overhead']:.0f} | {ratio} | "
+            f"{train_s} | " + " | ".join(cells) + f" | {pct(row['empty_or'])} |"
         )
     if any(r["extras"] for r in table):
         lines += ["", "## Utility, margin and robustness", ""]
         for r in table:
             for k, v in extras_summary(r["extras"]).items():
-                lines.append(f"- **{r['method']}** {k}: {v}")
+                lines.append(f"- **{r['label']}** {k}: {v}")
     if base is not None:
         lines += [
             "",
