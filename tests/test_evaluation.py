@@ -272,3 +272,19 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
     assert r.returncode == 2 and "needs --artifact" in r.stderr
     r = _mosaic("report", "compare", str(tmp_path / "nope"), "--out", str(tmp_path / "c2"), env=env)
     assert r.returncode == 2 and "no results.json" in r.stderr
+
+
+def test_public_api_runs_the_protocol(tiny_backbone, tmp_path):
+    """The README's Python example, on the tiny model."""
+    from mosaic_safety import EvalPlan, build_judge, evaluate, load_method, load_suite
+
+    method = load_method("in_context", backbone=tiny_backbone)
+    suite = load_suite("minors")
+    results = evaluate(
+        method,
+        suite,
+        build_judge("template+phrase", suite.registry),
+        EvalPlan(limit=1, max_order=1, max_new_tokens=2),
+        cache=GenerationCache("api", tmp_path),
+    )
+    assert set(results["orders"]) == {"0", "1"} and results["orders"]["1"]["subsets"] == 5

@@ -27,6 +27,11 @@ _EXPORTS = {
     "load_suite": "data",
     "Suite": "data",
     "Example": "data",
+    "Method": "methods",
+    "load_method": "methods",
+    "EvalPlan": "evaluation.protocol",
+    "evaluate": "evaluation.protocol",
+    "build_judge": "evaluation.judges",
 }
 
 __all__ = ["__version__", *_EXPORTS]
