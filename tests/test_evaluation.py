@@ -220,11 +220,11 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
         "--model",
         "tiny-random-llama",
         "--out",
-        str(tmp_path / "m"),
+        str(tmp_path / "mosaic"),
     ]
     r = _mosaic(*eval_mosaic, *common, env=env)
     assert r.returncode == 0, r.stderr
-    assert "refusal by order" in r.stdout and (tmp_path / "m" / "report.md").exists()
+    assert "refusal by order" in r.stdout and (tmp_path / "mosaic" / "report.md").exists()
     r = _mosaic(
         *eval_mosaic,
         *common,
@@ -239,10 +239,10 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
         env=env,
     )
     assert r.returncode == 0, r.stderr
-    extras = json.loads((tmp_path / "m" / "results.json").read_text())["extras"]
+    extras = json.loads((tmp_path / "mosaic" / "results.json").read_text())["extras"]
     assert set(extras) == {"utility", "kl_to_base", "margin", "jailbreak"}
     assert extras["kl_to_base"]["mean_per_token"] >= 0 and -1 <= extras["margin"]["sam"] <= 1
-    assert "truthfulness" in (tmp_path / "m" / "report.md").read_text()
+    assert "truthfulness" in (tmp_path / "mosaic" / "report.md").read_text()
     r = _mosaic(
         "eval",
         "--method",
@@ -250,13 +250,19 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
         "--model",
         "tiny-random-llama",
         "--out",
-        str(tmp_path / "n"),
+        str(tmp_path / "none"),
         *common,
         env=env,
     )
     assert r.returncode == 0, r.stderr
     r = _mosaic(
-        "report", "compare", str(tmp_path / "n"), str(tmp_path / "m"), "--out", str(tmp_path / "c"), env=env
+        "report",
+        "compare",
+        str(tmp_path / "none"),
+        str(tmp_path / "mosaic"),
+        "--out",
+        str(tmp_path / "c"),
+        env=env,
     )
     assert r.returncode == 0, r.stderr
     assert "| mosaic |" in r.stdout and (tmp_path / "c" / "compare_by_order.png").exists()
