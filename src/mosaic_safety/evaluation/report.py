@@ -131,16 +131,19 @@ def _plt() -> Any:
     return plt
 
 
-def plot_orders(all_results: Sequence[dict[str, Any]], path: Path) -> Path:
+def plot_orders(
+    all_results: Sequence[dict[str, Any]], path: Path, labels: Sequence[str] | None = None
+) -> Path:
     """DSR and OR (inactive, neutral, boundary) against order, one line per method."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4), sharey=True)
-    for results in all_results:
+    labels = labels or [r["method"]["method"] for r in all_results]
+    for results, label in zip(all_results, labels):
         orders = [k for k in results["orders"] if k != "0"]
         for ax, (key, label) in zip(axes, METRICS):
             ys = [results["orders"][k][key] for k in orders]
             xs = [int(k) for k, y in zip(orders, ys) if y is not None]
-            ax.plot(xs, [100 * y for y in ys if y is not None], marker="o", label=results["method"]["method"])
+            ax.plot(xs, [100 * y for y in ys if y is not None], marker="o", label=label)
             ax.set_title(label)
             ax.set_xlabel("order")
             ax.set_xticks(range(1, 1 + max((int(k) for k in orders), default=1)))
@@ -259,7 +262,7 @@ def compare(result_dirs: Sequence[str | Path], out: str | Path, cost: str | Path
             f"Base model (`none`) greedy responses are the reference for OR; "
             f"its fingerprint `{base['method']['fingerprint']}`.",
         ]
-    image = plot_orders(loaded, out / "compare_by_order.png")
+    image = plot_orders(loaded, out / "compare_by_order.png", [r["label"] for r in table])
     lines += ["", f"![by order]({image.name})"]
     (out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "compare.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
