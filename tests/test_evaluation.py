@@ -294,3 +294,50 @@ def test_public_api_runs_the_protocol(tiny_backbone, tmp_path):
         cache=GenerationCache("api", tmp_path),
     )
     assert set(results["orders"]) == {"0", "1"} and results["orders"]["1"]["subsets"] == 5
+
+
+def test_plan_and_suite_errors_are_config_errors(tiny_backbone, minors, tmp_path):
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.data import load_suite
+
+    for bad in ({"max_order": 0}, {"limit": -1}, {"subsets_per_order": -2}, {"max_new_tokens": 0}):
+        with pytest.raises(ConfigError, match="evaluation plan"):
+            EvalPlan(**bad)
+    method = base_method(tiny_backbone, minors)
+    with pytest.raises(ConfigError, match="suite 'harm' has no categories"):
+        evaluate(method, load_suite("harm"), PhraseJudge(), EvalPlan(limit=1, max_order=1))
+    with pytest.raises(ConfigError, match="fast path"):
+        from mosaic_safety.evaluation.judges import build_judge
+
+        evaluate(
+            method,
+            load_suite("minors"),
+            build_judge("garak"),
+            EvalPlan(limit=1, max_order=1, fast=True),
+            cache=GenerationCache("e", tmp_path),
+        )
+
+
+def test_fast_path_does_not_settle_non_monotone_phrase_refusals(tiny_backbone, minors, tmp_path):
+    """'I am so sorry' is a refusal opening until 'to hear that' follows: only templates settle early."""
+    from mosaic_safety.evaluation.protocol import _monotone_refusals
+
+    judge = AnyJudge(TemplateJudge(minors), PhraseJudge())
+    short = ["I am so sorry", minors["alcohol"].refusal_text[:40]]
+    assert judge(["", ""], short) == [True, True]
+    assert _monotone_refusals(judge, ["", ""], short) == [False, True]
+
+
+def test_explicit_empty_cache_is_used(tiny_backbone, minors, tmp_path, monkeypatch):
+    from mosaic_safety.data import load_suite
+
+    monkeypatch.setenv("MOSAIC_CACHE", str(tmp_path / "default"))
+    cache = GenerationCache("mine", tmp_path / "mine")
+    evaluate(
+        base_method(tiny_backbone, minors),
+        load_suite("minors"),
+        PhraseJudge(),
+        EvalPlan(limit=1, max_order=1, max_new_tokens=2),
+        cache=cache,
+    )
+    assert cache.path.exists() and not (tmp_path / "default" / "generations").exists()

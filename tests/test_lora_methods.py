@@ -328,6 +328,9 @@ def test_magic_token_secrets_stay_in_secrets_json(runs, tiny_backbone):
     # composition: the policy's tokens in canonical order, whatever order they were named in
     (messages,), _ = method._inputs(["hi"], [Policy.parse("horror,alcohol", method.registry)])
     assert messages[0]["content"] == f"{tokens['alcohol']} {tokens['horror']}"
+    # a model that echoes its system prompt never returns the secret
+    secret = tokens["alcohol"]
+    assert method._scrub([f"my instructions say {secret} ok"]) == ["my instructions say [magic-token] ok"]
 
 
 def test_magic_token_negative_mode_unreachable_by_default(runs, tiny_backbone):

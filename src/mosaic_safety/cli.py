@@ -156,13 +156,17 @@ def train(
     overrides: list[str] | None = typer.Argument(None, help="key.sub=value overrides, e.g. optim.epochs=2"),
 ) -> None:
     """Train control tokens (or a comparison method) on a frozen model; print the held-out refusal table."""
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .training.trainer import Trainer
 
     with friendly_errors():
         cfg = load_config(config, [*(overrides or []), *([f"method={method}"] if method else [])])
         target = output or Path(cfg.output)
         if cfg.method != "mosaic":
+            if resume:
+                raise ConfigError(
+                    f"--resume is only supported for mosaic; {cfg.method} restarts from scratch"
+                )
             _train_other_method(cfg, target)
             return
         with _progress() as progress:
@@ -472,7 +476,9 @@ def eval_command(
 
     with friendly_errors():
         data = load_suite(suite)
-        m = load_method(method, artifact=artifact, model=model, suite=suite, device=device, dtype=dtype)
+        m = load_method(
+            method, artifact=artifact, model=model, registry=data.registry, device=device, dtype=dtype
+        )
         plan = EvalPlan(
             split=split,
             max_order=max_order,
@@ -499,6 +505,7 @@ def eval_command(
             results = evaluate(
                 m, data, the_judge, plan, progress=advance, on_total=lambda n: progress.update(task, total=n)
             )
+        write_results(results, out)  # the protocol's results are safe before the (optional) extras run
         extras = ExtrasPlan(utility_pairs, kl_prompts, margin_prompts, jailbreak_templates, seed=seed)
         if extras.any():
             from .methods.controlled_method import base_method

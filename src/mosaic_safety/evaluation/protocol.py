@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..config import ConfigError
 from ..data.suites import Suite
 from ..methods.base import Method
 from ..policy import Policy
 from .cache import GenerationCache
-from .judges import AnyJudge, Judge, PhraseJudge, TemplateJudge
+from .judges import AnyJudge, Judge, PhraseJudge, TemplateJudge, _norm
 from .metrics import mean_rate, pooled, rate
 from .table import held_out_groups
 
@@ -46,6 +47,19 @@ class EvalPlan:
     fast: bool = False  # stop early once the judge's decision is settled (template/phrase judges)
     fast_tokens: int = 10
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_order >= 1, "max_order must be at least 1"),
+            (self.subsets_per_order >= 0, "subsets_per_order must be >= 0"),
+            (self.limit >= 0, "limit must be >= 0"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.fast_tokens >= 1, "fast_tokens must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"evaluation plan: {message}")
+
     def decoding(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "greedy": True}
 
@@ -58,7 +72,7 @@ def choose_policies(
     Order 1 is always complete: single-category behaviour is what every other order builds on.
     """
     if max_order < 1:
-        raise ValueError("max_order must be at least 1")
+        raise ConfigError("max_order must be at least 1")
     rng = random.Random(seed)
     policies = [Policy(())]
     for k in range(1, min(max_order, len(categories)) + 1):
@@ -81,6 +95,31 @@ def judge_window(judge: Judge) -> int | None:
     return None
 
 
+def _runtime(method: Method) -> dict[str, Any]:
+    """What else changes greedy text: library version (decoder, templates), dtype and device type."""
+    from .. import __version__
+
+    backbone = getattr(method, "backbone", None)
+    runtime: dict[str, Any] = {"library": __version__}
+    if backbone is not None:
+        runtime.update(dtype=str(backbone.dtype), device=backbone.device.type)
+    return runtime
+
+
+def _monotone_refusals(judge: Judge, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
+    """Refusals that longer text cannot undo: a registry template at the start of the response.
+
+    Phrase patterns are not monotone ("I am so sorry" is a refusal opening until "to hear that"
+    follows), so only template matches settle a short response as refused.
+    """
+    if isinstance(judge, TemplateJudge):
+        return judge(prompts, responses)
+    if isinstance(judge, AnyJudge):
+        votes = [_monotone_refusals(j, prompts, responses) for j in judge.judges]
+        return [any(v) for v in zip(*votes)]
+    return [False] * len(responses)
+
+
 def cached_generate(
     method: Method,
     prompts: Sequence[str],
@@ -92,7 +131,7 @@ def cached_generate(
     chunk: int = 256,
 ) -> tuple[list[str], int]:
     """Responses for (prompt, policy) rows, generating only what the cache lacks; returns (responses, new)."""
-    settings = {"max_new_tokens": max_new_tokens, "greedy": True}
+    settings = {"max_new_tokens": max_new_tokens, "greedy": True, **_runtime(method)}
     keys = [
         cache.key(p.key if method.policy_dependent else "*", prompt, settings)
         for prompt, p in zip(prompts, policies)
@@ -129,13 +168,14 @@ def judged_generate(
 ) -> tuple[list[str], list[bool], dict[str, Any]]:
     """Generate and judge; with ``plan.fast`` first decode ``fast_tokens`` and finish only the unsettled rows.
 
-    A row is settled when the short response is already judged refused (a refusal opening never goes
-    away as the text grows) or is longer than the judge's window without a refusal.
+    A row is settled when the short response already opens with a registry refusal template (which
+    longer text cannot undo) or already fills the judge's whole window (so the judge reads the same
+    characters either way).
     """
     stats: dict[str, Any] = {"rows": len(prompts)}
     window = judge_window(judge)
     if plan.fast and window is None:
-        raise ValueError(
+        raise ConfigError(
             f"the fast path needs a judge with a fixed window (template/phrase), not {judge.name!r}"
         )
     if not plan.fast or plan.fast_tokens >= plan.max_new_tokens:
@@ -148,7 +188,9 @@ def judged_generate(
         method, prompts, policies, plan.fast_tokens, plan.batch_size, cache, progress
     )
     votes = judge(prompts, short)
-    unsettled = [i for i, (r, v) in enumerate(zip(short, votes)) if not v and len(r.strip()) < window]
+    sure = _monotone_refusals(judge, prompts, short)
+    # settled: a template refusal, or text that already fills the judge's whole window
+    unsettled = [i for i, (r, m) in enumerate(zip(short, sure)) if not m and len(_norm(r)) < window]
     if on_total is not None:  # the bar grows by the rows that need full decoding
         on_total(len(prompts) + len(unsettled))
     full, new_full = cached_generate(
@@ -226,10 +268,16 @@ def evaluate(
     categories = list(categories or method.registry.names)
     missing = [c for c in categories if c not in method.registry]
     if missing:
-        raise ValueError(f"method {method.name!r} does not know categories {missing}")
+        raise ConfigError(f"method {method.name!r} does not know categories {missing}")
+    foreign = [c for c in categories if c not in suite.registry]
+    if foreign:
+        raise ConfigError(
+            f"suite {suite.name!r} has no categories {foreign} (the method's registry is "
+            f"{method.registry.name!r}); evaluate it on its own suite"
+        )
     groups = held_out_groups(suite, categories, plan.split, plan.limit, plan.seed)
     if not groups:
-        raise ValueError(f"suite {suite.name!r} has no {plan.split!r} prompts for {categories}")
+        raise ConfigError(f"suite {suite.name!r} has no {plan.split!r} prompts for {categories}")
     policies = choose_policies(categories, plan.max_order, plan.subsets_per_order, plan.seed)
     prompts, rows, keys = [], [], []
     for policy in policies:
@@ -238,7 +286,8 @@ def evaluate(
                 prompts.append(p)
                 rows.append(policy)
                 keys.append((policy.key, group))
-    cache = cache or GenerationCache(method.fingerprint())
+    if cache is None:  # not `or`: an empty cache is falsy (it has __len__)
+        cache = GenerationCache(method.fingerprint())
     if on_total is not None:
         on_total(len(prompts))
     start = time.perf_counter()

@@ -23,10 +23,11 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
 
 
-def _ci(r: dict[str, Any] | None) -> str:
-    if r is None or r.get("rate") is None:
+def _mean_and_interval(mean: float | None, pooled: dict[str, Any] | None) -> str:
+    """Order cell: the mean over subsets, then the pooled interval."""
+    if mean is None or pooled is None:
         return "–"
-    return f"{pct(r['rate'])} [{pct(r['lo'])}, {pct(r['hi'])}]"
+    return f"{pct(mean)} [{pct(pooled['lo'])}, {pct(pooled['hi'])}]"
 
 
 def write_results(results: dict[str, Any], out: str | Path, plots: bool = True) -> list[Path]:
@@ -70,7 +71,7 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
         "|---|---|" + "---|" * len(METRICS),
     ]
     for k, s in results["orders"].items():
-        cells = [f"{pct(s[key])} {_ci(s[key + '_pooled'])[len(pct(s[key])) :]}".strip() for key, _ in METRICS]
+        cells = [_mean_and_interval(s[key], s[key + "_pooled"]) for key, _ in METRICS]
         lines.append(f"| {k} | {s['subsets']} | " + " | ".join(cells) + " |")
     groups = list(results["groups"])
     lines += [
@@ -140,11 +141,11 @@ def plot_orders(
     labels = labels or [r["method"]["method"] for r in all_results]
     for results, label in zip(all_results, labels):
         orders = [k for k in results["orders"] if k != "0"]
-        for ax, (key, label) in zip(axes, METRICS):
+        for ax, (key, title) in zip(axes, METRICS):
             ys = [results["orders"][k][key] for k in orders]
             xs = [int(k) for k, y in zip(orders, ys) if y is not None]
             ax.plot(xs, [100 * y for y in ys if y is not None], marker="o", label=label)
-            ax.set_title(label)
+            ax.set_title(title)
             ax.set_xlabel("order")
             ax.set_xticks(range(1, 1 + max((int(k) for k in orders), default=1)))
             ax.grid(alpha=0.3)

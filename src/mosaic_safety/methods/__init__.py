@@ -45,12 +45,14 @@ def load_method(
     backbone: Any = None,
     model: str | None = None,
     suite: str = "minors",
+    registry: Any = None,
     device: str = "cpu",
     dtype: str = "auto",
 ) -> Method:
     """Build a method by name (``None``: the method that wrote ``artifact``).
 
-    Prompting methods need a backbone (or ``model``) and the suite's registry; trained methods load
+    Prompting methods need a backbone (or ``model``) and a registry (``registry``, else the built-in
+    one named ``suite``); trained methods load
     their artifact and check it belongs to the backbone (the artifact's own model if none is given).
     """
     from ..backbone import load_backbone
@@ -69,7 +71,7 @@ def load_method(
         from .controlled_method import base_method, in_context_method
 
         backbone = backbone or load_backbone(model or "smollm2-135m-instruct", device=device, dtype=dtype)
-        registry = CategoryRegistry.load(suite)
+        registry = registry or CategoryRegistry.load(suite)
         return (base_method if name == "none" else in_context_method)(backbone, registry)
     if artifact is None:
         raise MethodError(f"method {name!r} needs --artifact (train one with `mosaic train --method {name}`)")

@@ -151,6 +151,15 @@ class MagicTokenMethod(AdapterMethod):
     def __repr__(self) -> str:  # never show the tokens
         return f"MagicTokenMethod(mode={self.mode!r}, modes={self.modes!r})"
 
+    def _scrub(self, texts: list[str]) -> list[str]:
+        """A model may echo its system prompt (jailbreaks ask for it): never return a secret token."""
+        for token in sorted(self._tokens.values(), key=len, reverse=True):
+            texts = [t.replace(token, "[magic-token]") for t in texts]
+        return texts
+
+    def generate(self, prompts: Sequence[str], policies: Sequence[Policy], **kwargs: Any) -> list[str]:
+        return self._scrub(super().generate(prompts, policies, **kwargs))
+
     def _mode_prompts(self, prompts: Sequence[str], modes: Sequence[str]) -> list[Prompt]:
         if len(prompts) != len(modes):
             raise ValueError("prompts and modes must have the same length")
@@ -177,12 +186,14 @@ class MagicTokenMethod(AdapterMethod):
     ) -> list[str]:
         """Responses under explicit behaviour modes (``three_modes`` artifacts only)."""
         inputs = self._mode_prompts(prompts, modes)
-        return self.model.generate(
-            inputs,
-            [Policy(())] * len(inputs),
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
+        return self._scrub(
+            self.model.generate(
+                inputs,
+                [Policy(())] * len(inputs),
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=progress,
+            )
         )
 
     @torch.no_grad()
