@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 # The main job: train MOSAIC tokens, then compare none / in_context / mosaic on held-out prompts at
-# orders 1-4 (10 prompts per group, 2 sampled subsets per order for orders 2-4; the full comparison
+# orders 1-4 (10 prompts per group, 1 sampled subset per order for orders 2-4; the full comparison
 # with 20 prompts and 3 subsets is in docs/experiments.md).
-DEMO_EVAL := --limit 10 --max-order 4 --subsets-per-order 2 --max-new-tokens 24 --fast
+DEMO_EVAL := --limit 10 --max-order 4 --subsets-per-order 1 --max-new-tokens 24 --fast
 demo: $(STAMP)
 	$(BIN)/mosaic train --config configs/smollm2-minors.yaml eval.max_new_tokens=0
 	$(BIN)/mosaic eval --method none --out runs/eval/none $(DEMO_EVAL)
