@@ -136,3 +136,57 @@ def test_unknown_category_lists_valid_ones(tiny_backbone, tiny_tokens):
     cm = ControlledModel(tiny_backbone, tiny_tokens)
     with pytest.raises(PolicyError, match="valid categories: addiction, alcohol, betting, horror, sex"):
         cm.generate([PROMPTS[0]], ["Alcohol"], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("placement", ["prefix", "system", "user", "user_end"])
+def test_shared_heads_give_the_full_forward_values_and_gradients(
+    tiny_backbone, tiny_tokens, minors, placement
+):
+    """Training runs the part before the control tokens once without gradients; nothing may change."""
+    tiny_tokens.placement = placement
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for block in tiny_tokens.blocks.values():
+            block.add_(torch.randn_like(block))
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    prompts = PROMPTS + ["hi"]
+    policies = [minors.policy("alcohol"), minors.policy("sex"), Policy(()), minors.policy("horror")]
+    targets = [[5, 6, 7, 2], [9, 2], [11, 12, 13, 14, 15, 2], [3]]
+
+    def run(shared):
+        for block in tiny_tokens.blocks.values():
+            block.grad = None
+        heads = cm.prefill_heads(prompts) if shared else None
+        logits, labels = cm.response_logits(prompts, policies, targets, heads)
+        (logits * (labels != -100).unsqueeze(-1)).sum().backward()
+        grads = {n: b.grad.clone() for n, b in tiny_tokens.blocks.items() if b.grad is not None}
+        return logits.detach(), labels, grads, heads
+
+    full, full_labels, full_grads, _ = run(False)
+    split, split_labels, split_grads, heads = run(True)
+    assert (heads is None) == (placement == "prefix")
+    assert torch.equal(full_labels, split_labels)
+    assert full.shape == (4, 6, full.shape[-1])
+    valid = full_labels != -100  # past a row's target the window holds padding: never used
+    assert (full - split)[valid].abs().max().item() <= 1e-5
+    assert sorted(full_grads) == sorted(split_grads) == ["alcohol", "horror", "sex"]
+    for name in full_grads:
+        assert torch.allclose(full_grads[name], split_grads[name], atol=1e-5)
+    # index j predicts target token j: check one row against a plain forward of the full sequence
+    with torch.no_grad():
+        alone, _ = cm.response_logits([prompts[2]], [policies[2]], [targets[2]])
+        ids = chat_ids(tiny_backbone, prompts[2])
+        seq = torch.cat([ids, torch.tensor([targets[2][:-1]])], dim=1)
+        ref = tiny_backbone.model(input_ids=seq).logits[0, ids.shape[1] - 1 :]
+    assert (alone[0] - ref).abs().max().item() <= 1e-5
+    if heads is not None:  # a subset of rows (the teacher pass on negatives) reuses the same heads
+        pair, empty, pair_targets = [prompts[1], prompts[3]], [Policy(())] * 2, [targets[1], targets[3]]
+        sub, _ = cm.response_logits(pair, empty, pair_targets, heads.rows([1, 3]))
+        ref, _ = cm.response_logits(pair, empty, pair_targets)
+        assert (sub - ref).abs().max().item() <= 1e-5
+
+
+def test_response_logits_need_a_target_per_row(tiny_backbone, tiny_tokens):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    with pytest.raises(ValueError, match="target"):
+        cm.response_logits(["hi"], [Policy(())], [[]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from math import comb
 
 import pytest
@@ -195,3 +196,30 @@ def test_resume_refuses_a_different_recipe(tmp_path, tiny_backbone):
     other = Trainer(tiny_config(tmp_path, "optim.lr=0.5"), backbone=tiny_backbone)
     with pytest.raises(ArtifactError, match="different config"):
         other.train(tmp_path / "run", resume=True)
+
+
+def test_learning_rate_schedules():
+    from mosaic_safety.training.schedule import FLOOR, lr_at
+
+    assert [lr_at(s, 10, 0.1) for s in (0, 5, 9)] == [0.1, 0.1, 0.1]
+    cosine = [lr_at(s, 11, 0.1, "cosine") for s in range(11)]
+    assert cosine[0] == pytest.approx(0.1) and cosine[-1] == pytest.approx(0.1 * FLOOR)
+    assert cosine[5] == pytest.approx(0.1 * (FLOOR + (1 - FLOOR) / 2))
+    assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+    assert lr_at(10, 11, 0.1, "linear") == pytest.approx(0.1 * FLOOR)
+    warm = [lr_at(s, 20, 0.1, "cosine", warmup=4) for s in range(6)]
+    assert warm[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1]) and warm[4] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(3, 10, 0.1, "step")
+
+
+def test_schedule_is_validated_and_logged(tmp_path, tiny_backbone):
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.training.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        tiny_config(tmp_path, "optim.schedule=step")
+    run = tmp_path / "run"
+    Trainer(tiny_config(tmp_path, "optim.schedule=cosine", "log.every=1"), backbone=tiny_backbone).train(run)
+    rates = [json.loads(line)["lr"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert rates[0] > rates[-1] and all(a >= b for a, b in zip(rates, rates[1:]))

@@ -53,6 +53,27 @@ class EncodedBatch:
         return self.attention_mask.sum(-1)
 
 
+@dataclass
+class PromptHeads:
+    """The KV cache of each row's prompt up to its control tokens, computed once without gradients.
+
+    With ``user_end`` or ``system`` placement most of a row (the system turn, the request) comes
+    before the control tokens and so does not depend on them. Training runs that part once, under
+    ``no_grad``, and back-propagates only through the short tail (tokens, template rest, response),
+    and the teacher pass on the same rows reuses it.
+    """
+
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (B, heads, Lh, head_dim)
+    mask: torch.Tensor  # (B, Lh), left-padded
+    lengths: torch.Tensor  # (B,) real head tokens per row
+
+    def rows(self, index: Sequence[int]) -> PromptHeads:
+        """The heads of a subset of rows (for the teacher pass on the negatives)."""
+        idx = torch.as_tensor(list(index), device=self.mask.device)
+        kv = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.keys_values]
+        return PromptHeads(kv, self.mask.index_select(0, idx), self.lengths.index_select(0, idx))
+
+
 class ControlledModel:
     """A frozen backbone plus control tokens, applying one policy per row."""
 
@@ -222,6 +243,112 @@ class ControlledModel:
             logits_to_keep=batch.window if window is None else window,
         )
         return out.logits
+
+    # -- response logits (training) ------------------------------------------------------------
+    @torch.no_grad()
+    def prefill_heads(self, prompts: Sequence[Prompt]) -> PromptHeads | None:
+        """Run every row's prompt up to its control tokens once; ``None`` if some row has no head.
+
+        With ``prefix`` placement (or a template that puts nothing before the tokens) there is
+        nothing to share and callers fall back to the full forward.
+        """
+        heads = [self.split_prompt(p)[0] for p in prompts]
+        if not heads or not all(heads):
+            return None
+        from transformers import DynamicCache
+
+        length = max(map(len, heads))
+        ids = torch.full((len(heads), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(heads), length, dtype=torch.long)
+        for i, head in enumerate(heads):
+            ids[i, length - len(head) :] = torch.tensor(head)
+            mask[i, length - len(head) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self.model.get_decoder()(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=DynamicCache(config=self.model.config),
+            use_cache=True,
+        )
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return PromptHeads(kv, mask, mask.sum(-1))
+
+    def response_logits(
+        self,
+        prompts: Sequence[Prompt],
+        policies: Sequence[Policy],
+        targets: Sequence[Sequence[int]],
+        heads: PromptHeads | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits predicting each target token, aligned at the response start: ``(B, T, V)``, ``(B, T)``.
+
+        Index ``j`` of a row is the logit that predicts its ``j``-th target token (labels are -100
+        past a row's target). With ``heads`` (from :meth:`prefill_heads` on the same prompts) only
+        the part from the control tokens on is run with gradients; the values equal the full
+        forward's up to float rounding.
+        """
+        if not targets or any(len(t) == 0 for t in targets):
+            raise ValueError("every row needs at least one target token")
+        width = max(len(t) for t in targets)
+        if heads is None:
+            batch = self.encode(prompts, policies, targets)
+            logits = self.logits(batch)  # end-aligned: row i's target starts at window - 1 - len(t_i)
+            starts = [batch.window - 1 - len(t) for t in targets]
+        else:
+            logits, starts = self._tail_logits(prompts, policies, targets, heads)
+        index = torch.tensor([[s + j for j in range(width)] for s in starts], device=logits.device)
+        index = index.clamp(max=logits.shape[1] - 1)
+        aligned = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        labels = torch.full((len(targets), width), -100, dtype=torch.long)
+        for i, t in enumerate(targets):
+            labels[i, : len(t)] = torch.tensor(list(t))
+        return aligned, labels.to(self.device)
+
+    def _tail_logits(
+        self,
+        prompts: Sequence[Prompt],
+        policies: Sequence[Policy],
+        targets: Sequence[Sequence[int]],
+        heads: PromptHeads,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Right-padded tails ``[control tokens][template rest][target]`` over the cached heads."""
+        from transformers import DynamicCache
+
+        if heads.mask.shape[0] != len(prompts):
+            raise ValueError("heads were computed for a different number of rows")
+        rows, spans, blocks, starts = [], [], [], []
+        for prompt, policy, target in zip(prompts, policies, targets):
+            tail = self.split_prompt(prompt)[1]
+            block = self._block(policy)
+            rows.append([0] * block.shape[0] + tail + list(target))
+            spans.append(block.shape[0])
+            starts.append(block.shape[0] + len(tail) - 1)  # the position that predicts target[0]
+            if block.shape[0]:
+                blocks.append(block)
+        length = max(map(len, rows))
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        ctrl = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+            ctrl[i, : spans[i]] = True
+        ids, mask, ctrl = ids.to(self.device), mask.to(self.device), ctrl.to(self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        if blocks:
+            embeds = embeds.masked_scatter(ctrl.unsqueeze(-1), torch.cat(blocks).to(embeds.dtype))
+        positions = heads.lengths.unsqueeze(1) + torch.arange(length, device=self.device)
+        first = min(starts)
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=torch.cat([heads.mask, mask], dim=1),
+            position_ids=positions,
+            past_key_values=DynamicCache(heads.keys_values, config=self.model.config),
+            use_cache=True,
+            logits_to_keep=length - first,
+        )
+        return out.logits, [s - first for s in starts]
 
     def forward(self, prompts: Sequence[Prompt], policies: Sequence[Any]) -> torch.Tensor:
         """Full-sequence logits ``(B, L, V)`` (left-padded) for prompts under per-row policies."""

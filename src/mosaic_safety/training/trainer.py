@@ -29,6 +29,7 @@ from ..policy import Policy
 from ..tokens import ArtifactError, ControlTokens, read_manifest
 from .losses import response_cross_entropy, response_kl
 from .sampler import OrderSampler, TrainItem
+from .schedule import lr_at, set_lr
 from .teacher import BaseResponseCache
 
 Reporter = Callable[[str, dict[str, Any]], None]
@@ -227,25 +228,32 @@ class Trainer:
             out.append(self._refusals[item.category] if item.positive else self.teacher.get(item.prompt))
         return out
 
-    def loss(self, items: list[TrainItem]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean over rows of CE (positives) and CE + lambda * KL (negatives)."""
+    def loss(self, items: list[TrainItem], share_heads: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean over rows of CE (positives) and CE + lambda * KL (negatives).
+
+        With ``share_heads`` the prompt up to the control tokens is run once without gradients and
+        shared by the controlled pass and the teacher pass (``ControlledModel.prefill_heads``);
+        the values are the same either way (``bench/shared_heads.py`` measures the time).
+        """
         targets = self._targets(items)
-        batch = self.model.encode([i.prompt for i in items], [i.policy for i in items], targets)
-        logits = self.model.logits(batch)
-        ce = response_cross_entropy(logits, batch.labels, self.config.optim.first_token_weight)
+        prompts = [i.prompt for i in items]
+        heads = self.model.prefill_heads(prompts) if share_heads else None
+        logits, labels = self.model.response_logits(prompts, [i.policy for i in items], targets, heads)
+        fw = self.config.optim.first_token_weight
+        ce = response_cross_entropy(logits, labels, fw)
         per_row = ce.clone()
         neg = [j for j, item in enumerate(items) if not item.positive]
         kl_mean = 0.0
         if neg and self.config.optim.kl_weight > 0:
             with torch.no_grad():
-                base = self.model.encode(
-                    [items[j].prompt for j in neg], [Policy(())] * len(neg), [targets[j] for j in neg]
+                teacher_logits, _ = self.model.response_logits(
+                    [prompts[j] for j in neg],
+                    [Policy(())] * len(neg),
+                    [targets[j] for j in neg],
+                    heads.rows(neg) if heads is not None else None,
                 )
-                teacher_logits = self.model.logits(base)
-            width = base.window  # both windows end at the last position, so the tails align
-            kl = response_kl(
-                logits[neg, -width:], teacher_logits, base.labels, self.config.optim.first_token_weight
-            )
+            width = teacher_logits.shape[1]  # the negatives' longest target; past it only -100
+            kl = response_kl(logits[neg, :width], teacher_logits, labels[neg, :width], fw)
             per_row[neg] = per_row[neg] + self.config.optim.kl_weight * kl
             kl_mean = float(kl.detach().mean())
         pos = [j for j, item in enumerate(items) if item.positive]
@@ -280,7 +288,10 @@ class Trainer:
             for epoch in range(start_epoch, cfg.optim.epochs):
                 window: list[dict[str, float]] = []
                 for items in self.sampler.epoch_batches(epoch, cfg.optim.batch_size):
+                    lr = lr_at(step, total, cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps)
+                    set_lr(self.optimizer, lr)
                     loss, stats = self.loss(items)
+                    stats["lr"] = lr
                     optimizer_step(loss, self.optimizer, self.trainable, cfg.optim.grad_clip)
                     step += 1
                     last = stats["loss"]
@@ -363,8 +374,15 @@ class Trainer:
 
 
 def _resume_key(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a config a resumed run must share with its checkpoint: all but the epoch count."""
-    return {**config, "optim": {k: v for k, v in config["optim"].items() if k != "epochs"}}
+    """The parts of a config a resumed run must share with its checkpoint.
+
+    Everything that shapes the optimisation, except the epoch count (to train longer). Where the
+    run lives (``output``: a run directory may be moved or copied), how it logs and how it is
+    evaluated afterwards do not change the tokens, so they may differ.
+    """
+    free = {"output", "log", "eval"}
+    key = {k: v for k, v in config.items() if k not in free}
+    return {**key, "optim": {k: v for k, v in config["optim"].items() if k != "epochs"}}
 
 
 def _tensorboard(out: Path) -> Any:
