@@ -49,6 +49,24 @@ def test_epoch_items_respect_the_policy():
     assert 0.3 < len(inactive) / (len(items) - pos) < 0.7
 
 
+def test_paired_sampling_gives_each_positive_a_contrastive_twin():
+    s = make_sampler(max_order=5, per_subset=6, neg_ratio=0.5, inactive_share=0.0, paired=True)
+    items = s.epoch_items(0)
+    for b in s.budgets:  # the full policy (order 5 = K) leaves no category out: no twins there
+        twins = b.positives_per_subset if b.order < 5 else 0
+        assert b.negatives_per_subset == round(0.5 * b.positives_per_subset) + twins
+    assert sum(b.positives + b.negatives for b in s.budgets) == len(items)
+    negatives = {(i.prompt, i.policy.order) for i in items if not i.positive}
+    for item in items:
+        if item.positive and item.policy.order < 5:
+            assert (item.prompt, item.policy.order) in negatives
+        if not item.positive:
+            assert item.category not in item.policy
+    twins = [i for i in items if not i.positive and i.category != "neutral"]
+    assert len(twins) == sum(i.positive and i.policy.order < 5 for i in items)  # inactive_share 0
+    assert set(s.negative_prompts()) >= {p for c in CATS for p in s.prompts[c]}
+
+
 def test_batches_are_single_order_and_seeded():
     s = make_sampler(max_order=3, per_subset=6)
     batches = s.epoch_batches(0, 4)

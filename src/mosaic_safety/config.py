@@ -49,6 +49,7 @@ class SamplingConfig:
     neg_ratio: float = 1.0  # negatives per positive
     inactive_share: float = 0.5  # share of negatives drawn from categories outside the policy
     boundary_share: float = 0.25  # share of the remaining (neutral) negatives that are boundary items
+    paired: bool = False  # each positive also as a negative under a same-order policy without its category
 
 
 @dataclass

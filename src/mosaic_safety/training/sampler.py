@@ -6,6 +6,11 @@ refused) and ``round(neg_ratio * n(S))`` negatives (prompts that must be answere
 and boundary prompts, and prompts of categories outside S). Splitting a per-order budget over the
 subsets keeps the cost flat as C(K, r) grows, while every order is trained in the same run, so one
 token set works alone and in every combination.
+
+With ``paired`` every positive also gets a contrastive twin: the same prompt under a random policy
+of the same order that leaves its category out, to be answered as the base model does. A category
+prompt is then refused only as often as it is answered, so its topic alone predicts nothing and
+only the control tokens decide.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class OrderSampler:
         boundary_share: float = 0.25,
         trainable: Sequence[str] | None = None,
         seed: int = 0,
+        paired: bool = False,
     ):
         self.categories = tuple(categories)
         missing = [c for c in self.categories if not prompts.get(c)]
@@ -80,6 +86,7 @@ class OrderSampler:
         self.inactive_share = inactive_share
         self.boundary_share = boundary_share
         self.seed = seed
+        self.paired = paired and len(self.categories) > 1
         self.subsets = {r: self._subsets(r) for r in range(1, self.max_order + 1)}
         self.budgets = [self._budget(r) for r in self.subsets if self.subsets[r]]
 
@@ -90,7 +97,14 @@ class OrderSampler:
     def _budget(self, order: int) -> OrderBudget:
         n_subsets = len(self.subsets[order])
         n_pos = max(1, min(self.per_subset, self.cap // n_subsets))
-        return OrderBudget(order, n_subsets, n_pos, round(self.neg_ratio * n_pos))
+        n_neg = round(self.neg_ratio * n_pos)
+        if self.paired and self._twin_orders(order):
+            n_neg += n_pos
+        return OrderBudget(order, n_subsets, n_pos, n_neg)
+
+    def _twin_orders(self, order: int) -> bool:
+        """Whether a positive of this order has a twin policy: same order, without its category."""
+        return order < len(self.categories)
 
     def epoch_items(self, epoch: int) -> list[TrainItem]:
         rng = random.Random(f"{self.seed}:{epoch}")
@@ -98,13 +112,22 @@ class OrderSampler:
         for budget in self.budgets:
             for subset in self.subsets[budget.order]:
                 policy = Policy(subset)
+                twins = self.paired and self._twin_orders(budget.order)
                 for i in range(budget.positives_per_subset):
                     cat = subset[i % len(subset)]
-                    items.append(TrainItem(rng.choice(self.prompts[cat]), policy, True, cat))
+                    prompt = rng.choice(self.prompts[cat])
+                    items.append(TrainItem(prompt, policy, True, cat))
+                    if twins:
+                        items.append(TrainItem(prompt, self._twin_policy(rng, budget.order, cat), False, cat))
                 inactive = [c for c in self.categories if c not in subset]
-                for _ in range(budget.negatives_per_subset):
+                plain = budget.negatives_per_subset - (budget.positives_per_subset if twins else 0)
+                for _ in range(plain):
                     items.append(self._negative(rng, policy, inactive))
         return items
+
+    def _twin_policy(self, rng: random.Random, order: int, category: str) -> Policy:
+        """A random policy of the same order that leaves ``category`` out (the contrastive twin)."""
+        return Policy(rng.choice([s for s in combinations(self.categories, order) if category not in s]))
 
     def _negative(self, rng: random.Random, policy: Policy, inactive: list[str]) -> TrainItem:
         if inactive and rng.random() < self.inactive_share:
@@ -132,7 +155,7 @@ class OrderSampler:
     def negative_prompts(self) -> list[str]:
         """Every prompt that can be drawn as a negative (for precomputing base responses)."""
         pool = set(self.neutral) | set(self.boundary)
-        if self.inactive_share > 0 and len(self.categories) > 1:
+        if (self.inactive_share > 0 or self.paired) and len(self.categories) > 1:
             for c in self.categories:
                 pool |= set(self.prompts[c])
         return sorted(pool)

@@ -101,6 +101,7 @@ def order_sampler(
         boundary_share=s.boundary_share,
         trainable=trainable,
         seed=config.optim.seed,
+        paired=s.paired,
     )
 
 
