@@ -172,6 +172,30 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_backbone):
         assert torch.allclose(full.tokens.blocks[name], resumed.tokens.blocks[name], atol=1e-5)
 
 
+def test_resume_from_a_moved_run_and_an_older_config_schema(tmp_path, tiny_backbone):
+    """A copied run directory resumes, and so does a checkpoint written before newer config fields."""
+    import shutil
+
+    from mosaic_safety.training.trainer import Trainer
+
+    full = Trainer(tiny_config(tmp_path), backbone=tiny_backbone)
+    full.train(tmp_path / "full")
+    Trainer(tiny_config(tmp_path, "optim.epochs=1"), backbone=tiny_backbone).train(tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    manifest = tmp_path / "moved" / "checkpoints" / "epoch-1" / "mosaic.json"
+    data = json.loads(manifest.read_text())
+    config = data["training"]["config"]
+    del config["sampling"]["paired"]  # an older schema: a field added later, one removed since
+    config["model"]["retired_field"] = False
+    manifest.write_text(json.dumps(data))
+    moved = tmp_path / "moved"
+    resumed = Trainer(tiny_config(tmp_path, f"output={moved}", "optim.epochs=2"), backbone=tiny_backbone)
+    result = resumed.train(moved, resume=True)
+    assert result.steps == full.sampler.steps_per_epoch(4) * 2
+    for name in full.tokens.categories:
+        assert torch.allclose(full.tokens.blocks[name], resumed.tokens.blocks[name], atol=1e-5)
+
+
 def test_incremental_training_keeps_old_tokens_bitwise(tmp_path, tiny_backbone):
     from mosaic_safety.tokens import ControlTokens
     from mosaic_safety.training.trainer import Trainer

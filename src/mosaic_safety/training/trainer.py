@@ -377,13 +377,22 @@ class Trainer:
 def _resume_key(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config a resumed run must share with its checkpoint.
 
-    Everything that shapes the optimisation, except the epoch count (to train longer). Where the
-    run lives (``output``: a run directory may be moved or copied), how it logs and how it is
-    evaluated afterwards do not change the tokens, so they may differ.
+    Everything that shapes the optimisation, except the epoch count (to train longer). Fields the
+    checkpoint predates take their defaults, which keep the old behaviour. Where the run lives
+    (``output``: a run directory may be moved or copied), how it logs and how it is evaluated
+    afterwards do not change the tokens, so they may differ.
     """
     free = {"output", "log", "eval"}
-    key = {k: v for k, v in config.items() if k not in free}
-    return {**key, "optim": {k: v for k, v in config["optim"].items() if k != "epochs"}}
+    defaults = TrainConfig().to_dict()  # fields added since the checkpoint take their defaults
+    key = {}
+    for name, default in defaults.items():
+        if name in free:
+            continue
+        value = config.get(name, default)
+        if isinstance(default, dict) and isinstance(value, dict) and name != "method_options":
+            value = {k: value.get(k, d) for k, d in default.items()}
+        key[name] = value
+    return {**key, "optim": {k: v for k, v in key["optim"].items() if k != "epochs"}}
 
 
 def _tensorboard(out: Path) -> Any:
