@@ -27,7 +27,7 @@ setup: $(STAMP)
 # with 20 prompts and 3 subsets is in docs/experiments.md).
 DEMO_EVAL := --limit 10 --max-order 4 --subsets-per-order 1 --max-new-tokens 24 --fast
 demo: $(STAMP)
-	$(BIN)/mosaic train --config configs/smollm2-minors.yaml eval.max_new_tokens=0
+	$(BIN)/mosaic train --config configs/smollm2-minors.yaml --overwrite eval.max_new_tokens=0
 	$(BIN)/mosaic eval --method none --out runs/eval/none $(DEMO_EVAL)
 	$(BIN)/mosaic eval --method in_context --out runs/eval/in_context $(DEMO_EVAL)
 	$(BIN)/mosaic eval --artifact runs/smollm2-minors --out runs/eval/mosaic $(DEMO_EVAL)

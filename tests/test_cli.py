@@ -102,6 +102,30 @@ def test_resume_flag(trained):
     assert "resumed from epoch-2" in proc.stderr
 
 
+def test_fresh_train_into_an_earlier_run_is_refused(trained):
+    root, art, _ = trained
+    before = (art / "tokens.safetensors").read_bytes()
+    err = _error(
+        mosaic("train", "-c", "configs/tiny-test.yaml", "-o", str(art), cache=root / "cache", check=False)
+    )
+    assert "already holds a training run" in err and "--overwrite" in err
+    err = _error(
+        mosaic(
+            "train",
+            "-c",
+            "configs/tiny-test.yaml",
+            "-o",
+            str(art),
+            "--resume",
+            "--overwrite",
+            cache=root / "cache",
+            check=False,
+        )
+    )
+    assert "pick one" in err
+    assert (art / "tokens.safetensors").read_bytes() == before  # nothing lost
+
+
 def _error(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr

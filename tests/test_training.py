@@ -265,3 +265,23 @@ def test_schedule_is_validated_and_logged(tmp_path, tiny_backbone):
     Trainer(tiny_config(tmp_path, "optim.schedule=cosine", "log.every=1"), backbone=tiny_backbone).train(run)
     rates = [json.loads(line)["lr"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert rates[0] > rates[-1] and all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_one(tmp_path, tiny_backbone):
+    from mosaic_safety.tokens import ArtifactError
+    from mosaic_safety.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(tiny_config(tmp_path, "optim.epochs=2"), backbone=tiny_backbone).train(run)
+    (run / "notes.txt").write_text("mine")
+    before = (run / "tokens.safetensors").read_bytes()
+    with pytest.raises(ArtifactError, match="--overwrite"):
+        Trainer(tiny_config(tmp_path, "optim.epochs=1"), backbone=tiny_backbone).train(run)
+    assert (run / "tokens.safetensors").read_bytes() == before  # refused before touching anything
+    result = Trainer(tiny_config(tmp_path, "optim.epochs=1"), backbone=tiny_backbone).train(
+        run, overwrite=True
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-1"]  # no stale epoch-2
+    logged = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert max(logged) == result.steps and logged == sorted(logged)  # the new run's log only
+    assert (run / "notes.txt").read_text() == "mine"  # files that are not the run's stay

@@ -150,6 +150,9 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the last epoch checkpoint in the output."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier run in the output (its artifact, checkpoints and log)."
+    ),
     method: str | None = typer.Option(
         None, "--method", "-m", help="mosaic (default) | lora_sft | orpo | magic_token | dsa"
     ),
@@ -157,11 +160,15 @@ def train(
 ) -> None:
     """Train control tokens (or a comparison method) on a frozen model; print the held-out refusal table."""
     from .config import ConfigError, load_config
-    from .training.trainer import Trainer
+    from .training.trainer import Trainer, claim_output
 
     with friendly_errors():
         cfg = load_config(config, [*(overrides or []), *([f"method={method}"] if method else [])])
         target = output or Path(cfg.output)
+        if resume and overwrite:
+            raise ConfigError(
+                "--resume continues the run in the output and --overwrite replaces it: pick one"
+            )
         if cfg.method != "mosaic":
             if resume:
                 raise ConfigError(
@@ -169,6 +176,8 @@ def train(
                 )
             _train_other_method(cfg, target)
             return
+        if not resume:
+            claim_output(target, overwrite)  # before loading anything: fail fast on an occupied output
         with _progress() as progress:
             display = TrainDisplay(progress)
             trainer = Trainer(cfg, reporter=display)
@@ -178,7 +187,7 @@ def train(
                 f"placement {cfg.tokens.placement}",
                 highlight=False,
             )
-            result = trainer.train(target, resume=resume)
+            result = trainer.train(target, resume=resume, overwrite=overwrite)
             console.print(
                 f"[green]✓[/] trained {result.steps} steps in {result.seconds:.0f}s; artifact: {target}",
                 highlight=False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,6 +156,40 @@ def log_window(
     return avg
 
 
+RUN_FILES = (
+    "mosaic.json",
+    "tokens.safetensors",
+    "train_log.jsonl",
+    "eval_table.json",
+    "checkpoints",
+    "tensorboard",
+)
+"""What a training run writes into its output directory."""
+
+
+def claim_output(out: Path, overwrite: bool = False) -> None:
+    """Make sure a fresh run does not mix with an earlier one in the same directory.
+
+    An earlier run's checkpoints would sit beside the new ones (``--resume`` takes the last epoch,
+    which could be the old run's) and its log would be appended to. So a fresh run refuses such a
+    directory unless told to replace it; files that are not a run's are never touched.
+    """
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ArtifactError(
+            f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --output"
+        )
+    for name in found:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 class Trainer:
     def __init__(
         self, config: TrainConfig, backbone: Backbone | None = None, reporter: Reporter | None = None
@@ -271,8 +306,11 @@ class Trainer:
         """Generate (or load from cache) the base model's answers to every possible negative."""
         fill_teacher(self.teacher, self.sampler.negative_prompts(), self.report)
 
-    def train(self, output: str | Path, resume: bool = False) -> TrainResult:
+    def train(self, output: str | Path, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Train into ``output``; ``resume`` continues its last checkpoint, ``overwrite`` replaces a run there."""
         out = Path(output)
+        if not resume:
+            claim_output(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.config
         budgets = budget_rows(self.sampler)
