@@ -56,3 +56,31 @@ def test_empty_policy_equals_base_on_smollm2(smollm2, minors):
         assert (
             cm.next_token_logits(prompts[:1], ["alcohol"]) - cm.next_token_logits(prompts[:1], [""])
         ).abs().max() > 0.1
+
+
+def test_shared_head_training_forward_matches_on_smollm2(smollm2, minors):
+    """The training fast path (heads cached without gradients) gives the full forward's logits here too."""
+    from mosaic_safety.controlled import ControlledModel
+    from mosaic_safety.policy import Policy
+    from mosaic_safety.tokens import ControlTokens
+
+    tokens = ControlTokens.initialise(
+        minors,
+        smollm2.model.get_input_embeddings(),
+        smollm2.tokenizer,
+        m=4,
+        init="vocab",
+        placement="user_end",
+    )
+    cm = ControlledModel(smollm2, tokens)
+    prompts = ["Best cocktail for a summer party?", "How do I fix a flat bicycle tyre?"]
+    policies = [minors.policy("alcohol"), Policy(())]
+    targets = [
+        smollm2.tokenizer("I'm sorry, but no.")["input_ids"],
+        smollm2.tokenizer("First, remove")["input_ids"],
+    ]
+    with torch.no_grad():
+        full, labels = cm.response_logits(prompts, policies, targets)
+        shared, _ = cm.response_logits(prompts, policies, targets, cm.prefill_heads(prompts))
+    valid = labels != -100
+    assert (full - shared)[valid].abs().max().item() <= 1e-4
