@@ -215,15 +215,22 @@ class ControlledModel:
             if labels is not None and len(targets[i]):
                 labels[i, length - len(targets[i]) : length] = torch.tensor(list(targets[i]))
         ids, mask, ctrl_mask = ids.to(self.device), mask.to(self.device), ctrl_mask.to(self.device)
-        embeds = self.model.get_input_embeddings()(ids)
-        if blocks:
-            values = torch.cat(blocks).to(embeds.dtype)
-            embeds = embeds.masked_scatter(ctrl_mask.unsqueeze(-1), values)
+        embeds = self._embed(ids, ctrl_mask, blocks)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         if labels is not None:
             # logits at window index j (sequence position L-window+j) predict position L-window+j+1
             labels = labels[:, length - window + 1 : length + 1].to(self.device)
         return EncodedBatch(embeds, mask, position_ids, labels, window)
+
+    def _embed(self, ids: torch.Tensor, ctrl_mask: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with the control vectors spliced in where ``ctrl_mask`` is set, row by row.
+
+        ``masked_scatter`` keeps the graph to the control tokens, so gradients reach them and nothing else.
+        """
+        embeds = self.model.get_input_embeddings()(ids)
+        if not blocks:
+            return embeds
+        return embeds.masked_scatter(ctrl_mask.unsqueeze(-1), torch.cat(blocks).to(embeds.dtype))
 
     def _block(self, policy: Policy) -> torch.Tensor:
         if not policy:
@@ -335,9 +342,7 @@ class ControlledModel:
             mask[i, : len(row)] = 1
             ctrl[i, : spans[i]] = True
         ids, mask, ctrl = ids.to(self.device), mask.to(self.device), ctrl.to(self.device)
-        embeds = self.model.get_input_embeddings()(ids)
-        if blocks:
-            embeds = embeds.masked_scatter(ctrl.unsqueeze(-1), torch.cat(blocks).to(embeds.dtype))
+        embeds = self._embed(ids, ctrl, blocks)
         positions = heads.lengths.unsqueeze(1) + torch.arange(length, device=self.device)
         first = min(starts)
         out = self.model(
