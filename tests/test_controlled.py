@@ -18,6 +18,14 @@ def base_logits(backbone, prompt):
         return backbone.model(input_ids=ids).logits[0]
 
 
+def perturb(tokens, seed):
+    """Move the control vectors far from their initial rows, so that their effect is large."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for block in tokens.blocks.values():
+            block.add_(torch.randn_like(block))
+
+
 def base_greedy(backbone, prompt, n):
     ids = chat_ids(backbone, prompt)
     out = backbone.model.generate(
@@ -50,11 +58,7 @@ def test_empty_policy_gives_base_logits_and_text(tiny_backbone, tiny_tokens, pla
 @pytest.mark.parametrize("placement", ["prefix", "user", "user_end"])
 def test_row_does_not_depend_on_batch_or_padding(tiny_backbone, tiny_tokens, minors, placement):
     tiny_tokens.placement = placement
-    # make the control tokens matter so that a leak between rows would show
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for block in tiny_tokens.blocks.values():
-            block.add_(torch.randn_like(block))
+    perturb(tiny_tokens, seed=1)  # make the control tokens matter so that a leak between rows would show
     cm = ControlledModel(tiny_backbone, tiny_tokens)
     policies = [minors.policy("alcohol"), minors.policy("horror,sex,betting"), Policy(())]
     with torch.no_grad():
@@ -144,10 +148,7 @@ def test_shared_heads_give_the_full_forward_values_and_gradients(
 ):
     """Training runs the part before the control tokens once without gradients; nothing may change."""
     tiny_tokens.placement = placement
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for block in tiny_tokens.blocks.values():
-            block.add_(torch.randn_like(block))
+    perturb(tiny_tokens, seed=2)
     cm = ControlledModel(tiny_backbone, tiny_tokens)
     prompts = PROMPTS + ["hi"]
     policies = [minors.policy("alcohol"), minors.policy("sex"), Policy(()), minors.policy("horror")]
