@@ -123,6 +123,20 @@ def test_fresh_train_into_an_earlier_run_is_refused(trained):
         )
     )
     assert "pick one" in err
+    err = _error(  # another method's artifact would replace mosaic.json: refused the same way
+        mosaic(
+            "train",
+            "-c",
+            "configs/tiny-test.yaml",
+            "-o",
+            str(art),
+            "--method",
+            "lora_sft",
+            cache=root / "cache",
+            check=False,
+        )
+    )
+    assert "already holds a training run" in err
     assert (art / "tokens.safetensors").read_bytes() == before  # nothing lost
 
 

@@ -424,3 +424,7 @@ def test_cli_train_then_load(tmp_path, tiny_backbone, name):
             assert secret not in proc.stdout + proc.stderr
     bad = train(tmp_path / "x", "method_options.lora_r=big")
     assert bad.returncode == 2 and "lora_r" in bad.stderr and "Traceback" not in bad.stderr
+    before = (art / "weights.safetensors").read_bytes()
+    again = train(art, "optim.epochs=1")
+    assert again.returncode == 2 and "already holds a training run" in again.stderr
+    assert (art / "weights.safetensors").read_bytes() == before  # nothing lost

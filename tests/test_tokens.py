@@ -8,7 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mosaic_safety.tokens import ArtifactError, ControlTokens, read_manifest
+from mosaic_safety.tokens import (
+    ArtifactError,
+    ControlTokens,
+    init_from_text_tokens,
+    read_manifest,
+)
 
 
 def test_init_from_description_is_in_embedding_span(tiny_backbone, tiny_tokens):
@@ -16,6 +21,18 @@ def test_init_from_description_is_in_embedding_span(tiny_backbone, tiny_tokens):
     for block in tiny_tokens.blocks.values():
         assert block.shape == (3, emb.shape[1]) and block.dtype == torch.float32
         assert block.norm(dim=-1).max() <= emb.norm(dim=-1).max() + 1e-5
+
+
+def test_text_init_copies_the_description_token_rows(tiny_backbone, minors):
+    emb = tiny_backbone.model.get_input_embeddings()
+    tok = tiny_backbone.tokenizer
+    tokens = ControlTokens.initialise(minors, emb, tok, m=4, init="text")
+    cat = minors["alcohol"]
+    ids = tok(f"{cat.display}: {cat.description}", add_special_tokens=False)["input_ids"]
+    assert torch.equal(tokens.blocks["alcohol"], emb.weight[torch.tensor(ids[:4])].detach())
+    short = tok("beer", add_special_tokens=False)["input_ids"]
+    repeated = init_from_text_tokens(emb, tok, "beer", m=len(short) + 2)
+    assert torch.equal(repeated, emb.weight[torch.tensor((short * 3)[: len(short) + 2])].detach())
 
 
 def test_save_load_round_trip(tmp_path, tiny_backbone, tiny_tokens):

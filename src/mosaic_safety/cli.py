@@ -169,15 +169,15 @@ def train(
             raise ConfigError(
                 "--resume continues the run in the output and --overwrite replaces it: pick one"
             )
-        if cfg.method != "mosaic":
-            if resume:
-                raise ConfigError(
-                    f"--resume is only supported for mosaic; {cfg.method} restarts from scratch"
-                )
-            _train_other_method(cfg, target)
-            return
+        if resume and cfg.method != "mosaic":
+            raise ConfigError(
+                f"--resume is only supported for mosaic; {cfg.method} restarts from scratch"
+            )
         if not resume:
             claim_output(target, overwrite)  # before loading anything: fail fast on an occupied output
+        if cfg.method != "mosaic":
+            _train_other_method(cfg, target)
+            return
         with _progress() as progress:
             display = TrainDisplay(progress)
             trainer = Trainer(cfg, reporter=display)

@@ -37,7 +37,7 @@ class DataConfig:
 @dataclass
 class TokensConfig:
     m: int = 5  # control tokens per category
-    init: str = "description"  # description | vocab
+    init: str = "description"  # description | text | vocab
     placement: str = "prefix"  # prefix | system | user | user_end
 
 

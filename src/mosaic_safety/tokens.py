@@ -52,6 +52,23 @@ def init_from_text(embedding: nn.Embedding, tokenizer: Any, text: str, m: int) -
     return torch.stack(rows)
 
 
+def init_from_text_tokens(
+    embedding: nn.Embedding, tokenizer: Any, text: str, m: int
+) -> torch.Tensor:
+    """Initial vectors copied from the first ``m`` token rows of a text (PEFT's ``TEXT`` choice).
+
+    Unlike :func:`init_from_text` nothing is averaged, so every vector has a real token's norm and
+    meaning; a text shorter than ``m`` tokens is repeated.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("cannot initialise control tokens from an empty text")
+    ids = (ids * (m // len(ids) + 1))[:m]
+    with torch.no_grad():
+        idx = torch.tensor(ids, device=embedding.weight.device)
+        return embedding.weight[idx].float().cpu().clone()
+
+
 def init_from_vocab(embedding: nn.Embedding, m: int, generator: torch.Generator) -> torch.Tensor:
     """Initial vectors copied from ``m`` random vocabulary rows (the PEFT ``RANDOM`` choice)."""
     idx = torch.randint(0, embedding.weight.shape[0], (m,), generator=generator)
@@ -102,10 +119,14 @@ class ControlTokens(nn.Module):
                 continue
             if init == "description":
                 blocks[cat.name] = init_from_text(embedding, tokenizer, _init_text(cat), m)
+            elif init == "text":
+                blocks[cat.name] = init_from_text_tokens(embedding, tokenizer, _init_text(cat), m)
             elif init == "vocab":
                 blocks[cat.name] = init_from_vocab(embedding, m, generator)
             else:
-                raise ValueError(f"unknown init {init!r}; choose 'description' or 'vocab'")
+                raise ValueError(
+                    f"unknown init {init!r}; choose 'description', 'text' or 'vocab'"
+                )
         return cls(registry, blocks, placement)
 
     # -- properties ---------------------------------------------------------------------------

@@ -163,8 +163,10 @@ RUN_FILES = (
     "eval_table.json",
     "checkpoints",
     "tensorboard",
+    "weights.safetensors",  # comparison methods (methods/artifact.py)
+    "secrets.json",
 )
-"""What a training run writes into its output directory."""
+"""What a training run of any method writes into its output directory."""
 
 
 def claim_output(out: Path, overwrite: bool = False) -> None:
