@@ -170,9 +170,7 @@ def train(
                 "--resume continues the run in the output and --overwrite replaces it: pick one"
             )
         if resume and cfg.method != "mosaic":
-            raise ConfigError(
-                f"--resume is only supported for mosaic; {cfg.method} restarts from scratch"
-            )
+            raise ConfigError(f"--resume is only supported for mosaic; {cfg.method} restarts from scratch")
         if not resume:
             claim_output(target, overwrite)  # before loading anything: fail fast on an occupied output
         if cfg.method != "mosaic":

@@ -52,9 +52,7 @@ def init_from_text(embedding: nn.Embedding, tokenizer: Any, text: str, m: int) -
     return torch.stack(rows)
 
 
-def init_from_text_tokens(
-    embedding: nn.Embedding, tokenizer: Any, text: str, m: int
-) -> torch.Tensor:
+def init_from_text_tokens(embedding: nn.Embedding, tokenizer: Any, text: str, m: int) -> torch.Tensor:
     """Initial vectors copied from the first ``m`` token rows of a text (PEFT's ``TEXT`` choice).
 
     Unlike :func:`init_from_text` nothing is averaged, so every vector has a real token's norm and
@@ -124,9 +122,7 @@ class ControlTokens(nn.Module):
             elif init == "vocab":
                 blocks[cat.name] = init_from_vocab(embedding, m, generator)
             else:
-                raise ValueError(
-                    f"unknown init {init!r}; choose 'description', 'text' or 'vocab'"
-                )
+                raise ValueError(f"unknown init {init!r}; choose 'description', 'text' or 'vocab'")
         return cls(registry, blocks, placement)
 
     # -- properties ---------------------------------------------------------------------------
