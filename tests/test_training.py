@@ -285,3 +285,22 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one(tmp_path, tiny_backbone):
     logged = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert max(logged) == result.steps and logged == sorted(logged)  # the new run's log only
     assert (run / "notes.txt").read_text() == "mine"  # files that are not the run's stay
+
+
+def test_norm_cap_keeps_control_vectors_at_token_scale(tmp_path, tiny_backbone):
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.training.trainer import Trainer, vocab_max_norm
+
+    limit = 0.5 * vocab_max_norm(tiny_backbone.model.get_input_embeddings())
+    norms = {}
+    for cap in ("0", "0.5"):
+        trainer = Trainer(
+            tiny_config(tmp_path, "optim.epochs=1", "optim.lr=0.5", f"tokens.norm_cap={cap}"),
+            backbone=tiny_backbone,
+        )
+        trainer.train(tmp_path / f"cap{cap}")
+        norms[cap] = max(float(b.detach().norm(dim=-1).max()) for b in trainer.tokens.blocks.values())
+    assert norms["0"] > limit  # without the cap this lr leaves token scale...
+    assert norms["0.5"] <= limit + 1e-5  # ...with it no vector ends above the cap
+    with pytest.raises(ConfigError, match="norm_cap"):
+        tiny_config(tmp_path, "tokens.norm_cap=-1")

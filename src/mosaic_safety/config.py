@@ -39,6 +39,7 @@ class TokensConfig:
     m: int = 5  # control tokens per category
     init: str = "description"  # description | text | vocab
     placement: str = "prefix"  # prefix | system | user | user_end
+    norm_cap: float = 0.0  # >0: after each step, cap every vector's norm at this × the largest vocab-row norm
 
 
 @dataclass
@@ -110,6 +111,7 @@ class TrainConfig:
                 self.tokens.placement in ("prefix", "system", "user", "user_end"),
                 "tokens.placement: prefix | system | user | user_end",
             ),
+            (self.tokens.norm_cap >= 0, "tokens.norm_cap must be >= 0 (0: off)"),
             (self.sampling.max_order >= 1, "sampling.max_order must be at least 1"),
             (self.sampling.per_subset >= 1, "sampling.per_subset must be at least 1"),
             (self.sampling.neg_ratio >= 0, "sampling.neg_ratio must be >= 0"),

@@ -156,6 +156,25 @@ def log_window(
     return avg
 
 
+def vocab_max_norm(embedding: torch.nn.Embedding) -> float:
+    """The largest row norm of the backbone's input embedding: the scale real tokens live at."""
+    with torch.no_grad():
+        return float(embedding.weight.float().norm(dim=-1).max())
+
+
+@torch.no_grad()
+def cap_norms(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Project every control vector (row) with a norm above ``max_norm`` back onto that sphere.
+
+    Unconstrained Adam steps inflate the vectors far past any real token's norm (3x on SmolLM2 after
+    three epochs). An outsized embedding dominates its own residual stream, so the token carries a
+    fixed signal rather than one computed from the request: the cap keeps it in the range the frozen
+    model was trained on.
+    """
+    for p in params:
+        p.copy_(torch.renorm(p, 2, 0, max_norm))
+
+
 RUN_FILES = (
     "mosaic.json",
     "tokens.safetensors",
@@ -213,6 +232,7 @@ class Trainer:
         )
         self.trainable = [p for n, p in self.tokens.blocks.items() if n not in self.frozen]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.optim.lr)
+        self.max_norm = config.tokens.norm_cap * vocab_max_norm(self.backbone.model.get_input_embeddings())
         self.teacher = BaseResponseCache(
             self.model, cache_root() / "responses", config.teacher.max_new_tokens, config.teacher.batch_size
         )
@@ -334,6 +354,8 @@ class Trainer:
                     loss, stats = self.loss(items)
                     stats["lr"] = lr
                     optimizer_step(loss, self.optimizer, self.trainable, cfg.optim.grad_clip)
+                    if self.max_norm > 0:
+                        cap_norms(self.trainable, self.max_norm)
                     step += 1
                     last = stats["loss"]
                     window.append(stats)
