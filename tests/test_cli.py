@@ -105,38 +105,16 @@ def test_resume_flag(trained):
 def test_fresh_train_into_an_earlier_run_is_refused(trained):
     root, art, _ = trained
     before = (art / "tokens.safetensors").read_bytes()
-    err = _error(
-        mosaic("train", "-c", "configs/tiny-test.yaml", "-o", str(art), cache=root / "cache", check=False)
-    )
+
+    def train_error(*flags: str) -> str:
+        cmd = ("train", "-c", "configs/tiny-test.yaml", "-o", str(art), *flags)
+        return _error(mosaic(*cmd, cache=root / "cache", check=False))
+
+    err = train_error()
     assert "already holds a training run" in err and "--overwrite" in err
-    err = _error(
-        mosaic(
-            "train",
-            "-c",
-            "configs/tiny-test.yaml",
-            "-o",
-            str(art),
-            "--resume",
-            "--overwrite",
-            cache=root / "cache",
-            check=False,
-        )
-    )
-    assert "pick one" in err
-    err = _error(  # another method's artifact would replace mosaic.json: refused the same way
-        mosaic(
-            "train",
-            "-c",
-            "configs/tiny-test.yaml",
-            "-o",
-            str(art),
-            "--method",
-            "lora_sft",
-            cache=root / "cache",
-            check=False,
-        )
-    )
-    assert "already holds a training run" in err
+    assert "pick one" in train_error("--resume", "--overwrite")
+    # another method's artifact would replace mosaic.json: refused the same way
+    assert "already holds a training run" in train_error("--method", "lora_sft")
     assert (art / "tokens.safetensors").read_bytes() == before  # nothing lost
 
 

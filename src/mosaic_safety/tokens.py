@@ -33,6 +33,13 @@ class ArtifactError(ValueError):
     """An artifact that cannot be loaded, or does not fit the backbone it is loaded onto."""
 
 
+def _text_ids(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("cannot initialise control tokens from an empty text")
+    return ids
+
+
 def init_from_text(embedding: nn.Embedding, tokenizer: Any, text: str, m: int) -> torch.Tensor:
     """Initial vectors from a text: its token embeddings split into ``m`` chunks, each averaged.
 
@@ -40,9 +47,7 @@ def init_from_text(embedding: nn.Embedding, tokenizer: Any, text: str, m: int) -
     frozen model sees in-distribution inputs at step 0) while using the whole description, not just
     its first ``m`` tokens.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError("cannot initialise control tokens from an empty text")
+    ids = _text_ids(tokenizer, text)
     with torch.no_grad():
         vectors = embedding.weight[torch.tensor(ids, device=embedding.weight.device)].float().cpu()
     chunks = torch.tensor_split(vectors, min(m, len(ids)))
@@ -58,9 +63,7 @@ def init_from_text_tokens(embedding: nn.Embedding, tokenizer: Any, text: str, m:
     Unlike :func:`init_from_text` nothing is averaged, so every vector has a real token's norm and
     meaning; a text shorter than ``m`` tokens is repeated.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError("cannot initialise control tokens from an empty text")
+    ids = _text_ids(tokenizer, text)
     ids = (ids * (m // len(ids) + 1))[:m]
     with torch.no_grad():
         idx = torch.tensor(ids, device=embedding.weight.device)
