@@ -304,3 +304,36 @@ def test_norm_cap_keeps_control_vectors_at_token_scale(tmp_path, tiny_backbone):
     assert norms["0.5"] <= limit + 1e-5  # ...with it no vector ends above the cap
     with pytest.raises(ConfigError, match="norm_cap"):
         tiny_config(tmp_path, "tokens.norm_cap=-1")
+
+
+def test_block_overlap_measures_shared_mean_directions():
+    from mosaic_safety.training.losses import block_overlap
+
+    e = torch.eye(4)
+    assert float(block_overlap([e[:2], e[2:]])) == 0.0  # means (1,1,0,0) and (0,0,1,1): orthogonal
+    assert float(block_overlap([e[:2], 3 * e[:2]])) == pytest.approx(1.0)  # same direction, any norm
+    a, b, c = e[[0]], e[[1]], (e[0] + e[1]).reshape(1, 4)
+    assert float(block_overlap([a, b, c])) == pytest.approx((0 + 0.5 + 0.5) / 3)
+    assert float(block_overlap([a])) == 0.0
+
+
+def test_block_orthogonality_pulls_category_blocks_apart(tmp_path, tiny_backbone):
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.training.losses import block_overlap
+    from mosaic_safety.training.trainer import Trainer
+
+    overlap = {}
+    for weight in ("0", "5"):
+        trainer = Trainer(
+            tiny_config(
+                tmp_path, "optim.epochs=1", "tokens.init=vocab", f"optim.block_orthogonality={weight}"
+            ),
+            backbone=tiny_backbone,
+        )
+        trainer.train(tmp_path / f"w{weight}")
+        overlap[weight] = float(block_overlap([b.detach() for b in trainer.tokens.blocks.values()]))
+        logged = json.loads((tmp_path / f"w{weight}" / "train_log.jsonl").read_text().splitlines()[-1])
+        assert ("overlap" in logged) == (weight != "0")
+    assert overlap["5"] < overlap["0"]
+    with pytest.raises(ConfigError, match="block_orthogonality"):
+        tiny_config(tmp_path, "optim.block_orthogonality=-1")

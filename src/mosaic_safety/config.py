@@ -67,6 +67,7 @@ class OptimConfig:
     kl_weight: float = 1.0  # lambda of CE + lambda * KL(p_base || p_ctrl) on negatives
     first_token_weight: float = 1.0  # weight of the first response token (the refusal decision); 1 = paper
     grad_clip: float = 1.0  # 0 disables
+    block_orthogonality: float = 0.0  # weight of the squared-cosine overlap between category blocks
     schedule: str = "constant"  # constant | cosine (decay to 10% of lr over the run) | linear
     warmup_steps: int = 0  # linear warm-up from 0 before the schedule
     seed: int = 0
@@ -122,6 +123,7 @@ class TrainConfig:
             (self.optim.batch_size >= 1, "optim.batch_size must be at least 1"),
             (self.optim.kl_weight >= 0, "optim.kl_weight must be >= 0"),
             (self.optim.first_token_weight > 0, "optim.first_token_weight must be positive"),
+            (self.optim.block_orthogonality >= 0, "optim.block_orthogonality must be >= 0"),
             (
                 self.optim.schedule in ("constant", "cosine", "linear"),
                 f"optim.schedule {self.optim.schedule!r}: choose constant | cosine | linear",

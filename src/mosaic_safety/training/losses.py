@@ -45,3 +45,19 @@ def response_kl(
     teacher = F.log_softmax(teacher_logits.float(), dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
     return _row_mean(kl, mask, first_weight)
+
+
+def block_overlap(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Mean squared cosine between the mean vectors of different category blocks (0: orthogonal).
+
+    Measured on SmolLM2, the blocks' mean vectors share one direction (cosine about 0.55), and
+    projecting it out of every vector removes nearly all refusal (docs/experiments.md): the
+    categories share one generic refusal switch. Penalising this overlap pushes each category to
+    find its own vectors.
+    """
+    if len(blocks) < 2:
+        return torch.zeros(())
+    means = F.normalize(torch.stack([b.mean(0) for b in blocks]), dim=-1)
+    cos = means @ means.T
+    pairs = torch.triu_indices(len(blocks), len(blocks), offset=1)
+    return cos[pairs[0], pairs[1]].pow(2).mean()

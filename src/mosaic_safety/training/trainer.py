@@ -28,7 +28,7 @@ from ..data import load_suite
 from ..data.suites import Suite
 from ..policy import Policy
 from ..tokens import ArtifactError, ControlTokens, read_manifest
-from .losses import response_cross_entropy, response_kl
+from .losses import block_overlap, response_cross_entropy, response_kl
 from .sampler import OrderSampler, TrainItem
 from .schedule import lr_at, set_lr
 from .teacher import BaseResponseCache
@@ -315,13 +315,18 @@ class Trainer:
             per_row[neg] = per_row[neg] + self.config.optim.kl_weight * kl
             kl_mean = float(kl.detach().mean())
         pos = [j for j, item in enumerate(items) if item.positive]
+        loss = per_row.mean()
         stats = {
             "loss": float(per_row.detach().mean()),
             "ce_pos": float(ce[pos].detach().mean()) if pos else 0.0,
             "ce_neg": float(ce[neg].detach().mean()) if neg else 0.0,
             "kl": kl_mean,
         }
-        return per_row.mean(), stats
+        if self.config.optim.block_orthogonality > 0:
+            overlap = block_overlap([self.tokens.blocks[c] for c in self.categories])
+            loss = loss + self.config.optim.block_orthogonality * overlap
+            stats["overlap"] = float(overlap.detach())
+        return loss, stats
 
     # -- the run ------------------------------------------------------------------------------
     def prepare(self) -> None:
