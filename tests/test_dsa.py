@@ -289,7 +289,7 @@ def test_cli_train_then_load(tmp_path, tiny_backbone):
     assert len(loaded.generate(PROMPTS[:2], [Policy(("alcohol",)), Policy(())], max_new_tokens=4)) == 2
     bad = subprocess.run(
         [str(Path(sys.executable).parent / "mosaic"), "train", "--config", "configs/tiny-test.yaml",
-         "--method", "dsa", "-o", str(art), "method_options.rank=3"],
+         "--method", "dsa", "-o", str(tmp_path / "bad"), "method_options.rank=3"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown dsa method_options rank" in bad.stderr
