@@ -52,8 +52,8 @@ def block_overlap(blocks: list[torch.Tensor]) -> torch.Tensor:
 
     Measured on SmolLM2, the blocks' mean vectors share one direction (cosine about 0.55), and
     projecting it out of every vector removes nearly all refusal (docs/experiments.md): the
-    categories share one generic refusal switch. Penalising this overlap pushes each category to
-    find its own vectors.
+    categories share one generic refusal switch. Penalising this overlap makes each category find
+    its own vectors; measured, they are then no more selective, so the penalty is off by default.
     """
     if len(blocks) < 2:
         return torch.zeros(())

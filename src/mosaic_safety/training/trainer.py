@@ -167,9 +167,9 @@ def cap_norms(params: list[torch.nn.Parameter], max_norm: float) -> None:
     """Project every control vector (row) with a norm above ``max_norm`` back onto that sphere.
 
     Unconstrained Adam steps inflate the vectors far past any real token's norm (3x on SmolLM2 after
-    three epochs). An outsized embedding dominates its own residual stream, so the token carries a
-    fixed signal rather than one computed from the request: the cap keeps it in the range the frozen
-    model was trained on.
+    three epochs), and an outsized embedding dominates its own residual stream. The cap keeps them
+    at the scale the frozen model was trained on. Measured on SmolLM2 it lowers refusal without
+    making it more selective (docs/experiments.md), so it is off by default.
     """
     for p in params:
         p.copy_(torch.renorm(p, 2, 0, max_norm))
@@ -316,7 +316,7 @@ class Trainer:
             kl_mean = float(kl.detach().mean())
         pos = [j for j, item in enumerate(items) if item.positive]
         loss = per_row.mean()
-        stats = {
+        stats = {  # "loss" is the data loss; a block-overlap penalty is logged on its own
             "loss": float(per_row.detach().mean()),
             "ce_pos": float(ce[pos].detach().mean()) if pos else 0.0,
             "ce_neg": float(ce[neg].detach().mean()) if neg else 0.0,
