@@ -23,6 +23,15 @@ def agreement(results: dict) -> dict[str, object]:
     for row in results["responses"]:
         if row["group"] in categories and "," not in row["policy"]:
             verdicts[(row["group"], row["prompt"])][row["policy"]] = row["refused"]
+    needed = {"(empty)", *categories}
+    for (group, prompt), by_policy in verdicts.items():
+        if missing := needed - by_policy.keys():
+            raise ValueError(
+                f"{group} prompt {prompt[:40]!r} has no verdict under {', '.join(sorted(missing))}: "
+                "evaluate the empty policy and every single-category policy (orders 1+, all subsets)"
+            )
+    if not verdicts or len(categories) < 2:
+        raise ValueError("needs category prompts and at least two categories")
     counts, own, base = Counter(), Counter(), Counter()
     others = len(categories) - 1
     for (group, _), by_policy in verdicts.items():
@@ -48,7 +57,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="results.json written by `mosaic eval`")
     args = parser.parse_args()
-    a = agreement(json.loads(args.results.read_text()))
+    try:
+        a = agreement(json.loads(args.results.read_text()))
+    except (OSError, ValueError, KeyError) as exc:  # missing file, broken JSON, another protocol
+        raise SystemExit(f"{args.results}: {exc}") from None
     print(f"{a['prompts']} category prompts, other-category refusal {a['other_rate']:.0%}")
     print("other policies refusing | prompts | if independent | own policy refuses | base refuses")
     for k, seen in enumerate(a["observed"]):

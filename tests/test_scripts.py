@@ -47,6 +47,15 @@ def test_refusal_agreement_counts_other_policies_per_prompt():
     assert a["independent"] == pytest.approx([0.75, 1.5, 0.75])  # 3 × binomial(2, 0.5)
 
 
+def test_refusal_agreement_names_a_missing_policy():
+    agreement = _script("refusal_agreement").agreement
+    partial = _results({"a": {"(empty)": False, "a": True, "b": False}, "b": {"(empty)": False}})
+    with pytest.raises(ValueError, match="no verdict under c"):
+        agreement(partial)
+    with pytest.raises(ValueError, match="category prompts"):
+        agreement({"categories": ["a", "b"], "responses": []})
+
+
 def test_token_controls_keep_norms_or_remove_the_shared_direction(tiny_backbone, tiny_tokens):
     controls = _script("token_controls")
     unit = controls.shared_direction(tiny_tokens)
