@@ -62,6 +62,8 @@ def main() -> None:
     embedding = backbone.model.get_input_embeddings().weight.detach().float()
 
     tokens = ControlTokens.load(args.artifact, backbone.describe())
+    if tokens.deep_layers:
+        parser.error(f"{args.artifact} has deep offsets; these controls only change input-level vectors")
     means = F.normalize(torch.stack([b.detach().mean(0) for b in tokens.blocks.values()]), dim=-1)
     print("block-mean cosines:")
     for name, row in zip(tokens.categories, (means @ means.T).tolist(), strict=True):

@@ -226,3 +226,35 @@ def test_chat_switches_policy(trained):
     )
     assert "policy: horror" in proc.stderr and "unknown category 'nope'" in proc.stderr
     assert proc.stdout.count("bot> ") == 2
+
+
+def test_deep_tokens_train_info_generate(tmp_path):
+    """``tokens.deep=true`` end to end: the artifact says so, and a generation runs through the offsets."""
+    art = tmp_path / "deep"
+    mosaic("train", "-c", "configs/tiny-test.yaml", "-o", str(art), "tokens.deep=true", cache=tmp_path / "c")
+    info = mosaic("info", str(art), cache=tmp_path / "c")
+    assert "deep: offsets in 1 layer " in info.stdout and "trainable parameters: 384" in info.stdout
+    out = mosaic(
+        "generate",
+        "-a",
+        str(art),
+        "-p",
+        "horror",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "3",
+        cache=tmp_path / "c",
+    )
+    assert out.returncode == 0 and out.stdout.strip()
+    bad = mosaic(
+        "train",
+        "-c",
+        "configs/tiny-test.yaml",
+        "-o",
+        str(tmp_path / "x"),
+        "tokens.deep=maybe",
+        cache=tmp_path / "c",
+        check=False,
+    )
+    assert bad.returncode != 0 and "tokens.deep" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr

@@ -191,3 +191,109 @@ def test_response_logits_need_a_target_per_row(tiny_backbone, tiny_tokens):
     cm = ControlledModel(tiny_backbone, tiny_tokens)
     with pytest.raises(ValueError, match="target"):
         cm.response_logits(["hi"], [Policy(())], [[]])
+
+
+@pytest.fixture
+def deep_tokens(tiny_backbone, minors):
+    """Deep tokens with random offsets (one layer after the first of the 2-layer tiny model)."""
+    from mosaic_safety.tokens import ControlTokens
+
+    emb, tok = tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer
+    tokens = ControlTokens.initialise(minors, emb, tok, m=3, deep_layers=1, placement="user_end")
+    perturb(tokens, seed=3)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for offsets in tokens.deep.values():
+            offsets.normal_()
+    return tokens
+
+
+def test_deep_offsets_start_neutral_and_then_matter(tiny_backbone, tiny_tokens, deep_tokens, minors):
+    """Zero offsets give exactly the input-level tokens; trained (here random) ones change the output."""
+    from mosaic_safety.tokens import ControlTokens
+
+    blocks = {n: b.detach() for n, b in deep_tokens.blocks.items()}
+    zeros = {n: torch.zeros_like(o) for n, o in deep_tokens.deep.items()}
+    plain = ControlledModel(tiny_backbone, ControlTokens(minors, blocks, "user_end"))
+    zeroed = ControlledModel(tiny_backbone, ControlTokens(minors, blocks, "user_end", zeros))
+    deep = ControlledModel(tiny_backbone, deep_tokens)
+    policies = [minors.policy("alcohol"), minors.policy("horror,sex"), Policy(())]
+    with torch.no_grad():
+        a, b, c = (m.next_token_logits(PROMPTS, policies) for m in (plain, zeroed, deep))
+    assert torch.equal(a, b)
+    assert (a[:2] - c[:2]).abs().max().item() > 1e-3
+    assert (a[2] - c[2]).abs().max().item() == 0  # the empty policy stays the base model
+
+
+def test_deep_offsets_land_on_each_rows_control_positions(tiny_backbone, deep_tokens, minors):
+    """Against an independent reference: a hook that adds the offsets by explicit row and position."""
+    cm = ControlledModel(tiny_backbone, deep_tokens)
+    policies = [minors.policy("horror,sex"), Policy(()), minors.policy("alcohol")]
+    with torch.no_grad():
+        ours = cm.logits(cm.encode(PROMPTS, policies), window=0)
+        batch = cm.encode(PROMPTS, policies)
+        lengths = batch.attention_mask.sum(-1)
+        width = batch.attention_mask.shape[1]
+        adds = []
+        for i, (prompt, policy) in enumerate(zip(PROMPTS, policies)):
+            if policy:
+                head = len(cm.split_prompt(prompt)[0])
+                start = width - int(lengths[i]) + head
+                adds.append((i, start, deep_tokens.compose_deep(policy)[0]))
+
+        def add(_module, args):
+            hidden = args[0].clone()
+            for i, start, offsets in adds:
+                hidden[i, start : start + offsets.shape[0]] += offsets
+            return (hidden, *args[1:])
+
+        handle = tiny_backbone.model.model.layers[1].register_forward_pre_hook(add)
+        try:
+            batch.deep = batch.ctrl_mask = None
+            ref = cm.logits(batch, window=0)
+        finally:
+            handle.remove()
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("placement", ["prefix", "user_end"])
+def test_deep_rows_are_independent_and_shared_heads_agree(tiny_backbone, deep_tokens, minors, placement):
+    deep_tokens.placement = placement
+    cm = ControlledModel(tiny_backbone, deep_tokens)
+    policies = [minors.policy("alcohol"), minors.policy("horror,sex,betting"), Policy(())]
+    with torch.no_grad():
+        together = cm.next_token_logits(PROMPTS, policies)
+        for i in range(3):
+            alone = cm.next_token_logits([PROMPTS[i]], [policies[i]])
+            assert (together[i] - alone[0]).abs().max().item() <= 1e-5
+    batched = cm.generate_ids(PROMPTS, policies, max_new_tokens=5, batch_size=3)
+    assert batched == [cm.generate_ids([p], [q], max_new_tokens=5)[0] for p, q in zip(PROMPTS, policies)]
+    targets = [[5, 6, 7], [9, 2], [11, 12]]
+
+    def run(shared):
+        for p in deep_tokens.parameters():
+            p.grad = None
+        heads = cm.prefill_heads(PROMPTS) if shared else None
+        logits, labels = cm.response_logits(PROMPTS, policies, targets, heads)
+        (logits * (labels != -100).unsqueeze(-1)).sum().backward()
+        return (
+            logits.detach(),
+            labels,
+            {n: o.grad.clone() for n, o in deep_tokens.deep.items() if o.grad is not None},
+        )
+
+    full, labels, full_grads = run(False)
+    split, _, split_grads = run(True)
+    assert (full - split)[labels != -100].abs().max().item() <= 1e-5
+    assert sorted(full_grads) == sorted(split_grads) == ["alcohol", "betting", "horror", "sex"]
+    for name in full_grads:
+        assert full_grads[name].abs().max() > 0
+        assert torch.allclose(full_grads[name], split_grads[name], atol=1e-5)
+
+
+def test_deep_tokens_need_the_layer_count_they_were_made_for(deep_tokens):
+    from mosaic_safety.tiny import build_backbone
+
+    deeper = build_backbone(layers=3)  # same embedding (same fingerprint), one more layer
+    with pytest.raises(ValueError, match="2-layer model, but this model has 3 layers"):
+        ControlledModel(deeper, deep_tokens)

@@ -138,3 +138,64 @@ def test_bad_init_arguments(tiny_backbone, minors):
         ControlTokens.initialise(minors, emb, tok, m=2, init="zeros")
     with pytest.raises(ValueError, match="unknown placement"):
         ControlTokens.initialise(minors, emb, tok, m=2, placement="suffix")
+
+
+@pytest.fixture
+def deep_artifact(tmp_path, tiny_backbone, minors):
+    emb, tok = tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer
+    tokens = ControlTokens.initialise(minors, emb, tok, m=3, deep_layers=1)
+    with torch.no_grad():
+        for offsets in tokens.deep.values():
+            offsets.normal_()
+    return tokens, tokens.save(tmp_path / "deep", tiny_backbone.describe())
+
+
+def test_deep_offsets_start_at_zero_and_round_trip(tiny_backbone, minors, deep_artifact):
+    fresh = ControlTokens.initialise(
+        minors, tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer, m=3, deep_layers=1
+    )
+    assert all(o.shape == (1, 3, 32) and not o.any() for o in fresh.deep.values())
+    assert fresh.num_parameters() == 2 * 5 * 3 * 32 and fresh.deep_layers == 1
+    tokens, out = deep_artifact
+    assert read_manifest(out)["deep_layers"] == 1
+    assert set(load_file(str(out / "tokens.safetensors"))) == {
+        f"{kind}.{c}" for kind in ("category", "deep") for c in tokens.categories
+    }
+    loaded = ControlTokens.load(out, tiny_backbone.describe())
+    for name in tokens.categories:
+        assert torch.equal(loaded.deep[name], tokens.deep[name].detach())
+    policy = minors.policy("sex,alcohol")
+    assert torch.equal(
+        loaded.compose_deep(policy), torch.cat([tokens.deep["alcohol"], tokens.deep["sex"]], 1)
+    )
+    assert loaded.compose_deep(minors.policy("")) is None
+
+
+def test_broken_deep_artifacts_fail_clearly(deep_artifact):
+    _, out = deep_artifact
+    path = out / "tokens.safetensors"
+    good = load_file(str(path))
+    for change, message in [
+        (lambda t: t.pop("deep.horror"), "'deep.horror' is missing"),
+        (lambda t: t.__setitem__("deep.horror", torch.zeros(2, 3, 32)), r"expected \(1, 3, 32\)"),
+        (lambda t: t["deep.horror"].__setitem__((0, 0, 0), float("inf")), "NaN or infinite"),
+    ]:
+        tensors = {k: v.clone() for k, v in good.items()}
+        change(tensors)
+        save_file(tensors, str(path))
+        with pytest.raises(ArtifactError, match=message):
+            ControlTokens.load(out)
+    save_file(good, str(path))
+    manifest = json.loads((out / "mosaic.json").read_text())
+    for layers, message in [("1", "non-negative integer"), (0, "unexpected tensors")]:
+        (out / "mosaic.json").write_text(json.dumps(manifest | {"deep_layers": layers}))
+        with pytest.raises(ArtifactError, match=message):
+            ControlTokens.load(out)
+
+
+def test_deep_offsets_must_cover_every_block(tiny_tokens, minors):
+    blocks = {n: b.detach() for n, b in tiny_tokens.blocks.items()}
+    with pytest.raises(ArtifactError, match="needs both for every category"):
+        ControlTokens(minors, blocks, deep={"alcohol": torch.zeros(1, 3, 32)})
+    with pytest.raises(ArtifactError, match="expected"):
+        ControlTokens(minors, blocks, deep={n: torch.zeros(1, 2, 32) for n in blocks})

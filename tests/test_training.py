@@ -8,6 +8,7 @@ from math import comb
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from mosaic_safety.config import load_config
 from mosaic_safety.controlled import ControlledModel
@@ -337,3 +338,54 @@ def test_block_orthogonality_pulls_category_blocks_apart(tmp_path, tiny_backbone
     assert overlap["5"] < overlap["0"]
     with pytest.raises(ConfigError, match="block_orthogonality"):
         tiny_config(tmp_path, "optim.block_orthogonality=-1")
+
+
+def test_deep_training_moves_tokens_and_offsets_and_resumes(tmp_path, tiny_backbone):
+    from mosaic_safety.tokens import ControlTokens
+    from mosaic_safety.training.trainer import Trainer
+
+    before = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
+    full = Trainer(tiny_config(tmp_path, "tokens.deep=true"), backbone=tiny_backbone)
+    assert full.tokens.deep_layers == 1 and len(full.trainable) == 2 * len(full.tokens.categories)
+    full.train(tmp_path / "full")
+    for k, v in tiny_backbone.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the backbone stays bitwise frozen
+    saved = ControlTokens.load(tmp_path / "full", tiny_backbone.describe())
+    assert all(o.abs().max() > 0 for o in saved.deep.values())  # offsets start at 0: they were trained
+    state = load_file(str(tmp_path / "full" / "checkpoints" / "epoch-1" / "optimizer.safetensors"))
+    assert {"deep.alcohol.exp_avg", "alcohol.exp_avg"} <= set(state)
+    Trainer(tiny_config(tmp_path, "tokens.deep=true", "optim.epochs=1"), backbone=tiny_backbone).train(
+        tmp_path / "run"
+    )
+    resumed = Trainer(tiny_config(tmp_path, "tokens.deep=true", "optim.epochs=2"), backbone=tiny_backbone)
+    resumed.train(tmp_path / "run", resume=True)
+    for key, tensor in full.tokens.named_tensors().items():
+        assert torch.allclose(tensor, resumed.tokens.named_tensors()[key], atol=1e-5), key
+
+
+def test_incremental_training_keeps_deep_offsets_and_their_kind(tmp_path, tiny_backbone):
+    from mosaic_safety.tokens import ArtifactError, ControlTokens
+    from mosaic_safety.training.trainer import Trainer
+
+    first = tmp_path / "first"
+    Trainer(
+        tiny_config(tmp_path, "data.categories=alcohol", "optim.epochs=1", "tokens.deep=true"),
+        backbone=tiny_backbone,
+    ).train(first)
+    old = ControlTokens.load(first)
+    with pytest.raises(ArtifactError, match="deep tokens, but the config asks for tokens.deep=False"):
+        Trainer(
+            tiny_config(tmp_path, "data.categories=horror", f"init_artifact={first}"), backbone=tiny_backbone
+        )
+    second = Trainer(
+        tiny_config(
+            tmp_path, "data.categories=horror", "optim.epochs=1", "tokens.deep=true", f"init_artifact={first}"
+        ),
+        backbone=tiny_backbone,
+    )
+    second.train(tmp_path / "second")
+    new = ControlTokens.load(tmp_path / "second")
+    assert torch.equal(new.deep["alcohol"], old.deep["alcohol"]) and torch.equal(
+        new.blocks["alcohol"], old.blocks["alcohol"]
+    )
+    assert new.deep["horror"].abs().max() > 0

@@ -419,8 +419,10 @@ def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> No
         f"fingerprint {bb['fingerprint']}",
         highlight=False,
     )
+    layers = tokens.deep_layers
+    deep = f"deep: offsets in {layers} layer{'s' if layers != 1 else ''}   " if layers else ""
     out.print(
-        f"placement: {manifest['placement']}   registry: {manifest['registry']['name']}   "
+        f"placement: {manifest['placement']}   registry: {manifest['registry']['name']}   {deep}"
         f"trainable parameters: {tokens.num_parameters():,}"
     )
     t = Table("category", "m", "display", "refusal")

@@ -40,6 +40,7 @@ class TokensConfig:
     init: str = "description"  # description | text | vocab
     placement: str = "prefix"  # prefix | system | user | user_end
     norm_cap: float = 0.0  # >0: after each step, cap every vector's norm at this × the largest vocab-row norm
+    deep: bool = False  # also learn an offset per control token and decoder layer (P-tuning v2 style)
 
 
 @dataclass

@@ -11,8 +11,10 @@ control tokens themselves attend to the request, which helps small models tell c
 the first three keep a policy's prefix cacheable across requests.
 
 Control tokens are spliced into the embedded sequence with ``masked_scatter``, so gradients flow
-to them and nowhere else. Position ids are derived from the attention mask, so a row's result does
-not depend on how much padding the rest of its batch forced on it. With an empty policy a row is
+to them and nowhere else. Deep tokens also add their per-layer offsets at the same positions while
+the prompt runs (:func:`steering`, forward pre-hooks on the decoder layers). Position ids are
+derived from the attention mask, so a row's result does not depend on how much padding the rest of
+its batch forced on it. With an empty policy a row is
 exactly the chat-templated prompt, and its logits are the base model's.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +50,8 @@ class EncodedBatch:
     position_ids: torch.Tensor  # (B, L)
     labels: torch.Tensor | None = None  # (B, window): -100 where no target
     window: int = 1  # logits kept from the end of the sequence
+    ctrl_mask: torch.Tensor | None = None  # (B, L): where the control tokens are
+    deep: torch.Tensor | None = None  # (layers, control tokens in the batch, d): deep-token offsets
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -95,6 +100,12 @@ class ControlledModel:
                     f"control tokens have hidden size {tokens.hidden_size}, the model {backbone.hidden_size}"
                 )
             tokens.to(backbone.device)
+            layers = len(decoder_layers(backbone.model))
+            if tokens.deep_layers and tokens.deep_layers != layers - 1:
+                raise ValueError(
+                    f"deep control tokens for a {tokens.deep_layers + 1}-layer model, "
+                    f"but this model has {layers} layers"
+                )
         self._split_cache: OrderedDict[tuple[str, str], tuple[list[int], list[int]]] = OrderedDict()
         self._cache_size = prompt_cache_size
         gen_eos = getattr(backbone.model.generation_config, "eos_token_id", None)
@@ -189,7 +200,7 @@ class ControlledModel:
             raise ValueError("prompts, policies and targets must have the same length")
         if not prompts:
             raise ValueError("cannot encode an empty batch")
-        rows, ctrl_spans, blocks = [], [], []
+        rows, ctrl_spans, blocks, offsets = [], [], [], []
         for i, (prompt, policy) in enumerate(zip(prompts, policies)):
             head, tail = self.split_prompt(prompt)
             block = self._block(policy)
@@ -198,6 +209,7 @@ class ControlledModel:
             ctrl_spans.append((len(head), block.shape[0]))
             if block.shape[0]:
                 blocks.append(block)
+                offsets.append(self.tokens.compose_deep(policy))
         length = max(len(r) for r in rows)
         batch = len(rows)
         pad = self.tokenizer.pad_token_id
@@ -220,7 +232,10 @@ class ControlledModel:
         if labels is not None:
             # logits at window index j (sequence position L-window+j) predict position L-window+j+1
             labels = labels[:, length - window + 1 : length + 1].to(self.device)
-        return EncodedBatch(embeds, mask, position_ids, labels, window)
+        deep = _cat_offsets(offsets)
+        return EncodedBatch(
+            embeds, mask, position_ids, labels, window, ctrl_mask if deep is not None else None, deep
+        )
 
     def _embed(self, ids: torch.Tensor, ctrl_mask: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
         """Token embeddings with the control vectors spliced in where ``ctrl_mask`` is set, row by row.
@@ -242,13 +257,14 @@ class ControlledModel:
     # -- forward ------------------------------------------------------------------------------
     def logits(self, batch: EncodedBatch, window: int | None = None) -> torch.Tensor:
         """Logits of the last ``window`` positions (all positions with ``window=0``)."""
-        out = self.model(
-            inputs_embeds=batch.inputs_embeds,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            logits_to_keep=batch.window if window is None else window,
-        )
+        with steering(self.model, batch.ctrl_mask, batch.deep):
+            out = self.model(
+                inputs_embeds=batch.inputs_embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                logits_to_keep=batch.window if window is None else window,
+            )
         return out.logits
 
     # -- response logits (training) ------------------------------------------------------------
@@ -324,7 +340,7 @@ class ControlledModel:
 
         if heads.mask.shape[0] != len(prompts):
             raise ValueError("heads were computed for a different number of rows")
-        rows, spans, blocks, starts = [], [], [], []
+        rows, spans, blocks, starts, offsets = [], [], [], [], []
         for prompt, policy, target in zip(prompts, policies, targets):
             tail = self.split_prompt(prompt)[1]
             block = self._block(policy)
@@ -333,6 +349,7 @@ class ControlledModel:
             starts.append(block.shape[0] + len(tail) - 1)  # the position that predicts target[0]
             if block.shape[0]:
                 blocks.append(block)
+                offsets.append(self.tokens.compose_deep(policy))
         length = max(map(len, rows))
         ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
@@ -345,14 +362,15 @@ class ControlledModel:
         embeds = self._embed(ids, ctrl, blocks)
         positions = heads.lengths.unsqueeze(1) + torch.arange(length, device=self.device)
         first = min(starts)
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=torch.cat([heads.mask, mask], dim=1),
-            position_ids=positions,
-            past_key_values=DynamicCache(heads.keys_values, config=self.model.config),
-            use_cache=True,
-            logits_to_keep=length - first,
-        )
+        with steering(self.model, ctrl, _cat_offsets(offsets)):
+            out = self.model(
+                inputs_embeds=embeds,
+                attention_mask=torch.cat([heads.mask, mask], dim=1),
+                position_ids=positions,
+                past_key_values=DynamicCache(heads.keys_values, config=self.model.config),
+                use_cache=True,
+                logits_to_keep=length - first,
+            )
         return out.logits, [s - first for s in starts]
 
     def forward(self, prompts: Sequence[Prompt], policies: Sequence[Any]) -> torch.Tensor:
@@ -487,14 +505,69 @@ def prefill_cache(module: Any, batch: EncodedBatch, **kwargs: Any) -> Any:
     """
     from transformers import DynamicCache
 
-    return module(
-        inputs_embeds=batch.inputs_embeds,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        past_key_values=DynamicCache(),
-        use_cache=True,
-        **kwargs,
-    )
+    with steering(module, batch.ctrl_mask, batch.deep):
+        return module(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            past_key_values=DynamicCache(),
+            use_cache=True,
+            **kwargs,
+        )
+
+
+def decoder_layers(module: Any) -> Any:
+    """The decoder layers of a causal LM or of its bare decoder."""
+    decoder = module.get_decoder() if hasattr(module, "get_decoder") else module
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(module).__name__}: no decoder layers found for deep control tokens")
+    return layers
+
+
+@contextmanager
+def steering(module: Any, ctrl_mask: torch.Tensor | None, deep: torch.Tensor | None) -> Iterator[None]:
+    """While a prompt runs through ``module``, add deep-token offsets at the control positions.
+
+    Layer ``l + 1`` receives ``deep[l]`` added to the hidden states where ``ctrl_mask`` is set, in
+    the row-major order of ``masked_scatter`` (the order the control vectors were spliced in).
+    Decoding steps after the prefill carry no control positions and run without the hooks.
+    """
+    if deep is None or ctrl_mask is None:
+        yield
+        return
+    where = ctrl_mask.unsqueeze(-1)
+
+    def hook_for(offsets: torch.Tensor) -> Any:
+        def add(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[:2] != ctrl_mask.shape:
+                raise RuntimeError(
+                    "deep control tokens: the steered forward saw an unexpected sequence shape"
+                )
+            hidden = hidden + torch.zeros_like(hidden).masked_scatter(where, offsets.to(hidden.dtype))
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return add
+
+    layers = decoder_layers(module)
+    handles = [
+        layer.register_forward_pre_hook(hook_for(deep[i]), with_kwargs=True)
+        for i, layer in enumerate(layers[1 : deep.shape[0] + 1])
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _cat_offsets(offsets: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The batch's deep offsets, rows concatenated like their control vectors (``None`` if not deep)."""
+    present = [o for o in offsets if o is not None]
+    return torch.cat(present, dim=1) if present else None
 
 
 def extend_cache(

@@ -75,8 +75,8 @@ def build_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
     return model
 
 
-def build_backbone(hidden: int = 32, seed: int = 0, name: str = "tiny-random-llama"):
+def build_backbone(hidden: int = 32, seed: int = 0, name: str = "tiny-random-llama", layers: int = 2):
     from .backbone import from_model
 
     tok = build_tokenizer()
-    return from_model(build_model(tok, hidden=hidden, seed=seed), tok, name=name)
+    return from_model(build_model(tok, hidden=hidden, layers=layers, seed=seed), tok, name=name)

@@ -1,7 +1,8 @@
 """Control tokens: ``m`` learnable embedding vectors per category, and their artifact on disk.
 
 The artifact is a directory with ``tokens.safetensors`` (one float32 tensor ``category.<name>`` of
-shape ``(m, d)`` per category) and ``mosaic.json`` (format version, backbone identity, categories,
+shape ``(m, d)`` per category, plus ``deep.<name>`` of shape ``(layers, m, d)`` for deep tokens) and
+``mosaic.json`` (format version, backbone identity, categories,
 placement, training provenance, metrics). It is written atomically and validated on load: a
 different backbone, a wrong hidden size, a non-finite value or a corrupt file is a clear error.
 Only safetensors is ever read, so loading an untrusted artifact cannot execute code.
@@ -78,10 +79,22 @@ def init_from_vocab(embedding: nn.Embedding, m: int, generator: torch.Generator)
 
 
 class ControlTokens(nn.Module):
-    """Per-category control-token blocks and their composition into one prefix per policy."""
+    """Per-category control-token blocks and their composition into one prefix per policy.
+
+    Deep tokens (``deep``, off by default) add, per category, one learned offset per control token
+    and per decoder layer after the first: the token's hidden state entering layer ``l + 1`` gets
+    ``deep[name][l]`` added. Input-level tokens can steer the frozen model only through what their
+    embeddings cause in every layer; the offsets give each layer's attention its own handle, as
+    P-tuning v2 does for small models where input-only prompt tuning lags behind fine-tuning.
+    Offsets start at zero, so a deep set starts out identical to its input-level one.
+    """
 
     def __init__(
-        self, registry: CategoryRegistry, blocks: dict[str, torch.Tensor], placement: str = "prefix"
+        self,
+        registry: CategoryRegistry,
+        blocks: dict[str, torch.Tensor],
+        placement: str = "prefix",
+        deep: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         if placement not in PLACEMENTS:
@@ -97,6 +110,24 @@ class ControlTokens(nn.Module):
         dims = {b.shape[1] for b in self.blocks.values()}
         if len(dims) > 1:
             raise ArtifactError(f"token blocks disagree on the hidden size: {sorted(dims)}")
+        deep = deep or {}
+        if deep and set(deep) != set(self.blocks):
+            raise ArtifactError(
+                f"deep offsets for {sorted(deep)} but token blocks for {sorted(self.blocks)}; "
+                "a deep artifact needs both for every category"
+            )
+        for name, offsets in deep.items():
+            block = self.blocks[name]
+            if offsets.dim() != 3 or offsets.shape[1:] != block.shape:
+                raise ArtifactError(
+                    f"deep offsets of {name!r} have shape {tuple(offsets.shape)}, expected (layers, {block.shape[0]}, "
+                    f"{block.shape[1]})"
+                )
+        if len({o.shape[0] for o in deep.values()}) > 1:
+            raise ArtifactError("deep offsets disagree on the number of layers")
+        self.deep = nn.ParameterDict(
+            {n: nn.Parameter(deep[n].float().clone()) for n in self.blocks if n in deep}
+        )
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -110,7 +141,9 @@ class ControlTokens(nn.Module):
         placement: str = "prefix",
         seed: int = 0,
         categories: Iterable[str] | None = None,
+        deep_layers: int = 0,
     ) -> ControlTokens:
+        """Fresh blocks for ``categories`` (all by default); ``deep_layers`` > 0 adds zero offsets."""
         if not 1 <= m <= 64:
             raise ValueError(f"tokens per category must be between 1 and 64, got {m}")
         generator = torch.Generator().manual_seed(seed)
@@ -126,7 +159,10 @@ class ControlTokens(nn.Module):
                 blocks[cat.name] = init_from_vocab(embedding, m, generator)
             else:
                 raise ValueError(f"unknown init {init!r}; choose 'description', 'text' or 'vocab'")
-        return cls(registry, blocks, placement)
+        if deep_layers < 0:
+            raise ValueError(f"deep_layers must be 0 or more, got {deep_layers}")
+        deep = {n: torch.zeros(deep_layers, *b.shape) for n, b in blocks.items()} if deep_layers else None
+        return cls(registry, blocks, placement, deep)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -140,8 +176,22 @@ class ControlTokens(nn.Module):
     def tokens_per_category(self) -> dict[str, int]:
         return {n: int(b.shape[0]) for n, b in self.blocks.items()}
 
+    @property
+    def deep_layers(self) -> int:
+        """Decoder layers with learned offsets (0: input-level tokens only)."""
+        return next(iter(self.deep.values())).shape[0] if len(self.deep) else 0
+
     def num_parameters(self) -> int:
-        return sum(b.numel() for b in self.blocks.values())
+        return sum(t.numel() for t in self.named_tensors().values())
+
+    def named_tensors(self) -> dict[str, nn.Parameter]:
+        """Every learned tensor under its artifact key (``category.<name>``, ``deep.<name>``)."""
+        out = {f"category.{n}": b for n, b in self.blocks.items()}
+        return out | {f"deep.{n}": o for n, o in self.deep.items()}
+
+    def category_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of one category: its block and, for deep tokens, its offsets."""
+        return [self.blocks[name]] + ([self.deep[name]] if name in self.deep else [])
 
     def compose(self, policy: Policy) -> torch.Tensor:
         """The prefix for a policy: its categories' blocks in registry order, shape ``(sum m, d)``."""
@@ -154,20 +204,35 @@ class ControlTokens(nn.Module):
             return torch.zeros(0, self.hidden_size, device=self._device())
         return torch.cat([self.blocks[c] for c in policy], dim=0)
 
+    def compose_deep(self, policy: Policy) -> torch.Tensor | None:
+        """The per-layer offsets for a policy, ``(layers, sum m, d)`` in the order of :meth:`compose`."""
+        if not self.deep or not policy:
+            return None
+        self.compose(policy)  # same error for a category without tokens
+        return torch.cat([self.deep[c] for c in policy], dim=1)
+
     def _device(self) -> torch.device:
         return next(iter(self.blocks.values())).device
 
     def freeze(self, names: Iterable[str]) -> None:
         for n in names:
-            self.blocks[n].requires_grad_(False)
+            for p in self.category_parameters(n):
+                p.requires_grad_(False)
 
     def add_categories(self, new: ControlTokens) -> None:
         """Add another set's blocks (incremental training); existing blocks are left untouched."""
         clash = set(new.categories) & set(self.categories)
         if clash:
             raise ArtifactError(f"categories already trained: {sorted(clash)}")
+        if self.deep_layers != new.deep_layers:
+            raise ArtifactError(
+                f"cannot add categories with {new.deep_layers} deep layers to tokens with {self.deep_layers}"
+            )
         merged = {n: b for n, b in self.blocks.items()} | {n: b for n, b in new.blocks.items()}
         self.blocks = nn.ParameterDict({n: merged[n] for n in self.registry.names if n in merged})
+        if self.deep_layers:
+            deep = {n: o for n, o in self.deep.items()} | {n: o for n, o in new.deep.items()}
+            self.deep = nn.ParameterDict({n: deep[n] for n in self.blocks})
 
     # -- artifact -----------------------------------------------------------------------------
     def save(
@@ -181,13 +246,14 @@ class ControlTokens(nn.Module):
             "library_version": __version__,
             "backbone": backbone,
             "placement": self.placement,
+            "deep_layers": self.deep_layers,
             "composition_order": list(self.registry.names),
             "registry": {"name": self.registry.name, "description": self.registry.description},
             "categories": [
                 {**self.registry[n].to_dict(), "m": int(b.shape[0])} for n, b in self.blocks.items()
             ],
         } | (extra or {})
-        tensors = {f"category.{n}": b.detach().float().cpu().contiguous() for n, b in self.blocks.items()}
+        tensors = {k: t.detach().float().cpu().contiguous() for k, t in self.named_tensors().items()}
         # The artifact directory may also hold logs and checkpoints, so replace only our two files:
         # write both under temporary names, then rename (atomic per file on POSIX).
         out.mkdir(parents=True, exist_ok=True)
@@ -236,12 +302,35 @@ class ControlTokens(nn.Module):
             if not torch.isfinite(t).all():
                 raise ArtifactError(f"{path}: {key} contains NaN or infinite values")
             blocks[cat["name"]] = t
-        extra = set(tensors) - {f"category.{c['name']}" for c in manifest["categories"]}
+        layers = manifest.get("deep_layers", 0)
+        if not isinstance(layers, int) or layers < 0:
+            raise ArtifactError(f"{path}: deep_layers must be a non-negative integer, got {layers!r}")
+        deep = {}
+        for cat in manifest["categories"] if layers else []:
+            key = f"deep.{cat['name']}"
+            if key not in tensors:
+                raise ArtifactError(
+                    f"{path}: tensor {key!r} is missing (the manifest says {layers} deep layers)"
+                )
+            t = tensors[key]
+            if t.dtype != torch.float32 or t.shape != (layers, cat["m"], expected_d):
+                raise ArtifactError(
+                    f"{path}: {key} has shape {tuple(t.shape)} {t.dtype}, expected "
+                    f"({layers}, {cat['m']}, {expected_d}) float32"
+                )
+            if not torch.isfinite(t).all():
+                raise ArtifactError(f"{path}: {key} contains NaN or infinite values")
+            deep[cat["name"]] = t
+        extra = (
+            set(tensors)
+            - {f"category.{c['name']}" for c in manifest["categories"]}
+            - {f"deep.{n}" for n in deep}
+        )
         if extra:
             raise ArtifactError(f"{path}: unexpected tensors {sorted(extra)}")
         if backbone is not None:
             check_backbone(manifest, backbone, artifact_dir)
-        return cls(registry, blocks, manifest["placement"])
+        return cls(registry, blocks, manifest["placement"], deep or None)
 
 
 def _init_text(cat: Category) -> str:

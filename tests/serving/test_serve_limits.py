@@ -9,8 +9,10 @@ import time
 
 import httpx
 import pytest
+import torch
 from serve_helpers import MODEL, auth, chat_body
 
+from mosaic_safety.controlled import ControlledModel
 from mosaic_safety.policy import Policy
 from mosaic_safety.serving.app import create_app
 from mosaic_safety.serving.runner import ServerThread
@@ -195,3 +197,37 @@ def test_batched_outputs_equal_unbatched(make_server):
         (solo,) = cm.generate([messages], [Policy(tuple(cats))], max_new_tokens=n, batch_size=1)
         assert out[i]["choices"][0]["message"]["content"] == solo, cases[i]
         assert out[i]["safety"]["categories"] == cats
+
+
+def test_deep_artifact_is_served_with_its_offsets(tmp_path, tiny_backbone, minors):
+    """Deep tokens reach the server's batched prefill: HTTP output equals in-process generation."""
+    from mosaic_safety.serving.cli import build_server
+    from mosaic_safety.tokens import ControlTokens
+
+    tokens = ControlTokens.initialise(
+        minors, tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer, m=3, deep_layers=1
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for offsets in tokens.deep.values():
+            offsets.normal_(std=3.0)
+    art = tokens.save(tmp_path / "deep", tiny_backbone.describe())
+    server = build_server(
+        artifact=art, profiles=None, backbone=tiny_backbone, model_name=MODEL, max_wait_ms=2
+    )
+    cm = server.method.model
+    assert cm.tokens.deep_layers == 1
+    messages = [{"role": "user", "content": "Write a steamy romance"}]
+    zeroed = ControlledModel(
+        tiny_backbone,
+        ControlTokens(minors, {n: b.detach() for n, b in cm.tokens.blocks.items()}, cm.tokens.placement),
+    )
+    with ServerThread(create_app(server)) as url:
+        for cats in (["sex"], ["alcohol", "horror"]):
+            body = {"model": MODEL, "messages": messages, "max_tokens": 8, "safety": {"categories": cats}}
+            got = httpx.post(f"{url}{ENDPOINT}", json=body, timeout=60).json()["choices"][0]["message"][
+                "content"
+            ]
+            (solo,) = cm.generate([messages], [Policy(tuple(cats))], max_new_tokens=8)
+            (without,) = zeroed.generate([messages], [Policy(tuple(cats))], max_new_tokens=8)
+            assert got == solo and got != without  # the server applies the offsets as generate does

@@ -81,3 +81,14 @@ def test_server_payload_round_trips(cm):
 def test_backend_without_vllm_says_how_to_get_it(cm):
     with pytest.raises(ImportError, match="needs vllm"):
         VLLMOfflineBackend(cm, "some/model")
+
+
+def test_deep_tokens_are_refused_by_the_vllm_path(tiny_backbone, minors):
+    """Offsets inside the layers cannot travel as prompt embeddings: a clear error, not a silent drop."""
+    from mosaic_safety.tokens import ControlTokens
+
+    deep = ControlTokens.initialise(
+        minors, tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer, m=3, deep_layers=1
+    )
+    with pytest.raises(ValueError, match=r"deep control tokens.*\(mosaic serve\)"):
+        compose_prompt_embeds(ControlledModel(tiny_backbone, deep), "hi", Policy(("alcohol",)))

@@ -37,6 +37,11 @@ def compose_prompt_embeds(
     A batch of one has no padding and positions ``0..L-1``, which is what vLLM assumes for
     ``prompt_embeds``; so this is exactly the HF model's input for that request.
     """
+    if model.tokens is not None and model.tokens.deep_layers:
+        raise ValueError(
+            "deep control tokens add offsets inside the decoder layers, which prompt embeddings cannot "
+            "carry; serve this artifact with the built-in server (mosaic serve), not vLLM"
+        )
     with torch.no_grad():
         batch = model.encode([prompt], [model.policy(policy)])
     if not bool(batch.attention_mask.all()):  # cannot happen for a batch of one; guard the invariant

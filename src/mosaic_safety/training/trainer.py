@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone, cache_root, load_backbone
 from ..config import TrainConfig
-from ..controlled import ControlledModel
+from ..controlled import ControlledModel, decoder_layers
 from ..data import load_suite
 from ..data.suites import Suite
 from ..policy import Policy
@@ -230,7 +230,9 @@ class Trainer:
             self.pools,
             trainable=[c for c in self.categories if c not in self.frozen],
         )
-        self.trainable = [p for n, p in self.tokens.blocks.items() if n not in self.frozen]
+        trainable = [n for n in self.tokens.categories if n not in self.frozen]
+        self.trainable_blocks = [self.tokens.blocks[n] for n in trainable]  # the norm cap's rows
+        self.trainable = [p for n in trainable for p in self.tokens.category_parameters(n)]
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.optim.lr)
         self.max_norm = config.tokens.norm_cap * vocab_max_norm(self.backbone.model.get_input_embeddings())
         self.teacher = BaseResponseCache(
@@ -254,6 +256,7 @@ class Trainer:
                 cfg.tokens.placement,
                 cfg.optim.seed,
                 self.categories,
+                self._deep_layers(),
             ), set()
         old = ControlTokens.load(cfg.init_artifact, self.backbone.describe())
         if old.placement != cfg.tokens.placement:
@@ -271,13 +274,35 @@ class Trainer:
         if not new:
             raise ArtifactError(f"{cfg.init_artifact} already has every requested category; nothing to train")
         fresh = ControlTokens.initialise(
-            registry, emb, tok, cfg.tokens.m, cfg.tokens.init, cfg.tokens.placement, cfg.optim.seed, new
+            registry,
+            emb,
+            tok,
+            cfg.tokens.m,
+            cfg.tokens.init,
+            cfg.tokens.placement,
+            cfg.optim.seed,
+            new,
+            self._deep_layers(),
         )
-        tokens = ControlTokens(registry, {n: b.detach() for n, b in old.blocks.items()}, old.placement)
+        if old.deep_layers != fresh.deep_layers:
+            raise ArtifactError(
+                f"{cfg.init_artifact}: {'deep' if old.deep_layers else 'input-level'} tokens, but the config "
+                f"asks for tokens.deep={cfg.tokens.deep}; incremental training must keep it"
+            )
+        tokens = ControlTokens(
+            registry,
+            {n: b.detach() for n, b in old.blocks.items()},
+            old.placement,
+            {n: o.detach() for n, o in old.deep.items()} or None,
+        )
         tokens.add_categories(fresh)
         tokens.freeze(old.categories)
         self.categories = [c for c in registry.names if c in set(self.categories) | set(old.categories)]
         return tokens, set(old.categories)
+
+    def _deep_layers(self) -> int:
+        """Offsets for every decoder layer after the first (the first gets the input vectors)."""
+        return len(decoder_layers(self.backbone.model)) - 1 if self.config.tokens.deep else 0
 
     # -- one step -----------------------------------------------------------------------------
     def _targets(self, items: list[TrainItem]) -> list[list[int]]:
@@ -360,7 +385,7 @@ class Trainer:
                     stats["lr"] = lr
                     optimizer_step(loss, self.optimizer, self.trainable, cfg.optim.grad_clip)
                     if self.max_norm > 0:
-                        cap_norms(self.trainable, self.max_norm)
+                        cap_norms(self.trainable_blocks, self.max_norm)
                     step += 1
                     last = stats["loss"]
                     window.append(stats)
@@ -402,7 +427,7 @@ class Trainer:
         ckpt = out / "checkpoints" / f"epoch-{epoch}"
         self.save(ckpt, {"epoch": epoch, "steps": step})
         state = {}
-        for name, param in self.tokens.blocks.items():
+        for name, param in self._checkpointed():
             s = self.optimizer.state.get(param, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in s:
@@ -411,6 +436,10 @@ class Trainer:
                 state[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
         save_file(state, str(ckpt / "optimizer.safetensors"))
         (ckpt / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "step": step}) + "\n")
+
+    def _checkpointed(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Every learned tensor under its optimizer-state name: the category (blocks), ``deep.<name>``."""
+        return [(k.removeprefix("category."), p) for k, p in self.tokens.named_tensors().items()]
 
     def _resume(self, out: Path) -> tuple[int, int]:
         ckpts = sorted((out / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -428,8 +457,9 @@ class Trainer:
         loaded = ControlTokens.load(ckpt, self.backbone.describe())
         state = load_file(str(ckpt / "optimizer.safetensors"))
         with torch.no_grad():
-            for name, param in self.tokens.blocks.items():
-                param.copy_(loaded.blocks[name].to(param.device))
+            saved = loaded.named_tensors()
+            for name, param in self._checkpointed():
+                param.copy_(saved[_artifact_key(name)].to(param.device))
                 if f"{name}.exp_avg" in state:
                     self.optimizer.state[param] = {
                         "step": torch.tensor(float(state[f"{name}.step"][0])),
@@ -439,6 +469,11 @@ class Trainer:
         info = json.loads((ckpt / "trainer_state.json").read_text())
         self.report("stage", {"name": f"resumed from {ckpt.name} (step {info['step']})"})
         return int(info["epoch"]), int(info["step"])
+
+
+def _artifact_key(name: str) -> str:
+    """The artifact key of a checkpointed tensor name (see ``Trainer._checkpointed``)."""
+    return name if name.startswith("deep.") else f"category.{name}"
 
 
 def _resume_key(config: dict[str, Any]) -> dict[str, Any]:
