@@ -389,3 +389,34 @@ def test_incremental_training_keeps_deep_offsets_and_their_kind(tmp_path, tiny_b
         new.blocks["alcohol"], old.blocks["alcohol"]
     )
     assert new.deep["horror"].abs().max() > 0
+
+
+def test_refusal_path_kl_follows_the_policys_templates(tmp_path, tiny_backbone):
+    """The extra negative term: KL(base || controlled) along a refusal template of the row's policy."""
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.policy import Policy
+    from mosaic_safety.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path, "optim.refusal_path_kl=2"), backbone=tiny_backbone)
+    trainer.prepare()
+    negatives = [i for i in trainer.sampler.epoch_items(0) if not i.positive and i.policy.order >= 2][:3]
+    heads = trainer.model.prefill_heads([i.prompt for i in negatives])
+    got = trainer._refusal_path_kl(negatives, heads)
+    for j, item in enumerate(negatives):
+        template = trainer._refusals[item.policy.categories[j % len(item.policy.categories)]]
+        with torch.no_grad():
+            ctrl, labels = trainer.model.response_logits([item.prompt], [item.policy], [template])
+            base, _ = trainer.model.response_logits([item.prompt], [Policy(())], [template])
+        assert torch.allclose(got[j], response_kl(ctrl, base, labels)[0], atol=1e-5)
+    assert float(got.detach().min()) > 0  # untrained tokens still move the distribution
+    got.sum().backward()
+    touched = {c for i in negatives for c in i.policy.categories}
+    assert {n for n, b in trainer.tokens.blocks.items() if b.grad is not None} == touched
+    trainer.tokens.zero_grad()
+    loss, stats = trainer.loss(negatives)
+    plain = Trainer(tiny_config(tmp_path), backbone=tiny_backbone).loss(negatives)[0]
+    assert "path_kl" in stats and float(loss.detach()) == pytest.approx(
+        float(plain.detach()) + 2 * float(got.detach().mean()), rel=1e-4
+    )
+    with pytest.raises(ConfigError, match="refusal_path_kl"):
+        tiny_config(tmp_path, "optim.refusal_path_kl=-1")
