@@ -68,3 +68,41 @@ def test_token_controls_keep_norms_or_remove_the_shared_direction(tiny_backbone,
     controls.remove_direction(tiny_tokens, unit)
     for block in tiny_tokens.blocks.values():
         assert torch.allclose(block @ unit, torch.zeros(block.shape[0]), atol=1e-5)
+
+
+def test_decision_kl_separates_the_first_answer_token(tiny_backbone, tiny_tokens, minors):
+    from mosaic_safety.controlled import ControlledModel
+    from mosaic_safety.policy import Policy
+
+    drift = _script("decision_kl").decision_drift
+    with torch.no_grad():
+        for block in tiny_tokens.blocks.values():
+            block.add_(torch.randn_like(block))
+    model = ControlledModel(tiny_backbone, tiny_tokens)
+    prompts, answers = ["hello there", "bake bread"], [[5, 6, 7], [9, 10]]
+    assert all(r["first"] == r["mean"] == 0 for r in drift(model, prompts, answers, Policy(())))
+    rows = drift(model, prompts, answers, minors.policy("alcohol"))
+    with torch.no_grad():
+        ctrl, _ = model.response_logits(prompts[1:], [minors.policy("alcohol")], answers[1:])
+        base, _ = model.response_logits(prompts[1:], [Policy(())], answers[1:])
+    p, q = torch.softmax(base[0, :2], -1), torch.softmax(ctrl[0, :2], -1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    assert rows[1]["first"] == pytest.approx(float(kl[0]), rel=1e-4)
+    assert rows[1]["mean"] == pytest.approx(float(kl.mean()), rel=1e-4)
+
+
+def test_decision_kl_picks_pool_or_test_prompts():
+    from mosaic_safety.data import load_suite
+    from mosaic_safety.training.trainer import training_pools
+
+    pick = _script("decision_kl").pick_prompts
+    suite = load_suite("minors")
+    manifest = {"training": {"config": {"data": {"limit_per_category": 30}, "optim": {"seed": 3}}}}
+    pools = training_pools(suite, list(suite.registry.names), 30, 3)
+    assert pick(manifest, suite, "pool", "neutral", 5) == pools["neutral"][:5]
+    assert pick(manifest, suite, "pool", "horror", 4) == pools["prompts"]["horror"][:4]
+    assert pick(manifest, suite, "test", "horror", 3) == [
+        e.prompt for e in suite.by_category("test")["horror"][:3]
+    ]
+    with pytest.raises(ValueError, match="no prompts in group 'cooking'"):
+        pick(manifest, suite, "test", "cooking", 3)
