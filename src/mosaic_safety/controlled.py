@@ -14,8 +14,8 @@ Control tokens are spliced into the embedded sequence with ``masked_scatter``, s
 to them and nowhere else. Deep tokens also add their per-layer offsets at the same positions while
 the prompt runs (:func:`steering`, forward pre-hooks on the decoder layers). Position ids are
 derived from the attention mask, so a row's result does not depend on how much padding the rest of
-its batch forced on it. With an empty policy a row is
-exactly the chat-templated prompt, and its logits are the base model's.
+its batch forced on it. With an empty policy a row is exactly the chat-templated prompt, and its
+logits are the base model's.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 The artifact is a directory with ``tokens.safetensors`` (one float32 tensor ``category.<name>`` of
 shape ``(m, d)`` per category, plus ``deep.<name>`` of shape ``(layers, m, d)`` for deep tokens) and
-``mosaic.json`` (format version, backbone identity, categories,
-placement, training provenance, metrics). It is written atomically and validated on load: a
-different backbone, a wrong hidden size, a non-finite value or a corrupt file is a clear error.
+``mosaic.json`` (format version, backbone identity, categories, placement, training provenance,
+metrics). It is written atomically and validated on load: a different backbone, a wrong hidden
+size, a non-finite value or a corrupt file is a clear error.
 Only safetensors is ever read, so loading an untrusted artifact cannot execute code.
 """
 
@@ -289,38 +289,15 @@ class ControlTokens(nn.Module):
             source=str(Path(artifact_dir) / MANIFEST_FILE),
         )
         expected_d = manifest["backbone"].get("hidden_size")
-        blocks = {}
-        for cat in manifest["categories"]:
-            key = f"category.{cat['name']}"
-            if key not in tensors:
-                raise ArtifactError(f"{path}: tensor {key!r} is missing")
-            t = tensors[key]
-            if t.dtype != torch.float32 or t.dim() != 2 or t.shape != (cat["m"], expected_d):
-                raise ArtifactError(
-                    f"{path}: {key} has shape {tuple(t.shape)} {t.dtype}, expected ({cat['m']}, {expected_d}) float32"
-                )
-            if not torch.isfinite(t).all():
-                raise ArtifactError(f"{path}: {key} contains NaN or infinite values")
-            blocks[cat["name"]] = t
         layers = manifest.get("deep_layers", 0)
-        if not isinstance(layers, int) or layers < 0:
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
             raise ArtifactError(f"{path}: deep_layers must be a non-negative integer, got {layers!r}")
-        deep = {}
-        for cat in manifest["categories"] if layers else []:
-            key = f"deep.{cat['name']}"
-            if key not in tensors:
-                raise ArtifactError(
-                    f"{path}: tensor {key!r} is missing (the manifest says {layers} deep layers)"
-                )
-            t = tensors[key]
-            if t.dtype != torch.float32 or t.shape != (layers, cat["m"], expected_d):
-                raise ArtifactError(
-                    f"{path}: {key} has shape {tuple(t.shape)} {t.dtype}, expected "
-                    f"({layers}, {cat['m']}, {expected_d}) float32"
-                )
-            if not torch.isfinite(t).all():
-                raise ArtifactError(f"{path}: {key} contains NaN or infinite values")
-            deep[cat["name"]] = t
+        blocks, deep = {}, {}
+        for cat in manifest["categories"]:
+            name, m = cat["name"], cat["m"]
+            blocks[name] = _checked_tensor(tensors, f"category.{name}", (m, expected_d), path)
+            if layers:
+                deep[name] = _checked_tensor(tensors, f"deep.{name}", (layers, m, expected_d), path)
         extra = (
             set(tensors)
             - {f"category.{c['name']}" for c in manifest["categories"]}
@@ -331,6 +308,23 @@ class ControlTokens(nn.Module):
         if backbone is not None:
             check_backbone(manifest, backbone, artifact_dir)
         return cls(registry, blocks, manifest["placement"], deep or None)
+
+
+def _checked_tensor(
+    tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], path: Path
+) -> torch.Tensor:
+    """One tensor of an artifact, present, float32, of the expected shape and finite."""
+    if key not in tensors:
+        raise ArtifactError(f"{path}: tensor {key!r} is missing")
+    t = tensors[key]
+    if t.dtype != torch.float32 or tuple(t.shape) != shape:
+        expected = ", ".join(map(str, shape))
+        raise ArtifactError(
+            f"{path}: {key} has shape {tuple(t.shape)} {t.dtype}, expected ({expected}) float32"
+        )
+    if not torch.isfinite(t).all():
+        raise ArtifactError(f"{path}: {key} contains NaN or infinite values")
+    return t
 
 
 def _init_text(cat: Category) -> str:

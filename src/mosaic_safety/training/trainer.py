@@ -364,10 +364,11 @@ class Trainer:
 
         The paper's KL on negatives follows the base model's own answer. Greedy decoding leaves
         that path as soon as the first token flips to the refusal's opening ("I"), and from there
-        on nothing was trained: measured on SmolLM2, neutral prompts were refused with a first-token
-        KL of only 0.4 nats. This term also pulls the controlled model to the base model's
-        distribution along the refusal text itself, so a policy that does not cover the prompt gains
-        no pull towards refusing it. Each row uses one of its policy's templates, in turn.
+        on nothing was trained: measured on SmolLM2, a policy refused 4-10 of 20 neutral training
+        prompts at a mean first-token KL of 0.17-0.79 nats (docs/experiments.md). This term also
+        pulls the controlled model to the base model's distribution along the refusal text itself,
+        so a policy that does not cover the prompt gains no pull towards refusing it. Each row uses
+        one of its policy's templates, in turn.
         """
         prompts = [item.prompt for item in negatives]
         policies = [item.policy for item in negatives]
