@@ -59,7 +59,11 @@ def test_empty_policy_gives_base_logits_and_text(tiny_backbone, tiny_tokens, pla
 def test_row_does_not_depend_on_batch_or_padding(tiny_backbone, tiny_tokens, minors, placement):
     tiny_tokens.placement = placement
     perturb(tiny_tokens, seed=1)  # make the control tokens matter so that a leak between rows would show
-    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    assert_rows_independent(ControlledModel(tiny_backbone, tiny_tokens), minors)
+
+
+def assert_rows_independent(cm, minors):
+    """Logits and greedy text of each row are the same in a mixed batch as alone."""
     policies = [minors.policy("alcohol"), minors.policy("horror,sex,betting"), Policy(())]
     with torch.no_grad():
         together = cm.next_token_logits(PROMPTS, policies)
@@ -260,14 +264,8 @@ def test_deep_offsets_land_on_each_rows_control_positions(tiny_backbone, deep_to
 def test_deep_rows_are_independent_and_shared_heads_agree(tiny_backbone, deep_tokens, minors, placement):
     deep_tokens.placement = placement
     cm = ControlledModel(tiny_backbone, deep_tokens)
+    assert_rows_independent(cm, minors)
     policies = [minors.policy("alcohol"), minors.policy("horror,sex,betting"), Policy(())]
-    with torch.no_grad():
-        together = cm.next_token_logits(PROMPTS, policies)
-        for i in range(3):
-            alone = cm.next_token_logits([PROMPTS[i]], [policies[i]])
-            assert (together[i] - alone[0]).abs().max().item() <= 1e-5
-    batched = cm.generate_ids(PROMPTS, policies, max_new_tokens=5, batch_size=3)
-    assert batched == [cm.generate_ids([p], [q], max_new_tokens=5)[0] for p, q in zip(PROMPTS, policies)]
     targets = [[5, 6, 7], [9, 2], [11, 12]]
 
     def run(shared):

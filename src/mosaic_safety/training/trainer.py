@@ -244,20 +244,9 @@ class Trainer:
 
     def _init_tokens(self) -> tuple[ControlTokens, set[str]]:
         cfg = self.config
-        emb, tok = self.backbone.model.get_input_embeddings(), self.backbone.tokenizer
         registry = self.suite.registry
         if not cfg.init_artifact:
-            return ControlTokens.initialise(
-                registry,
-                emb,
-                tok,
-                cfg.tokens.m,
-                cfg.tokens.init,
-                cfg.tokens.placement,
-                cfg.optim.seed,
-                self.categories,
-                self._deep_layers(),
-            ), set()
+            return self._fresh_tokens(self.categories), set()
         old = ControlTokens.load(cfg.init_artifact, self.backbone.describe())
         if old.placement != cfg.tokens.placement:
             raise ArtifactError(
@@ -273,17 +262,7 @@ class Trainer:
         new = [c for c in self.categories if c not in old.categories]
         if not new:
             raise ArtifactError(f"{cfg.init_artifact} already has every requested category; nothing to train")
-        fresh = ControlTokens.initialise(
-            registry,
-            emb,
-            tok,
-            cfg.tokens.m,
-            cfg.tokens.init,
-            cfg.tokens.placement,
-            cfg.optim.seed,
-            new,
-            self._deep_layers(),
-        )
+        fresh = self._fresh_tokens(new)
         if old.deep_layers != fresh.deep_layers:
             raise ArtifactError(
                 f"{cfg.init_artifact}: {'deep' if old.deep_layers else 'input-level'} tokens, but the config "
@@ -300,9 +279,22 @@ class Trainer:
         self.categories = [c for c in registry.names if c in set(self.categories) | set(old.categories)]
         return tokens, set(old.categories)
 
-    def _deep_layers(self) -> int:
-        """Offsets for every decoder layer after the first (the first gets the input vectors)."""
-        return len(decoder_layers(self.backbone.model)) - 1 if self.config.tokens.deep else 0
+    def _fresh_tokens(self, categories: list[str]) -> ControlTokens:
+        """Newly initialised tokens for ``categories``, as the config's ``tokens`` section asks."""
+        cfg = self.config
+        # deep offsets go to every decoder layer after the first (the first gets the input vectors)
+        deep_layers = len(decoder_layers(self.backbone.model)) - 1 if cfg.tokens.deep else 0
+        return ControlTokens.initialise(
+            self.suite.registry,
+            self.backbone.model.get_input_embeddings(),
+            self.backbone.tokenizer,
+            cfg.tokens.m,
+            cfg.tokens.init,
+            cfg.tokens.placement,
+            cfg.optim.seed,
+            categories,
+            deep_layers,
+        )
 
     # -- one step -----------------------------------------------------------------------------
     def _targets(self, items: list[TrainItem]) -> list[list[int]]:
