@@ -84,3 +84,35 @@ def test_shared_head_training_forward_matches_on_smollm2(smollm2, minors):
         shared, _ = cm.response_logits(prompts, policies, targets, cm.prefill_heads(prompts))
     valid = labels != -100
     assert (full - shared)[valid].abs().max().item() <= 1e-4
+
+
+def test_deep_offsets_on_smollm2_all_layers_and_both_paths(smollm2, minors):
+    """Deep tokens on the real 30-layer model: zero offsets change nothing, trained-size ones do,
+    and the shared-heads path still matches the full forward."""
+    from mosaic_safety.controlled import ControlledModel, decoder_layers
+    from mosaic_safety.policy import Policy
+    from mosaic_safety.tokens import ControlTokens
+
+    layers = len(decoder_layers(smollm2.model)) - 1
+    args = (minors, smollm2.model.get_input_embeddings(), smollm2.tokenizer)
+    plain = ControlTokens.initialise(*args, m=4, init="vocab", placement="user_end")
+    deep = ControlTokens.initialise(*args, m=4, init="vocab", placement="user_end", deep_layers=layers)
+    prompts = ["Best cocktail for a summer party?", "How do I fix a flat bicycle tyre?"]
+    policies = [minors.policy("alcohol,horror"), Policy(())]
+    with torch.no_grad():
+        a = ControlledModel(smollm2, plain).next_token_logits(prompts, policies)
+        b = ControlledModel(smollm2, deep).next_token_logits(prompts, policies)
+        assert torch.equal(a, b)
+        torch.manual_seed(0)
+        for offsets in deep.deep.values():
+            offsets.normal_(std=2.0)
+        cm = ControlledModel(smollm2, deep)
+        c = cm.next_token_logits(prompts, policies)
+        assert (a[0] - c[0]).abs().max() > 0.1 and torch.equal(a[1], c[1])
+        targets = [
+            smollm2.tokenizer("I'm sorry, but no.")["input_ids"],
+            smollm2.tokenizer("First")["input_ids"],
+        ]
+        full, labels = cm.response_logits(prompts, policies, targets)
+        shared, _ = cm.response_logits(prompts, policies, targets, cm.prefill_heads(prompts))
+    assert (full - shared)[labels != -100].abs().max().item() <= 1e-4
