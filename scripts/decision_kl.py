@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mosaic_safety import ControlledModel, ControlTokens, Policy, build_judge, load_backbone, load_suite
 from mosaic_safety.backbone import cache_root
 from mosaic_safety.tokens import read_manifest
+from mosaic_safety.training.losses import token_kl
 from mosaic_safety.training.teacher import BaseResponseCache
 from mosaic_safety.training.trainer import training_pools
 
@@ -36,8 +36,7 @@ def decision_drift(
     """Per prompt: KL(base || controlled) at the first answer token, its mean over the answer, the argmax."""
     ctrl, labels = model.response_logits(prompts, [policy] * len(prompts), answers)
     base, _ = model.response_logits(prompts, [Policy(())] * len(prompts), answers)
-    log_base, log_ctrl = F.log_softmax(base.float(), -1), F.log_softmax(ctrl.float(), -1)
-    kl = (log_base.exp() * (log_base - log_ctrl)).sum(-1)
+    kl = token_kl(ctrl, base)
     rows = []
     for i in range(len(prompts)):
         row = kl[i][labels[i] != -100]
@@ -49,7 +48,8 @@ def pick_prompts(manifest: dict[str, Any], suite: Any, split: str, group: str, n
     """The first ``n`` prompts of a group: from the run's training pool, or from the test split."""
     if split == "pool":
         cfg = manifest["training"]["config"]
-        cats = list(suite.registry.names)
+        # the run's own categories, as the trainer resolves them: the pools' sampling depends on them
+        cats = list(suite.registry.policy(cfg["data"].get("categories") or list(suite.registry.names)))
         pools = training_pools(suite, cats, cfg["data"]["limit_per_category"], cfg["optim"]["seed"])
         rows = pools["neutral"] if group == "neutral" else pools["prompts"].get(group)
     else:

@@ -104,5 +104,15 @@ def test_decision_kl_picks_pool_or_test_prompts():
     assert pick(manifest, suite, "test", "horror", 3) == [
         e.prompt for e in suite.by_category("test")["horror"][:3]
     ]
+    subset = {
+        "training": {
+            "config": {
+                "data": {"limit_per_category": 30, "categories": ["sex", "horror"]},
+                "optim": {"seed": 3},
+            }
+        }
+    }
+    own = training_pools(suite, ["horror", "sex"], 30, 3)  # a subset run samples its pools differently
+    assert pick(subset, suite, "pool", "neutral", 5) == own["neutral"][:5] != pools["neutral"][:5]
     with pytest.raises(ValueError, match="no prompts in group 'cooking'"):
         pick(manifest, suite, "test", "cooking", 3)

@@ -40,11 +40,14 @@ def response_kl(
     Forward KL with the frozen base model as the target: the controlled model is pulled towards the
     whole next-token distribution of the base model, not only its argmax.
     """
-    mask = labels != -100
+    return _row_mean(token_kl(student_logits, teacher_logits), labels != -100, first_weight)
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student) at every position, ``(B, T)``: what ``response_kl`` averages."""
     student = F.log_softmax(student_logits.float(), dim=-1)
     teacher = F.log_softmax(teacher_logits.float(), dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
-    return _row_mean(kl, mask, first_weight)
+    return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
 
 
 def block_overlap(blocks: list[torch.Tensor]) -> torch.Tensor:
