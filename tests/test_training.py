@@ -420,3 +420,32 @@ def test_refusal_path_kl_follows_the_policys_templates(tmp_path, tiny_backbone):
     )
     with pytest.raises(ConfigError, match="refusal_path_kl"):
         tiny_config(tmp_path, "optim.refusal_path_kl=-1")
+
+
+def test_deep_offsets_take_their_own_learning_rate(tmp_path, tiny_backbone):
+    """Adam's first step moves each element by the rate: lr for the blocks, lr * deep_lr_scale for offsets."""
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.training.schedule import set_lr
+    from mosaic_safety.training.trainer import Trainer, optimizer_step
+
+    trainer = Trainer(
+        tiny_config(
+            tmp_path, "tokens.deep=true", "optim.lr=0.01", "optim.deep_lr_scale=3", "optim.grad_clip=0"
+        ),
+        backbone=tiny_backbone,
+    )
+    trainer.prepare()
+    set_lr(trainer.optimizer, 0.005)  # what the schedule does each step: the scale must survive it
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.005, 0.015])
+    before = {k: v.detach().clone() for k, v in trainer.tokens.named_tensors().items()}
+    items = trainer.sampler.epoch_items(0)[:4]
+    optimizer_step(trainer.loss(items)[0], trainer.optimizer, trainer.trainable, 0)
+    moved = {
+        k: float((v.detach() - before[k]).abs().max()) for k, v in trainer.tokens.named_tensors().items()
+    }
+    touched = {c for i in items for c in i.policy.categories}
+    for name in touched:
+        assert moved[f"category.{name}"] == pytest.approx(0.005, rel=1e-2)
+        assert moved[f"deep.{name}"] == pytest.approx(0.015, rel=1e-2)
+    with pytest.raises(ConfigError, match="deep_lr_scale"):
+        tiny_config(tmp_path, "optim.deep_lr_scale=0")

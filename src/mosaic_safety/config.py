@@ -68,6 +68,7 @@ class OptimConfig:
     kl_weight: float = 1.0  # lambda of CE + lambda * KL(p_base || p_ctrl) on negatives
     first_token_weight: float = 1.0  # weight of the first response token (the refusal decision); 1 = paper
     refusal_path_kl: float = 0.0  # weight of KL(base || controlled) along the refusal template on negatives
+    deep_lr_scale: float = 1.0  # the deep offsets' learning rate as a multiple of lr (tokens.deep)
     grad_clip: float = 1.0  # 0 disables
     block_orthogonality: float = 0.0  # weight of the squared-cosine overlap between category blocks
     schedule: str = "constant"  # constant | cosine (decay to 10% of lr over the run) | linear
@@ -126,6 +127,7 @@ class TrainConfig:
             (self.optim.kl_weight >= 0, "optim.kl_weight must be >= 0"),
             (self.optim.first_token_weight > 0, "optim.first_token_weight must be positive"),
             (self.optim.refusal_path_kl >= 0, "optim.refusal_path_kl must be >= 0 (0: off)"),
+            (self.optim.deep_lr_scale > 0, "optim.deep_lr_scale must be positive"),
             (self.optim.block_orthogonality >= 0, "optim.block_orthogonality must be >= 0"),
             (
                 self.optim.schedule in ("constant", "cosine", "linear"),

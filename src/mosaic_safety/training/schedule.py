@@ -27,5 +27,6 @@ def lr_at(step: int, total: int, peak: float, schedule: str = "constant", warmup
 
 
 def set_lr(optimizer: object, lr: float) -> None:
+    """Set every group's rate to ``lr`` times the group's own ``lr_scale`` (1 when it has none)."""
     for group in optimizer.param_groups:  # type: ignore[attr-defined]
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
