@@ -444,6 +444,7 @@ def test_deep_offsets_take_their_own_learning_rate(tmp_path, tiny_backbone):
         k: float((v.detach() - before[k]).abs().max()) for k, v in trainer.tokens.named_tensors().items()
     }
     touched = {c for i in items for c in i.policy.categories}
+    assert touched
     for name in touched:
         assert moved[f"category.{name}"] == pytest.approx(0.005, rel=1e-2)
         assert moved[f"deep.{name}"] == pytest.approx(0.015, rel=1e-2)

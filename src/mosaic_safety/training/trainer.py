@@ -250,9 +250,8 @@ class Trainer:
         at the input, 2-7 in the early layers), so the offsets might want a larger rate. Measured on
         SmolLM2 they do not: x3 is less selective, x0.5 the same (docs/experiments.md).
         """
-        blocks = [self.tokens.blocks[n] for n in trainable]
         deep = [self.tokens.deep[n] for n in trainable if n in self.tokens.deep]
-        groups: list[dict[str, Any]] = [{"params": blocks, "lr_scale": 1.0}]
+        groups: list[dict[str, Any]] = [{"params": self.trainable_blocks, "lr_scale": 1.0}]
         if deep:
             scale = self.config.optim.deep_lr_scale
             groups.append({"params": deep, "lr": self.config.optim.lr * scale, "lr_scale": scale})
