@@ -53,8 +53,8 @@ def pick_prompts(manifest: dict[str, Any], suite: Any, split: str, group: str, n
         pools = training_pools(suite, cats, cfg["data"]["limit_per_category"], cfg["optim"]["seed"])
         rows = pools["neutral"] if group == "neutral" else pools["prompts"].get(group)
     else:
-        rows = [e.prompt for e in suite.neutral("test")] if group == "neutral" else None
-        rows = rows or [e.prompt for e in suite.by_category("test").get(group, [])]
+        examples = suite.neutral("test") if group == "neutral" else suite.by_category("test").get(group, [])
+        rows = [e.prompt for e in examples]
     if not rows:
         raise ValueError(
             f"no prompts in group {group!r}; use 'neutral' or one of {', '.join(suite.registry.names)}"

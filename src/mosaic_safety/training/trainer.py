@@ -248,7 +248,7 @@ class Trainer:
         Adam moves every element by about the rate per step, whatever its gradient's scale, while the
         residual stream the offsets are added to is 15-50x larger than the embeddings (SmolLM2: rms 0.14
         at the input, 2-7 in the early layers), so the offsets might want a larger rate. Measured on
-        SmolLM2 they do not: x3 is less selective, x0.5 the same (docs/experiments.md).
+        SmolLM2 (one run each) they do not: x3 is less selective, x0.5 the same (docs/experiments.md).
         """
         deep = [self.tokens.deep[n] for n in trainable if n in self.tokens.deep]
         groups: list[dict[str, Any]] = [{"params": self.trainable_blocks, "lr_scale": 1.0}]
