@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from math import comb
 
 import pytest
@@ -449,4 +450,38 @@ def test_deep_offsets_take_their_own_learning_rate(tmp_path, tiny_backbone):
         assert moved[f"category.{name}"] == pytest.approx(0.005, rel=1e-2)
         assert moved[f"deep.{name}"] == pytest.approx(0.015, rel=1e-2)
     with pytest.raises(ConfigError, match="deep_lr_scale"):
-        tiny_config(tmp_path, "optim.deep_lr_scale=0")
+        tiny_config(tmp_path, "tokens.deep=true", "optim.deep_lr_scale=0")
+    with pytest.raises(ConfigError, match="needs tokens.deep=true"):  # a scale that would do nothing
+        tiny_config(tmp_path, "tokens.deep=false", "optim.deep_lr_scale=2")
+
+
+def test_bf16_autocast_trains_float32_tokens_over_the_frozen_model(tmp_path, tiny_backbone):
+    """``optim.autocast=bfloat16`` casts the passes, not the state: tokens, gradients and saved
+    artifact stay float32, the backbone stays bitwise frozen, and the loss is the float32 one up to
+    bf16 rounding (it differs from it, so the cast really happened)."""
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.tokens import ControlTokens
+    from mosaic_safety.training.trainer import Trainer, training_autocast
+
+    before = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
+    trainer = Trainer(
+        tiny_config(tmp_path, "optim.epochs=1", "tokens.deep=true", "optim.autocast=bfloat16"),
+        backbone=tiny_backbone,
+    )
+    trainer.prepare()
+    items = trainer.sampler.epoch_items(0)[:6]
+    with torch.no_grad():
+        full = float(trainer.loss(items)[0])
+        with training_autocast(trainer.model.device, "bfloat16"):
+            half = float(trainer.loss(items)[0])
+    assert half != full
+    assert half == pytest.approx(full, rel=0.05)
+
+    result = trainer.train(tmp_path / "run")
+    assert result.steps > 0 and math.isfinite(result.final_loss)
+    for k, v in tiny_backbone.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    saved = ControlTokens.load(tmp_path / "run", backbone=tiny_backbone.describe())
+    assert all(t.dtype == torch.float32 for t in saved.named_tensors().values())
+    with pytest.raises(ConfigError, match="autocast"):
+        tiny_config(tmp_path, "optim.autocast=float8")

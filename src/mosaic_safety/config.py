@@ -69,6 +69,7 @@ class OptimConfig:
     first_token_weight: float = 1.0  # weight of the first response token (the refusal decision); 1 = paper
     refusal_path_kl: float = 0.0  # weight of KL(base || controlled) along the refusal template on negatives
     deep_lr_scale: float = 1.0  # the deep offsets' learning rate as a multiple of lr (tokens.deep)
+    autocast: str = "off"  # off | bfloat16: run the training passes' matrix products in bf16
     grad_clip: float = 1.0  # 0 disables
     block_orthogonality: float = 0.0  # weight of the squared-cosine overlap between category blocks
     schedule: str = "constant"  # constant | cosine (decay to 10% of lr over the run) | linear
@@ -128,6 +129,11 @@ class TrainConfig:
             (self.optim.first_token_weight > 0, "optim.first_token_weight must be positive"),
             (self.optim.refusal_path_kl >= 0, "optim.refusal_path_kl must be >= 0 (0: off)"),
             (self.optim.deep_lr_scale > 0, "optim.deep_lr_scale must be positive"),
+            (
+                self.tokens.deep or self.optim.deep_lr_scale == 1.0,
+                "optim.deep_lr_scale scales the deep offsets: it needs tokens.deep=true",
+            ),
+            (self.optim.autocast in ("off", "bfloat16"), "optim.autocast: off | bfloat16"),
             (self.optim.block_orthogonality >= 0, "optim.block_orthogonality must be >= 0"),
             (
                 self.optim.schedule in ("constant", "cosine", "linear"),
