@@ -110,6 +110,29 @@ def test_kl_is_zero_for_equal_models_and_matches_reference():
     assert torch.allclose(response_kl(student, teacher, labels), expected, atol=1e-5)
 
 
+def test_greedy_margin_hinge_matches_reference_and_spares_safe_choices():
+    from mosaic_safety.training.losses import response_margin
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 9)
+    labels = torch.tensor([[2, 5, -100, -100], [0, 1, 7, 3]])
+    expected = []
+    for row in range(2):
+        hinges = []
+        for pos in range(4):
+            y = int(labels[row, pos])
+            if y < 0:
+                continue
+            rival = max(float(logits[row, pos, j]) for j in range(9) if j != y)
+            hinges.append(max(0.0, 1.5 - (float(logits[row, pos, y]) - rival)))
+        expected.append(sum(hinges) / len(hinges))
+    assert response_margin(logits, labels, 1.5).tolist() == pytest.approx(expected, abs=1e-5)
+    safe = torch.full((1, 3, 9), -5.0)
+    safe[0, torch.arange(3), torch.tensor([4, 2, 8])] = 5.0  # each label 10 logits ahead
+    assert float(response_margin(safe, torch.tensor([[4, 2, 8]]), 1.0)) == 0.0
+    assert float(response_margin(safe, torch.tensor([[2, 2, 8]]), 1.0)) == pytest.approx((11.0 + 0 + 0) / 3)
+
+
 def test_teacher_cache_generates_once(tmp_path, tiny_backbone):
     cm = ControlledModel(tiny_backbone)
     calls = []
@@ -485,3 +508,23 @@ def test_bf16_autocast_trains_float32_tokens_over_the_frozen_model(tmp_path, tin
     assert all(t.dtype == torch.float32 for t in saved.named_tensors().values())
     with pytest.raises(ConfigError, match="autocast"):
         tiny_config(tmp_path, "optim.autocast=float8")
+
+
+def test_greedy_margin_joins_the_negatives_loss_and_is_checked(tmp_path, tiny_backbone):
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path, "optim.greedy_margin=2"), backbone=tiny_backbone)
+    trainer.prepare()
+    items = trainer.sampler.epoch_items(0)[:8]
+    assert any(not i.positive for i in items)
+    with torch.no_grad():
+        with_hinge, stats = trainer.loss(items)
+        trainer.config.optim.greedy_margin = 0.0
+        without, plain = trainer.loss(items)
+    negatives = sum(not i.positive for i in items)
+    assert stats["margin"] > 0 and "margin" not in plain
+    assert float(with_hinge - without) == pytest.approx(2 * stats["margin"] * negatives / len(items), rel=1e-4)
+    for bad in ("optim.greedy_margin=-1", "optim.greedy_margin_value=0"):
+        with pytest.raises(ConfigError, match="greedy_margin"):
+            tiny_config(tmp_path, bad)

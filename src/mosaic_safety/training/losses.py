@@ -43,6 +43,24 @@ def response_kl(
     return _row_mean(token_kl(student_logits, teacher_logits), labels != -100, first_weight)
 
 
+def response_margin(
+    logits: torch.Tensor, labels: torch.Tensor, margin: float, first_weight: float = 1.0
+) -> torch.Tensor:
+    """Per-row mean hinge ``relu(margin - (z_label - max_other z))`` over response positions. ``(B,)``.
+
+    On a negative, ``labels`` is the base model's greedy answer, so a zero loss means greedy
+    decoding under the policy keeps that answer token for token, with ``margin`` to spare. KL and
+    CE are soft: where the base model's next-token distribution is flat, a small shift flips the
+    greedy choice to a refusal at little cost in either (docs/experiments.md). The hinge is zero
+    wherever the choice is safe and acts only where it is about to flip.
+    """
+    mask = labels != -100
+    z = logits.float()
+    target = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    rival = z.scatter(-1, labels.clamp(min=0).unsqueeze(-1), float("-inf")).amax(-1)
+    return _row_mean(F.relu(margin - (target - rival)), mask, first_weight)
+
+
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_teacher || p_student) at every position, ``(B, T)``: what ``response_kl`` averages."""
     student = F.log_softmax(student_logits.float(), dim=-1)

@@ -28,7 +28,7 @@ from ..data import load_suite
 from ..data.suites import Suite
 from ..policy import Policy
 from ..tokens import ArtifactError, ControlTokens, read_manifest
-from .losses import block_overlap, response_cross_entropy, response_kl
+from .losses import block_overlap, response_cross_entropy, response_kl, response_margin
 from .sampler import OrderSampler, TrainItem
 from .schedule import lr_at, set_lr
 from .teacher import BaseResponseCache
@@ -356,6 +356,11 @@ class Trainer:
             kl = response_kl(logits[neg, :width], teacher_logits, labels[neg, :width], fw)
             per_row[neg] = per_row[neg] + self.config.optim.kl_weight * kl
             kl_mean = float(kl.detach().mean())
+        margin_mean = 0.0
+        if neg and self.config.optim.greedy_margin > 0:
+            hinge = response_margin(logits[neg], labels[neg], self.config.optim.greedy_margin_value, fw)
+            per_row[neg] = per_row[neg] + self.config.optim.greedy_margin * hinge
+            margin_mean = float(hinge.detach().mean())
         path_kl = None
         if neg and self.config.optim.refusal_path_kl > 0:
             path_kl = self._refusal_path_kl([items[j] for j in neg], heads.rows(neg) if heads else None)
@@ -368,6 +373,8 @@ class Trainer:
             "ce_neg": float(ce[neg].detach().mean()) if neg else 0.0,
             "kl": kl_mean,
         }
+        if self.config.optim.greedy_margin > 0:
+            stats["margin"] = margin_mean
         if self.config.optim.refusal_path_kl > 0:
             stats["path_kl"] = float(path_kl.detach().mean()) if path_kl is not None else 0.0
         if self.config.optim.block_orthogonality > 0:
