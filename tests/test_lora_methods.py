@@ -428,3 +428,54 @@ def test_cli_train_then_load(tmp_path, tiny_backbone, name):
     again = train(art, "optim.epochs=1")
     assert again.returncode == 2 and "already holds a training run" in again.stderr
     assert (art / "weights.safetensors").read_bytes() == before  # nothing lost
+
+
+@pytest.mark.parametrize("name", ["lora_sft", "magic_token"])
+def test_resume_continues_an_adapter_run(tmp_path, tiny_backbone, monkeypatch, name):
+    """One epoch, then ``resume`` to two, equals two epochs in one go; magic_token keeps the
+    tokens its adapter learned. Another recipe is refused and leaves the run as it was."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("MOSAIC_CACHE", str(tmp_path / "cache"))
+    module = method_module(name)
+    run = tmp_path / "run"
+    module.train(_config(name, "optim.epochs=1"), run, backbone=tiny_backbone)
+    after_one = load_file(str(run / WEIGHTS_FILE))
+    assert (run / "checkpoints" / "epoch-1" / "optimizer.safetensors").exists()
+    before = (run / WEIGHTS_FILE).read_bytes()
+    with pytest.raises(ArtifactError, match="different config"):
+        module.train(
+            _config(name, "optim.epochs=2", "optim.lr=0.02"), run, backbone=tiny_backbone, resume=True
+        )
+    assert (run / WEIGHTS_FILE).read_bytes() == before
+
+    secrets = read_secrets(run) if name == "magic_token" else None
+    events: list[tuple[str, dict]] = []
+    summary = module.train(
+        _config(name, "optim.epochs=2"),
+        run,
+        reporter=lambda k, d: events.append((k, d)),
+        backbone=tiny_backbone,
+        resume=True,
+    )
+    start = next(d for k, d in events if k == "start")
+    assert start["done_steps"] == summary["steps"] // 2 > 0
+    assert any(k == "stage" and "resumed from epoch-1" in d["name"] for k, d in events)
+    resumed = load_file(str(run / WEIGHTS_FILE))
+    assert any(not torch.equal(resumed[k], after_one[k]) for k in resumed)
+    if name == "magic_token":
+        assert read_secrets(run) == secrets  # not redrawn: the adapter was trained on these
+    else:
+        full = tmp_path / "full"
+        module.train(_config(name, "optim.epochs=2"), full, backbone=tiny_backbone)
+        straight = load_file(str(full / WEIGHTS_FILE))
+        for k in straight:
+            assert torch.allclose(straight[k], resumed[k], atol=1e-5), k
+    assert (
+        len(
+            load_method(artifact=run, backbone=tiny_backbone).generate(
+                PROMPTS[:1], [Policy(("alcohol",))], max_new_tokens=3
+            )
+        )
+        == 1
+    )

@@ -524,7 +524,9 @@ def test_greedy_margin_joins_the_negatives_loss_and_is_checked(tmp_path, tiny_ba
         without, plain = trainer.loss(items)
     negatives = sum(not i.positive for i in items)
     assert stats["margin"] > 0 and "margin" not in plain
-    assert float(with_hinge - without) == pytest.approx(2 * stats["margin"] * negatives / len(items), rel=1e-4)
+    assert float(with_hinge - without) == pytest.approx(
+        2 * stats["margin"] * negatives / len(items), rel=1e-4
+    )
     for bad in ("optim.greedy_margin=-1", "optim.greedy_margin_value=0"):
         with pytest.raises(ConfigError, match="greedy_margin"):
             tiny_config(tmp_path, bad)

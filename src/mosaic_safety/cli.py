@@ -160,6 +160,7 @@ def train(
 ) -> None:
     """Train control tokens (or a comparison method) on a frozen model; print the held-out refusal table."""
     from .config import ConfigError, load_config
+    from .methods import method_module
     from .training.trainer import Trainer, claim_output
 
     with friendly_errors():
@@ -169,12 +170,13 @@ def train(
             raise ConfigError(
                 "--resume continues the run in the output and --overwrite replaces it: pick one"
             )
-        if resume and cfg.method != "mosaic":
-            raise ConfigError(f"--resume is only supported for mosaic; {cfg.method} restarts from scratch")
+        module = None if cfg.method == "mosaic" else method_module(cfg.method)
+        if resume and module is not None and not getattr(module, "RESUMABLE", False):
+            raise ConfigError(f"--resume is not supported for {cfg.method}; it restarts from scratch")
         if not resume:
             claim_output(target, overwrite)  # before loading anything: fail fast on an occupied output
-        if cfg.method != "mosaic":
-            _train_other_method(cfg, target)
+        if module is not None:
+            _train_other_method(module, cfg, target, resume)
             return
         with _progress() as progress:
             display = TrainDisplay(progress)
@@ -207,12 +209,14 @@ def train(
             print_table(table, trainer.categories)
 
 
-def _train_other_method(cfg: Any, target: Path) -> None:
-    from .methods import method_module
-
-    module = method_module(cfg.method)
+def _train_other_method(module: Any, cfg: Any, target: Path, resume: bool) -> None:
     with _progress() as progress:
-        summary = module.train(cfg, target, reporter=TrainDisplay(progress))
+        reporter = TrainDisplay(progress)
+        summary = (
+            module.train(cfg, target, reporter=reporter, resume=True)
+            if resume
+            else module.train(cfg, target, reporter=reporter)
+        )
     console.print(
         f"[green]✓[/] {cfg.method}: trained {summary.get('steps', '?')} steps in "
         f"{summary.get('seconds', 0):.0f}s; artifact: {target} (evaluate it with `mosaic eval --artifact {target}`)",

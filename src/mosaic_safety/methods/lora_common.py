@@ -37,6 +37,13 @@ from ..config import ConfigError, TrainConfig
 from ..controlled import ControlledModel, Prompt
 from ..policy import CategoryRegistry, Policy, PolicyError
 from ..tokens import ArtifactError
+from ..training.checkpoint import (
+    check_same_recipe,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_optimizer_state,
+    save_optimizer_state,
+)
 from ..training.losses import response_cross_entropy
 from ..training.sampler import TrainItem
 from ..training.teacher import BaseResponseCache
@@ -386,29 +393,31 @@ class AdapterTrainer:
     def budgets(self) -> list[dict[str, int]]:
         return budget_rows(self.sampler)
 
-    def train(self, output: str | Path) -> dict[str, Any]:
+    def train(self, output: str | Path, resume: bool = False) -> dict[str, Any]:
+        """Train into ``output``; ``resume`` continues from its last epoch checkpoint."""
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.config
         budgets = self.budgets()
         self.report("budgets", {"budgets": budgets})
         self.prepare()
+        start_epoch, step = self._resume(out) if resume else (0, 0)
         per_epoch = self.steps_per_epoch()
         total = per_epoch * cfg.optim.epochs
-        self.report("start", {"total_steps": total, "done_steps": 0, "steps_per_epoch": per_epoch})
-        step, first, last = 0, float("nan"), float("nan")
+        self.report("start", {"total_steps": total, "done_steps": step, "steps_per_epoch": per_epoch})
+        first, last = float("nan"), float("nan")  # first: this session's first step
         t0 = time.time()
         self.peft_model.train()  # LoRA dropout, if any; the shared backbone's modules are untouched
         try:
-            with (out / "train_log.jsonl").open("w", encoding="utf-8") as log:
-                for epoch in range(cfg.optim.epochs):
+            with (out / "train_log.jsonl").open("a" if resume else "w", encoding="utf-8") as log:
+                for epoch in range(start_epoch, cfg.optim.epochs):
                     window: list[dict[str, float]] = []
                     for batch in self.epoch_batches(epoch):
                         loss, stats = self.loss(batch)
                         optimizer_step(loss, self.optimizer, self.params, cfg.optim.grad_clip)
                         step += 1
                         last = stats["loss"]
-                        first = last if step == 1 else first
+                        first = last if math.isnan(first) else first
                         window.append(stats)
                         self.report(
                             "step", {"step": step, "epoch": epoch + 1, "order": batch[0].order, **stats}
@@ -416,7 +425,8 @@ class AdapterTrainer:
                         if step % cfg.log.every == 0 or step == total:
                             log_window(log, step, epoch + 1, window, t0)
                             window = []
-                    self.save(out, {"epoch": epoch + 1, "steps": step})  # the artifact doubles as checkpoint
+                    self.save(out, {"epoch": epoch + 1, "steps": step})  # usable after every epoch
+                    self._checkpoint(out, epoch + 1, step)
                     self.report("epoch", {"epoch": epoch + 1, "step": step})
         finally:
             self.peft_model.eval()
@@ -431,6 +441,33 @@ class AdapterTrainer:
         }
         self.save(out, summary)
         return summary
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.peft_model.named_parameters() if "lora_" in n]
+
+    def _checkpoint(self, out: Path, epoch: int, step: int) -> None:
+        ckpt = checkpoint_dir(out, epoch)
+        self.save(ckpt, {"epoch": epoch, "steps": step})
+        save_optimizer_state(ckpt, self.optimizer, self._named_params(), epoch, step)
+
+    def _resume(self, out: Path) -> tuple[int, int]:
+        from peft import set_peft_model_state_dict
+
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            self.report("stage", {"name": "no checkpoint to resume from; starting fresh"})
+            return 0, 0
+        manifest, tensors, _ = load_method_artifact(ckpt, self.name, self.backbone.describe())
+        check_same_recipe(ckpt, manifest.get("training", {}).get("config", {}), self.config.to_dict())
+        set_peft_model_state_dict(self.peft_model, tensors)
+        self.restore_secrets(ckpt)
+        epoch, step = load_optimizer_state(ckpt, self.optimizer, self._named_params())
+        self.report("stage", {"name": f"resumed from {ckpt.name} (step {step})"})
+        return epoch, step
+
+    def restore_secrets(self, ckpt: Path) -> None:
+        """Take back what a method drew at random when the checkpoint's run began (magic tokens)."""
 
     def save(self, out: Path, training: dict[str, Any]) -> Path:
         extra = {

@@ -45,10 +45,17 @@ class SFTTrainer(AdapterTrainer):
         return self._rewrite(prompt, policy)[0]
 
 
+RESUMABLE = True  # `mosaic train --resume` continues its epoch checkpoints
+
+
 def train(
-    config: TrainConfig, output: Path, reporter: Any = None, backbone: Backbone | None = None
+    config: TrainConfig,
+    output: Path,
+    reporter: Any = None,
+    backbone: Backbone | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    return SFTTrainer(config, backbone=backbone, reporter=reporter).train(output)
+    return SFTTrainer(config, backbone=backbone, reporter=reporter).train(output, resume=resume)
 
 
 def load(artifact: Path, backbone: Backbone) -> Method:

@@ -109,6 +109,11 @@ class MagicTokenTrainer(AdapterTrainer):
     def rewrite(self, prompt: str, policy: Policy) -> Prompt:
         return self._rewrite(prompt, policy)[0]
 
+    def restore_secrets(self, ckpt: Path) -> None:
+        """A resumed run keeps training on the tokens its adapter has learned, not on fresh ones."""
+        self._tokens = _check_secrets(read_secrets(ckpt), self.options["mode"], self.registry, ckpt)
+        self._rewrite = token_rewrite(self.options["mode"], self._tokens)
+
     # -- three modes --------------------------------------------------------------------------
     def teacher_prompts(self) -> list[str]:
         if self.options["mode"] == "per_category":
@@ -218,10 +223,17 @@ def _check_secrets(data: Any, mode: str, registry: CategoryRegistry, artifact: P
     return dict(tokens)
 
 
+RESUMABLE = True  # `mosaic train --resume` continues its epoch checkpoints
+
+
 def train(
-    config: TrainConfig, output: Path, reporter: Any = None, backbone: Backbone | None = None
+    config: TrainConfig,
+    output: Path,
+    reporter: Any = None,
+    backbone: Backbone | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    return MagicTokenTrainer(config, backbone=backbone, reporter=reporter).train(output)
+    return MagicTokenTrainer(config, backbone=backbone, reporter=reporter).train(output, resume=resume)
 
 
 def load(artifact: Path, backbone: Backbone, allow_negative: bool = False) -> Method:

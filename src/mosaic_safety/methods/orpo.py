@@ -106,10 +106,17 @@ class ORPOTrainer(SFTTrainer):
         return per_row.mean(), stats
 
 
+RESUMABLE = True  # `mosaic train --resume` continues its epoch checkpoints
+
+
 def train(
-    config: TrainConfig, output: Path, reporter: Any = None, backbone: Backbone | None = None
+    config: TrainConfig,
+    output: Path,
+    reporter: Any = None,
+    backbone: Backbone | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    return ORPOTrainer(config, backbone=backbone, reporter=reporter).train(output)
+    return ORPOTrainer(config, backbone=backbone, reporter=reporter).train(output, resume=resume)
 
 
 def load(artifact: Path, backbone: Backbone) -> Method:

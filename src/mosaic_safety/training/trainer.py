@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..backbone import Backbone, cache_root, load_backbone
 from ..config import TrainConfig
@@ -28,6 +27,13 @@ from ..data import load_suite
 from ..data.suites import Suite
 from ..policy import Policy
 from ..tokens import ArtifactError, ControlTokens, read_manifest
+from .checkpoint import (
+    check_same_recipe,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_optimizer_state,
+    save_optimizer_state,
+)
 from .losses import block_overlap, response_cross_entropy, response_kl, response_margin
 from .sampler import OrderSampler, TrainItem
 from .schedule import lr_at, set_lr
@@ -474,77 +480,32 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _checkpoint(self, out: Path, epoch: int, step: int) -> None:
-        ckpt = out / "checkpoints" / f"epoch-{epoch}"
+        ckpt = checkpoint_dir(out, epoch)
         self.save(ckpt, {"epoch": epoch, "steps": step})
-        state = {}
-        for name, param in self._checkpointed():
-            s = self.optimizer.state.get(param, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in s:
-                    state[f"{name}.{key}"] = s[key].detach().cpu().contiguous()
-            if "step" in s:
-                state[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
-        save_file(state, str(ckpt / "optimizer.safetensors"))
-        (ckpt / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "step": step}) + "\n")
+        save_optimizer_state(ckpt, self.optimizer, self._checkpointed(), epoch, step)
 
     def _checkpointed(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Every learned tensor under its optimizer-state name: the category (blocks), ``deep.<name>``."""
         return [(k.removeprefix("category."), p) for k, p in self.tokens.named_tensors().items()]
 
     def _resume(self, out: Path) -> tuple[int, int]:
-        ckpts = sorted((out / "checkpoints").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
-        ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
-        if not ckpts:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
             self.report("stage", {"name": "no checkpoint to resume from; starting fresh"})
             return 0, 0
-        ckpt = ckpts[-1]
-        manifest = read_manifest(ckpt)
-        if _resume_key(manifest["training"]["config"]) != _resume_key(self.config.to_dict()):
-            raise ArtifactError(
-                f"{ckpt}: checkpoint was made with a different config; resume needs the same one "
-                "(only optim.epochs may change, to train longer)"
-            )
-        loaded = ControlTokens.load(ckpt, self.backbone.describe())
-        state = load_file(str(ckpt / "optimizer.safetensors"))
+        check_same_recipe(ckpt, read_manifest(ckpt)["training"]["config"], self.config.to_dict())
+        saved = ControlTokens.load(ckpt, self.backbone.describe()).named_tensors()
         with torch.no_grad():
-            saved = loaded.named_tensors()
             for name, param in self._checkpointed():
                 param.copy_(saved[_artifact_key(name)].to(param.device))
-                if f"{name}.exp_avg" in state:
-                    self.optimizer.state[param] = {
-                        "step": torch.tensor(float(state[f"{name}.step"][0])),
-                        "exp_avg": state[f"{name}.exp_avg"].to(param.device),
-                        "exp_avg_sq": state[f"{name}.exp_avg_sq"].to(param.device),
-                    }
-        info = json.loads((ckpt / "trainer_state.json").read_text())
-        self.report("stage", {"name": f"resumed from {ckpt.name} (step {info['step']})"})
-        return int(info["epoch"]), int(info["step"])
+        epoch, step = load_optimizer_state(ckpt, self.optimizer, self._checkpointed())
+        self.report("stage", {"name": f"resumed from {ckpt.name} (step {step})"})
+        return epoch, step
 
 
 def _artifact_key(name: str) -> str:
     """The artifact key of a checkpointed tensor name (see ``Trainer._checkpointed``)."""
     return name if name.startswith("deep.") else f"category.{name}"
-
-
-def _resume_key(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a config a resumed run must share with its checkpoint.
-
-    Everything that shapes the optimisation, except the epoch count (to train longer). Fields the
-    checkpoint predates take their defaults, which keep the old behaviour. Where the run lives
-    (``output``: a run directory may be moved or copied), how it logs and how it is evaluated
-    afterwards do not change the tokens, so they may differ.
-    """
-    free = {"output", "log", "eval"}
-    defaults = TrainConfig().to_dict()  # fields added since the checkpoint take their defaults
-    key = {}
-    for name, default in defaults.items():
-        if name in free:
-            continue
-        value = config.get(name, default)
-        if isinstance(default, dict) and isinstance(value, dict) and name != "method_options":
-            value = {k: value.get(k, d) for k, d in default.items()}
-        key[name] = value
-    return {**key, "optim": {k: v for k, v in key["optim"].items() if k != "epochs"}}
 
 
 def _tensorboard(out: Path) -> Any:

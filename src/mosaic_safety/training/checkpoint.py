@@ -1,0 +1,100 @@
+"""Epoch checkpoints shared by the trainers: Adam's state, the run's position, the resume check.
+
+A resumed run must continue the same optimisation, not restart it: without Adam's moments its
+first steps would each move every element by the full learning rate again. The learned tensors
+themselves live in the checkpoint's artifact, written by each trainer's own ``save``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import TrainConfig
+from ..tokens import ArtifactError
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+
+Named = Sequence[tuple[str, torch.nn.Parameter]]
+
+
+def checkpoint_dir(out: Path, epoch: int) -> Path:
+    return out / "checkpoints" / f"epoch-{epoch}"
+
+
+def save_optimizer_state(
+    ckpt: Path, optimizer: torch.optim.Optimizer, named: Named, epoch: int, step: int
+) -> None:
+    """Adam's moments and step count per named parameter, then the position (written last: it
+    marks the checkpoint complete)."""
+    state = {}
+    for name, param in named:
+        s = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in s:
+                state[f"{name}.{key}"] = s[key].detach().cpu().contiguous()
+        if "step" in s:
+            state[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(ckpt / OPTIMIZER_FILE))
+    (ckpt / STATE_FILE).write_text(json.dumps({"epoch": epoch, "step": step}) + "\n")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint of the latest epoch in a run directory, if any."""
+    ckpts = [c for c in (out / "checkpoints").glob("epoch-*") if (c / STATE_FILE).exists()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, named: Named) -> tuple[int, int]:
+    """Restore Adam's state for ``named`` from ``ckpt``; returns the (epoch, step) reached there."""
+    try:
+        state = load_file(str(ckpt / OPTIMIZER_FILE))
+        info = json.loads((ckpt / STATE_FILE).read_text())
+        epoch, step = int(info["epoch"]), int(info["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({exc})") from exc
+    for name, param in named:
+        if f"{name}.exp_avg" in state:
+            optimizer.state[param] = {
+                "step": torch.tensor(float(state[f"{name}.step"][0])),
+                "exp_avg": state[f"{name}.exp_avg"].to(param.device),
+                "exp_avg_sq": state[f"{name}.exp_avg_sq"].to(param.device),
+            }
+    return epoch, step
+
+
+def check_same_recipe(ckpt: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint made with another recipe (only ``optim.epochs`` may grow)."""
+    if resume_key(saved) != resume_key(config):
+        raise ArtifactError(
+            f"{ckpt}: checkpoint was made with a different config; resume needs the same one "
+            "(only optim.epochs may change, to train longer)"
+        )
+
+
+def resume_key(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a config a resumed run must share with its checkpoint.
+
+    Everything that shapes the optimisation, except the epoch count (to train longer). Fields the
+    checkpoint predates take their defaults, which keep the old behaviour. Where the run lives
+    (``output``: a run directory may be moved or copied), how it logs and how it is evaluated
+    afterwards do not change the result, so they may differ.
+    """
+    free = {"output", "log", "eval"}
+    defaults = TrainConfig().to_dict()  # fields added since the checkpoint take their defaults
+    key = {}
+    for name, default in defaults.items():
+        if name in free:
+            continue
+        value = config.get(name, default)
+        if isinstance(default, dict) and isinstance(value, dict) and name != "method_options":
+            value = {k: value.get(k, d) for k, d in default.items()}
+        key[name] = value
+    return {**key, "optim": {k: v for k, v in key["optim"].items() if k != "epochs"}}
