@@ -159,8 +159,12 @@ def adapted_copy(backbone: Backbone, options: dict[str, Any]) -> tuple[Any, Back
     return peft_model, adapted
 
 
+def named_lora_parameters(peft_model: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]
+
+
 def lora_parameters(peft_model: Any) -> list[torch.nn.Parameter]:
-    return [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    return [p for _, p in named_lora_parameters(peft_model)]
 
 
 def lora_tensors(peft_model: Any) -> dict[str, torch.Tensor]:
@@ -443,13 +447,10 @@ class AdapterTrainer:
         return summary
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.peft_model.named_parameters() if "lora_" in n]
-
     def _checkpoint(self, out: Path, epoch: int, step: int) -> None:
         ckpt = checkpoint_dir(out, epoch)
         self.save(ckpt, {"epoch": epoch, "steps": step})
-        save_optimizer_state(ckpt, self.optimizer, self._named_params(), epoch, step)
+        save_optimizer_state(ckpt, self.optimizer, named_lora_parameters(self.peft_model), epoch, step)
 
     def _resume(self, out: Path) -> tuple[int, int]:
         from peft import set_peft_model_state_dict
@@ -462,7 +463,7 @@ class AdapterTrainer:
         check_same_recipe(ckpt, manifest.get("training", {}).get("config", {}), self.config.to_dict())
         set_peft_model_state_dict(self.peft_model, tensors)
         self.restore_secrets(ckpt)
-        epoch, step = load_optimizer_state(ckpt, self.optimizer, self._named_params())
+        epoch, step = load_optimizer_state(ckpt, self.optimizer, named_lora_parameters(self.peft_model))
         self.report("stage", {"name": f"resumed from {ckpt.name} (step {step})"})
         return epoch, step
 
