@@ -395,7 +395,7 @@ def _mosaic(*args: str, cache: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow  # two subprocesses that import torch: ~20 s on the shared 2 cores
+@pytest.mark.slow  # four subprocesses that import torch: ~30 s on the shared 2 cores
 @pytest.mark.parametrize("name", ["lora_sft", "magic_token"])
 def test_cli_train_then_load(tmp_path, tiny_backbone, name):
     art = tmp_path / "art"
@@ -425,9 +425,17 @@ def test_cli_train_then_load(tmp_path, tiny_backbone, name):
     bad = train(tmp_path / "x", "method_options.lora_r=big")
     assert bad.returncode == 2 and "lora_r" in bad.stderr and "Traceback" not in bad.stderr
     before = (art / "weights.safetensors").read_bytes()
+    steps = json.loads((art / MANIFEST_FILE).read_text())["training"]["steps"]
     again = train(art, "optim.epochs=1")
     assert again.returncode == 2 and "already holds a training run" in again.stderr
     assert (art / "weights.safetensors").read_bytes() == before  # nothing lost
+    more = _mosaic(
+        "train", "-c", "configs/tiny-test.yaml", "--method", name, "-o", str(art), "--resume",
+        "optim.epochs=2", cache=tmp_path / "cache",
+    )  # fmt: skip
+    assert more.returncode == 0 and "resumed from epoch-1" in more.stderr, more.stderr
+    assert (art / "weights.safetensors").read_bytes() != before
+    assert json.loads((art / MANIFEST_FILE).read_text())["training"]["steps"] == 2 * steps
 
 
 @pytest.mark.parametrize("name", ["lora_sft", "magic_token"])
