@@ -30,6 +30,7 @@ from ..controlled import ControlledModel
 from ..data import load_suite
 from ..evaluation.table import held_out_groups
 from ..policy import CategoryRegistry, Policy
+from ..training.checkpoint import checkpoint_dir
 from ..training.losses import response_cross_entropy, response_kl
 from ..training.teacher import BaseResponseCache
 from ..training.trainer import data_hash, training_pools
@@ -296,7 +297,7 @@ def train_dsa(
                 },
             )
         save_method_artifact(
-            out / "checkpoints" / f"epoch-{epoch + 1}",
+            checkpoint_dir(out, epoch + 1),
             "dsa",
             meta["backbone"],
             registry,
