@@ -42,12 +42,10 @@ def main() -> None:
     batches = [batches[k] for k in sorted(batches)]
     trainer.teacher.fill(trainer.teacher.missing([i.prompt for b in batches for i in b if not i.positive]))
 
-    def step(batch: list, mode: str) -> float:
+    def step(batch: list, mode: str) -> None:
         with training_autocast(trainer.model.device, mode):
             loss, _ = trainer.loss(batch)
-        value = float(loss.detach())
         optimizer_step(loss, trainer.optimizer, trainer.trainable, config.optim.grad_clip)
-        return value
 
     with torch.no_grad():
         losses = {}
