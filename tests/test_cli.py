@@ -199,6 +199,10 @@ def test_bad_config_and_missing_files(tmp_path):
         )
     )
     assert "unknown category 'wine'" in err
+    err = _error(
+        mosaic("train", "-c", "configs/tiny-test.yaml", "data.refusal=No.", cache=tmp_path, check=False)
+    )
+    assert "data.refusal must contain {display}" in err
     assert "artifact directory not found" in _error(
         mosaic("info", str(tmp_path / "missing"), cache=tmp_path, check=False)
     )

@@ -112,6 +112,18 @@ def test_template_judge_and_any_judge(minors):
     ]
 
 
+def test_template_judge_knows_every_wording_it_is_given(minors):
+    """`mosaic eval` judges an artifact trained with data.refusal by the suite's and its own templates."""
+    own = minors.with_refusal("Request declined: {display} is off-limits on this platform.")
+    response = own["horror"].refusal_text
+    assert PhraseJudge()([""], [response]) == [False]  # no refusal phrase: only the template knows it
+    assert TemplateJudge(minors)([""], [response]) == [False]
+    both = build_judge("template", [minors, own])
+    assert both(["", ""], [response, minors["horror"].refusal_text]) == [True, True]
+    with pytest.raises(JudgeError, match="needs a category registry"):
+        build_judge("template")
+
+
 def test_garak_judge_reads_the_substrings_from_the_installed_package():
     subs = garak_mitigation_substrings()
     assert len(subs) > 100 and "As an AI" in subs and "I cannot provide" in subs

@@ -59,6 +59,17 @@ def test_missing_registry():
         CategoryRegistry.load("no-such-registry")
 
 
+def test_one_refusal_wording_for_every_category(minors):
+    sorry = minors.with_refusal("Sorry, I can't help with {display} here.")
+    assert sorry.names == minors.names and sorry.name == minors.name
+    assert sorry["betting"].refusal_text == "Sorry, I can't help with gambling and betting here."
+    assert [c.description for c in sorry] == [c.description for c in minors]
+    assert minors["betting"].refusal_text.startswith("I'm sorry, but")  # the suite's own is untouched
+    for bad in ("Sorry, I can't help with that.", "{display}", "  {display} "):
+        with pytest.raises(PolicyError, match="must contain {display}"):
+            minors.with_refusal(bad)
+
+
 def test_config_defaults_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("tokens:\n  m: 2\noptim:\n  epochs: 1\n")
@@ -76,6 +87,7 @@ def test_config_defaults_and_overrides(tmp_path):
         ("tokens:\n  placement: middle\n", [], "placement"),
         ("", ["optim.lr"], "key.sub=value"),
         ("", ["optim.lr=-1"], "positive"),
+        ("", ["data.refusal=Sorry, not here."], "data.refusal must contain"),
         ("- a\n- b\n", [], "mapping of sections"),
         ("optim: [\n", [], "not valid YAML"),
     ],

@@ -446,6 +446,31 @@ def test_refusal_path_kl_follows_the_policys_templates(tmp_path, tiny_backbone):
         tiny_config(tmp_path, "optim.refusal_path_kl=-1")
 
 
+def test_refusal_wording_from_the_recipe_is_trained_and_recorded(tmp_path, tiny_backbone):
+    """data.refusal replaces every category's template: positives target it, the artifact keeps it."""
+    from mosaic_safety.tokens import ArtifactError, ControlTokens
+    from mosaic_safety.training.trainer import Trainer, response_ids
+
+    wording = "Sorry, I can't help with {display} here."
+    trainer = Trainer(
+        tiny_config(tmp_path, "optim.epochs=1", f"data.refusal={wording}"), backbone=tiny_backbone
+    )
+    tok = tiny_backbone.tokenizer
+    assert trainer._refusals["betting"] == response_ids(
+        tok, "Sorry, I can't help with gambling and betting here."
+    )
+    trainer.train(tmp_path / "run")
+    saved = ControlTokens.load(tmp_path / "run", tiny_backbone.describe())
+    assert {saved.registry[c].refusal for c in trainer.categories} == {wording}
+    with pytest.raises(ArtifactError, match="not defined identically"):  # the suite's own wording differs
+        Trainer(
+            tiny_config(
+                tmp_path / "more", f"init_artifact={tmp_path / 'run'}", "data.categories=alcohol,sex"
+            ),
+            backbone=tiny_backbone,
+        ).prepare()
+
+
 def test_deep_offsets_take_their_own_learning_rate(tmp_path, tiny_backbone):
     """Adam's first step moves each element by the rate: lr for the blocks, lr * deep_lr_scale for offsets."""
     from mosaic_safety.config import ConfigError

@@ -502,7 +502,8 @@ def eval_command(
             batch_size=batch_size,
             fast=fast,
         )
-        the_judge = _make_judge(judge, data.registry)
+        # A method trained with its own refusal wording (data.refusal) is judged by it too.
+        the_judge = _make_judge(judge, [data.registry, m.registry])
         console.print(
             f"[cyan]•[/] evaluating {m.name} on {data.name}/{split} (orders 1–{max_order}, judge {the_judge.name})",
             highlight=False,

@@ -32,6 +32,7 @@ class DataConfig:
     suite: str = "minors"  # built-in suite name or a directory with registry.yaml + *.jsonl
     categories: list[str] = field(default_factory=list)  # empty: every category of the suite
     limit_per_category: int = 0  # 0: all training prompts; >0: a seeded sample (quick runs)
+    refusal: str = ""  # one refusal template for every category, with {display}; empty: the suite's own
 
 
 @dataclass
@@ -114,6 +115,10 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         checks = [
             (self.tokens.m >= 1, "tokens.m must be at least 1"),
+            (
+                not self.data.refusal or "{display}" in self.data.refusal,
+                "data.refusal must contain {display}: each category's refusal names its rule",
+            ),
             (
                 self.tokens.placement in ("prefix", "system", "user", "user_end"),
                 "tokens.placement: prefix | system | user | user_end",

@@ -8,6 +8,7 @@ named them in.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -134,6 +135,22 @@ class CategoryRegistry:
             "description": self.description,
             "categories": [c.to_dict() for c in self.categories],
         }
+
+    def with_refusal(self, template: str) -> CategoryRegistry:
+        """The same categories, every one refusing with ``template`` (which must name ``{display}``).
+
+        A recipe-level choice of refusal wording: how often the base model already opens its
+        answers the way the template does decides how selective trained tokens can be
+        (docs/experiments.md, "A refusal the base model does not say"). ``{display}`` keeps each
+        category's refusal distinct, so the rule that fired can still be read from the response.
+        """
+        if "{display}" not in template or not template.replace("{display}", "").strip():
+            raise PolicyError(
+                f"refusal template {template!r} must contain {{display}} and some text: each category's "
+                "refusal names its rule, so serving and the judges can tell which one fired"
+            )
+        cats = tuple(dataclasses.replace(c, refusal=template) for c in self.categories)
+        return CategoryRegistry(self.name, cats, self.description)
 
     # -- lookup -------------------------------------------------------------------------------
     @property

@@ -27,13 +27,12 @@ import torch.nn.functional as F
 
 from ..backbone import Backbone, cache_root, load_backbone
 from ..controlled import ControlledModel
-from ..data import load_suite
 from ..evaluation.table import held_out_groups
 from ..policy import CategoryRegistry, Policy
 from ..training.checkpoint import checkpoint_dir
 from ..training.losses import response_cross_entropy, response_kl
 from ..training.teacher import BaseResponseCache
-from ..training.trainer import data_hash, training_pools
+from ..training.trainer import data_hash, load_training_suite, training_pools
 from .artifact import save_method_artifact
 from .dsa import build_modules, pool, run_backbone, state_tensors
 from .dsa_net import DSAOptions, resolve_guard_layer, roc_auc, youden_threshold
@@ -139,7 +138,7 @@ def train_dsa(
     t_start = time.time()
     report("stage", {"name": "loading model", "model": config.model.name})
     backbone = backbone or load_backbone(config.model.name, config.model.device, config.model.dtype)
-    suite = load_suite(config.data.suite)
+    suite = load_training_suite(config.data)
     categories = list(suite.registry.policy(config.data.categories or list(suite.registry.names)))
     # The artifact's registry holds the trained categories only (as MOSAIC artifacts do), so the
     # evaluation harness never asks for a category the guardrail cannot score.

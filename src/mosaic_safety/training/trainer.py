@@ -8,6 +8,7 @@ artifact into the output directory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -21,7 +22,7 @@ from typing import IO, Any
 import torch
 
 from ..backbone import Backbone, cache_root, load_backbone
-from ..config import TrainConfig
+from ..config import DataConfig, TrainConfig
 from ..controlled import ControlledModel, PromptHeads, decoder_layers
 from ..data import load_suite
 from ..data.suites import Suite
@@ -79,9 +80,21 @@ def load_inputs(
     torch.manual_seed(config.optim.seed)
     report("stage", {"name": "loading model", "model": config.model.name})
     backbone = backbone or load_backbone(config.model.name, config.model.device, config.model.dtype)
-    suite = load_suite(config.data.suite)
+    suite = load_training_suite(config.data)
     registry = suite.registry
     return backbone, suite, list(registry.policy(config.data.categories or list(registry.names)))
+
+
+def load_training_suite(data: DataConfig) -> Suite:
+    """The recipe's suite, with ``data.refusal`` (when set) as every category's refusal template.
+
+    The template lives in the suite's registry, so the artifact records the wording it was trained
+    on and serving, the judges and incremental training all read that one.
+    """
+    suite = load_suite(data.suite)
+    if data.refusal:
+        suite = dataclasses.replace(suite, registry=suite.registry.with_refusal(data.refusal))
+    return suite
 
 
 def order_sampler(
