@@ -135,9 +135,12 @@ def test_profiles_file_errors_are_clear(minors):
             ProfileBook.from_dict(data, minors)
 
 
-def test_refusal_attribution(minors):
-    att = RefusalAttributor(minors)
-    alcohol, betting = minors["alcohol"].refusal_text, minors["betting"].refusal_text
+@pytest.mark.parametrize("wording", ["", "Sorry, I can't help with {display} on this platform."])
+def test_refusal_attribution(minors, wording):
+    """Rules are read from the artifact's templates: the suite's own, or a recipe's data.refusal."""
+    registry = minors.with_refusal(wording) if wording else minors
+    att = RefusalAttributor(registry)
+    alcohol, betting = registry["alcohol"].refusal_text, registry["betting"].refusal_text
     assert att.attribute(alcohol, ["alcohol", "betting"]) == "alcohol"
     assert att.attribute(betting + " Ask me anything else!", ["alcohol", "betting"]) == "betting"
     assert att.attribute(alcohol.replace("'", "\u2019").upper(), ["alcohol"]) == "alcohol"
