@@ -223,10 +223,9 @@ def build_judge(
     if kind == "phrase-v1" and not arg:
         return PhraseJudge(patterns=REFUSAL_OPENINGS_V1, name="phrase-v1")
     if kind == "template" and not arg:
-        registries = (
-            () if registry is None else [registry] if isinstance(registry, CategoryRegistry) else registry
-        )
-        return TemplateJudge(*registries)
+        if isinstance(registry, CategoryRegistry):
+            registry = [registry]
+        return TemplateJudge(*(registry or ()))
     if kind == "garak" and not arg:
         return GarakJudge()
     if kind == "llm":
