@@ -88,6 +88,7 @@ def test_config_defaults_and_overrides(tmp_path):
         ("", ["optim.lr"], "key.sub=value"),
         ("", ["optim.lr=-1"], "positive"),
         ("", ["data.refusal=Sorry, not here."], "data.refusal must contain"),
+        ('data:\n  refusal: " {display} "\n', [], "data.refusal must contain"),
         ("- a\n- b\n", [], "mapping of sections"),
         ("optim: [\n", [], "not valid YAML"),
     ],

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .policy import REFUSAL_TEMPLATE_RULE, usable_refusal_template
+
 
 class ConfigError(ValueError):
     """A recipe that cannot be used."""
@@ -116,8 +118,8 @@ class TrainConfig:
         checks = [
             (self.tokens.m >= 1, "tokens.m must be at least 1"),
             (
-                not self.data.refusal or "{display}" in self.data.refusal,
-                "data.refusal must contain {display}: each category's refusal names its rule",
+                not self.data.refusal or usable_refusal_template(self.data.refusal),
+                f"data.refusal {REFUSAL_TEMPLATE_RULE}",
             ),
             (
                 self.tokens.placement in ("prefix", "system", "user", "user_end"),

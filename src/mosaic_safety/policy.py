@@ -62,6 +62,17 @@ def _check_name(name: Any, where: str) -> str:
     return name
 
 
+REFUSAL_TEMPLATE_RULE = (
+    "must contain {display} and some text: each category's refusal names its rule, so serving and "
+    "the judges can tell which one fired"
+)
+
+
+def usable_refusal_template(template: str) -> bool:
+    """A shared refusal wording must still tell the categories apart (see ``REFUSAL_TEMPLATE_RULE``)."""
+    return "{display}" in template and bool(template.replace("{display}", "").strip())
+
+
 @dataclass(frozen=True)
 class CategoryRegistry:
     """An ordered set of categories. The order is the canonical composition order."""
@@ -144,11 +155,8 @@ class CategoryRegistry:
         (docs/experiments.md, "A refusal the base model does not say"). ``{display}`` keeps each
         category's refusal distinct, so the rule that fired can still be read from the response.
         """
-        if "{display}" not in template or not template.replace("{display}", "").strip():
-            raise PolicyError(
-                f"refusal template {template!r} must contain {{display}} and some text: each category's "
-                "refusal names its rule, so serving and the judges can tell which one fired"
-            )
+        if not usable_refusal_template(template):
+            raise PolicyError(f"refusal template {template!r}: {REFUSAL_TEMPLATE_RULE}")
         cats = tuple(dataclasses.replace(c, refusal=template) for c in self.categories)
         return CategoryRegistry(self.name, cats, self.description)
 
