@@ -110,6 +110,28 @@ def test_kl_is_zero_for_equal_models_and_matches_reference():
     assert torch.allclose(response_kl(student, teacher, labels), expected, atol=1e-5)
 
 
+def test_reverse_kl_matches_reference_and_charges_mass_the_base_rules_out():
+    from mosaic_safety.training.losses import response_reverse_kl
+
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    labels = torch.tensor([[1, 1, -100, -100], [1, 1, 1, 1]])
+    assert response_reverse_kl(teacher, teacher, labels).abs().max() < 1e-6
+    q = student.softmax(-1)
+    ref = (q * (q.log() - teacher.log_softmax(-1))).sum(-1)
+    expected = torch.stack([ref[0, :2].mean(), ref[1].mean()])
+    assert torch.allclose(response_reverse_kl(student, teacher, labels), expected, atol=1e-5)
+    # a flat base distribution, and a word it all but rules out moved to 0.3: forward KL stays
+    # small, the reverse direction charges it at its log-ratio
+    base = torch.zeros(1, 1, 9)
+    base[0, 0, 8] = -12.0
+    shifted = base.clone()
+    shifted[0, 0, 8] = float(torch.log(torch.tensor(0.3 / 0.7 * 8)))
+    one = torch.tensor([[0]])
+    forward, reverse = response_kl(shifted, base, one), response_reverse_kl(shifted, base, one)
+    assert float(forward) < 0.4 < 3.0 < float(reverse)
+
+
 def test_greedy_margin_hinge_matches_reference_and_spares_safe_choices():
     from mosaic_safety.training.losses import response_margin
 
@@ -555,3 +577,26 @@ def test_greedy_margin_joins_the_negatives_loss_and_is_checked(tmp_path, tiny_ba
     for bad in ("optim.greedy_margin=-1", "optim.greedy_margin_value=0"):
         with pytest.raises(ConfigError, match="greedy_margin"):
             tiny_config(tmp_path, bad)
+
+
+def test_reverse_kl_joins_the_negatives_loss_without_the_forward_term(tmp_path, tiny_backbone):
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.training.trainer import Trainer
+
+    trainer = Trainer(
+        tiny_config(tmp_path, "optim.reverse_kl=2", "optim.kl_weight=0"), backbone=tiny_backbone
+    )
+    trainer.prepare()
+    items = trainer.sampler.epoch_items(0)[:8]
+    assert any(not i.positive for i in items)
+    with torch.no_grad():
+        with_reverse, stats = trainer.loss(items)
+        trainer.config.optim.reverse_kl = 0.0
+        without, plain = trainer.loss(items)
+    negatives = sum(not i.positive for i in items)
+    assert stats["reverse_kl"] > 0 and "reverse_kl" not in plain and stats["kl"] == 0.0
+    assert float(with_reverse - without) == pytest.approx(
+        2 * stats["reverse_kl"] * negatives / len(items), rel=1e-4
+    )
+    with pytest.raises(ConfigError, match="reverse_kl"):
+        tiny_config(tmp_path, "optim.reverse_kl=-1")

@@ -70,6 +70,7 @@ class OptimConfig:
     batch_size: int = 8
     kl_weight: float = 1.0  # lambda of CE + lambda * KL(p_base || p_ctrl) on negatives
     first_token_weight: float = 1.0  # weight of the first response token (the refusal decision); 1 = paper
+    reverse_kl: float = 0.0  # weight of KL(p_ctrl || p_base) along the base answer on negatives
     refusal_path_kl: float = 0.0  # weight of KL(base || controlled) along the refusal template on negatives
     greedy_margin: float = 0.0  # weight of a hinge keeping the base answer greedy on negatives (0: off)
     greedy_margin_value: float = 1.0  # the logit margin that hinge asks for
@@ -137,6 +138,7 @@ class TrainConfig:
             (self.optim.kl_weight >= 0, "optim.kl_weight must be >= 0"),
             (self.optim.first_token_weight > 0, "optim.first_token_weight must be positive"),
             (self.optim.refusal_path_kl >= 0, "optim.refusal_path_kl must be >= 0 (0: off)"),
+            (self.optim.reverse_kl >= 0, "optim.reverse_kl must be >= 0 (0: off)"),
             (self.optim.greedy_margin >= 0, "optim.greedy_margin must be >= 0 (0: off)"),
             (self.optim.greedy_margin_value > 0, "optim.greedy_margin_value must be positive"),
             (self.optim.deep_lr_scale > 0, "optim.deep_lr_scale must be positive"),

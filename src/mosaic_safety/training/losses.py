@@ -43,6 +43,24 @@ def response_kl(
     return _row_mean(token_kl(student_logits, teacher_logits), labels != -100, first_weight)
 
 
+def response_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    first_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per-row mean of KL(p_student || p_teacher) over response positions. Shape ``(B,)``.
+
+    The paper's forward KL is mass-covering: putting probability on a token the base model all but
+    rules out (a refusal's first word on a neutral request) costs only the log of the mass taken
+    from the base model's answer, about 0.2 nats to make a 0.2-probability refusal word greedy
+    where the base distribution is flat. The reverse direction charges that mass at its
+    log-ratio to the base probability, many nats for a word the base model never opens with, so it
+    acts on exactly the over-refusal the forward term lets through.
+    """
+    return _row_mean(token_kl(teacher_logits, student_logits), labels != -100, first_weight)
+
+
 def response_margin(
     logits: torch.Tensor, labels: torch.Tensor, margin: float, first_weight: float = 1.0
 ) -> torch.Tensor:

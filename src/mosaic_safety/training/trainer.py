@@ -35,7 +35,13 @@ from .checkpoint import (
     load_optimizer_state,
     save_optimizer_state,
 )
-from .losses import block_overlap, response_cross_entropy, response_kl, response_margin
+from .losses import (
+    block_overlap,
+    response_cross_entropy,
+    response_kl,
+    response_margin,
+    response_reverse_kl,
+)
 from .sampler import OrderSampler, TrainItem
 from .schedule import lr_at, set_lr
 from .teacher import BaseResponseCache
@@ -362,8 +368,9 @@ class Trainer:
         ce = response_cross_entropy(logits, labels, fw)
         per_row = ce.clone()
         neg = [j for j, item in enumerate(items) if not item.positive]
-        kl_mean = 0.0
-        if neg and self.config.optim.kl_weight > 0:
+        kl_mean = reverse_mean = 0.0
+        optim = self.config.optim
+        if neg and (optim.kl_weight > 0 or optim.reverse_kl > 0):
             with torch.no_grad():
                 teacher_logits, _ = self.model.response_logits(
                     [prompts[j] for j in neg],
@@ -372,9 +379,15 @@ class Trainer:
                     heads.rows(neg) if heads is not None else None,
                 )
             width = teacher_logits.shape[1]  # the negatives' longest target; past it only -100
-            kl = response_kl(logits[neg, :width], teacher_logits, labels[neg, :width], fw)
-            per_row[neg] = per_row[neg] + self.config.optim.kl_weight * kl
-            kl_mean = float(kl.detach().mean())
+            student, neg_labels = logits[neg, :width], labels[neg, :width]
+            if optim.kl_weight > 0:
+                kl = response_kl(student, teacher_logits, neg_labels, fw)
+                per_row[neg] = per_row[neg] + optim.kl_weight * kl
+                kl_mean = float(kl.detach().mean())
+            if optim.reverse_kl > 0:
+                reverse = response_reverse_kl(student, teacher_logits, neg_labels, fw)
+                per_row[neg] = per_row[neg] + optim.reverse_kl * reverse
+                reverse_mean = float(reverse.detach().mean())
         margin_mean = 0.0
         if neg and self.config.optim.greedy_margin > 0:
             hinge = response_margin(logits[neg], labels[neg], self.config.optim.greedy_margin_value, fw)
@@ -392,6 +405,8 @@ class Trainer:
             "ce_neg": float(ce[neg].detach().mean()) if neg else 0.0,
             "kl": kl_mean,
         }
+        if optim.reverse_kl > 0:
+            stats["reverse_kl"] = reverse_mean
         if self.config.optim.greedy_margin > 0:
             stats["margin"] = margin_mean
         if self.config.optim.refusal_path_kl > 0:
