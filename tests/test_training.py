@@ -99,28 +99,24 @@ def test_cross_entropy_matches_reference():
     assert torch.allclose(ours, torch.stack([ref0, ref1]), atol=1e-6)
 
 
-def test_kl_is_zero_for_equal_models_and_matches_reference():
-    torch.manual_seed(0)
-    teacher, student = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
-    labels = torch.tensor([[1, 1, -100, -100], [1, 1, 1, 1]])
-    assert response_kl(teacher, teacher, labels).abs().max() < 1e-6
-    p = teacher.softmax(-1)
-    ref = (p * (p.log() - student.log_softmax(-1))).sum(-1)
-    expected = torch.stack([ref[0, :2].mean(), ref[1].mean()])
-    assert torch.allclose(response_kl(student, teacher, labels), expected, atol=1e-5)
-
-
-def test_reverse_kl_matches_reference_and_charges_mass_the_base_rules_out():
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_kl_is_zero_for_equal_models_and_matches_reference(reverse):
     from mosaic_safety.training.losses import response_reverse_kl
 
+    kl = response_reverse_kl if reverse else response_kl
     torch.manual_seed(0)
     teacher, student = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
     labels = torch.tensor([[1, 1, -100, -100], [1, 1, 1, 1]])
-    assert response_reverse_kl(teacher, teacher, labels).abs().max() < 1e-6
-    q = student.softmax(-1)
-    ref = (q * (q.log() - teacher.log_softmax(-1))).sum(-1)
+    assert kl(teacher, teacher, labels).abs().max() < 1e-6
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    ref = (q * (q.log() - p.log())).sum(-1) if reverse else (p * (p.log() - q.log())).sum(-1)
     expected = torch.stack([ref[0, :2].mean(), ref[1].mean()])
-    assert torch.allclose(response_reverse_kl(student, teacher, labels), expected, atol=1e-5)
+    assert torch.allclose(kl(student, teacher, labels), expected, atol=1e-5)
+
+
+def test_reverse_kl_charges_mass_the_base_model_rules_out():
+    from mosaic_safety.training.losses import response_reverse_kl
+
     # a flat base distribution, and a word it all but rules out moved to 0.3: forward KL stays
     # small, the reverse direction charges it at its log-ratio
     base = torch.zeros(1, 1, 9)
@@ -557,46 +553,29 @@ def test_bf16_autocast_trains_float32_tokens_over_the_frozen_model(tmp_path, tin
         tiny_config(tmp_path, "optim.autocast=float8")
 
 
-def test_greedy_margin_joins_the_negatives_loss_and_is_checked(tmp_path, tiny_backbone):
+@pytest.mark.parametrize(
+    ("knob", "stat", "extra", "bad"),
+    [
+        ("greedy_margin", "margin", (), ("optim.greedy_margin=-1", "optim.greedy_margin_value=0")),
+        # the reverse direction needs the teacher pass even with the paper's forward KL off
+        ("reverse_kl", "reverse_kl", ("optim.kl_weight=0",), ("optim.reverse_kl=-1",)),
+    ],
+)
+def test_negative_loss_options_join_the_loss_and_are_checked(tmp_path, tiny_backbone, knob, stat, extra, bad):
     from mosaic_safety.config import ConfigError
     from mosaic_safety.training.trainer import Trainer
 
-    trainer = Trainer(tiny_config(tmp_path, "optim.greedy_margin=2"), backbone=tiny_backbone)
+    trainer = Trainer(tiny_config(tmp_path, f"optim.{knob}=2", *extra), backbone=tiny_backbone)
     trainer.prepare()
     items = trainer.sampler.epoch_items(0)[:8]
     assert any(not i.positive for i in items)
     with torch.no_grad():
-        with_hinge, stats = trainer.loss(items)
-        trainer.config.optim.greedy_margin = 0.0
+        with_term, stats = trainer.loss(items)
+        setattr(trainer.config.optim, knob, 0.0)
         without, plain = trainer.loss(items)
     negatives = sum(not i.positive for i in items)
-    assert stats["margin"] > 0 and "margin" not in plain
-    assert float(with_hinge - without) == pytest.approx(
-        2 * stats["margin"] * negatives / len(items), rel=1e-4
-    )
-    for bad in ("optim.greedy_margin=-1", "optim.greedy_margin_value=0"):
-        with pytest.raises(ConfigError, match="greedy_margin"):
-            tiny_config(tmp_path, bad)
-
-
-def test_reverse_kl_joins_the_negatives_loss_without_the_forward_term(tmp_path, tiny_backbone):
-    from mosaic_safety.config import ConfigError
-    from mosaic_safety.training.trainer import Trainer
-
-    trainer = Trainer(
-        tiny_config(tmp_path, "optim.reverse_kl=2", "optim.kl_weight=0"), backbone=tiny_backbone
-    )
-    trainer.prepare()
-    items = trainer.sampler.epoch_items(0)[:8]
-    assert any(not i.positive for i in items)
-    with torch.no_grad():
-        with_reverse, stats = trainer.loss(items)
-        trainer.config.optim.reverse_kl = 0.0
-        without, plain = trainer.loss(items)
-    negatives = sum(not i.positive for i in items)
-    assert stats["reverse_kl"] > 0 and "reverse_kl" not in plain and stats["kl"] == 0.0
-    assert float(with_reverse - without) == pytest.approx(
-        2 * stats["reverse_kl"] * negatives / len(items), rel=1e-4
-    )
-    with pytest.raises(ConfigError, match="reverse_kl"):
-        tiny_config(tmp_path, "optim.reverse_kl=-1")
+    assert stats[stat] > 0 and stat not in plain
+    assert float(with_term - without) == pytest.approx(2 * stats[stat] * negatives / len(items), rel=1e-4)
+    for override in bad:
+        with pytest.raises(ConfigError, match=knob):
+            tiny_config(tmp_path, override)
