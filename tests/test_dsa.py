@@ -294,3 +294,40 @@ def test_cli_train_then_load(tmp_path, tiny_backbone):
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown dsa method_options rank" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_backbone_states_are_cached_and_a_bad_entry_is_recomputed(
+    trained, tiny_backbone, tmp_path, monkeypatch
+):
+    """A second run reads the states back and trains to the same weights; a corrupt entry is rebuilt."""
+    from safetensors.torch import load_file
+
+    from mosaic_safety.methods.artifact import WEIGHTS_FILE
+    from mosaic_safety.methods.dsa_train import STATES_DIR
+
+    first, _, first_events, _ = trained
+    cache = first.parent / "cache"
+    monkeypatch.setenv("MOSAIC_CACHE", str(cache))
+    assert not any("read from the cache" in d.get("name", "") for k, d in first_events if k == "stage")
+    entries = sorted((cache / STATES_DIR).glob("*.safetensors"))
+    assert len(entries) == 2  # training states and val guard features
+
+    def rerun(name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+        events: list[tuple[str, dict]] = []
+        config = load_config(ROOT / "configs" / "tiny-dsa.yaml")
+        dsa.train(
+            config, tmp_path / name, reporter=lambda k, d: events.append((k, d)), backbone=tiny_backbone
+        )
+        return [d["name"] for k, d in events if k == "stage"], load_file(str(tmp_path / name / WEIGHTS_FILE))
+
+    reference = load_file(str(first / WEIGHTS_FILE))
+    stages, weights = rerun("again")
+    assert sum("read from the cache" in s for s in stages) == 2
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # cut short, as by a full disk
+    stages, weights = rerun("after-corruption")
+    assert sum("unreadable; recomputing" in s for s in stages) == 1
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert len(load_file(str(entries[0]))) >= 1  # the entry was written again, whole
