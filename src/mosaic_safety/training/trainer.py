@@ -364,12 +364,12 @@ class Trainer:
         prompts = [i.prompt for i in items]
         heads = self.model.prefill_heads(prompts) if share_heads else None
         logits, labels = self.model.response_logits(prompts, [i.policy for i in items], targets, heads)
-        fw = self.config.optim.first_token_weight
+        optim = self.config.optim
+        fw = optim.first_token_weight
         ce = response_cross_entropy(logits, labels, fw)
         per_row = ce.clone()
         neg = [j for j, item in enumerate(items) if not item.positive]
         kl_mean = reverse_mean = 0.0
-        optim = self.config.optim
         if neg and (optim.kl_weight > 0 or optim.reverse_kl > 0):
             with torch.no_grad():
                 teacher_logits, _ = self.model.response_logits(
@@ -389,14 +389,14 @@ class Trainer:
                 per_row[neg] = per_row[neg] + optim.reverse_kl * reverse
                 reverse_mean = float(reverse.detach().mean())
         margin_mean = 0.0
-        if neg and self.config.optim.greedy_margin > 0:
-            hinge = response_margin(logits[neg], labels[neg], self.config.optim.greedy_margin_value, fw)
-            per_row[neg] = per_row[neg] + self.config.optim.greedy_margin * hinge
+        if neg and optim.greedy_margin > 0:
+            hinge = response_margin(logits[neg], labels[neg], optim.greedy_margin_value, fw)
+            per_row[neg] = per_row[neg] + optim.greedy_margin * hinge
             margin_mean = float(hinge.detach().mean())
         path_kl = None
-        if neg and self.config.optim.refusal_path_kl > 0:
+        if neg and optim.refusal_path_kl > 0:
             path_kl = self._refusal_path_kl([items[j] for j in neg], heads.rows(neg) if heads else None)
-            per_row[neg] = per_row[neg] + self.config.optim.refusal_path_kl * path_kl
+            per_row[neg] = per_row[neg] + optim.refusal_path_kl * path_kl
         pos = [j for j, item in enumerate(items) if item.positive]
         loss = per_row.mean()
         stats = {  # "loss" is the data loss; a block-overlap penalty is logged on its own
@@ -407,13 +407,13 @@ class Trainer:
         }
         if optim.reverse_kl > 0:
             stats["reverse_kl"] = reverse_mean
-        if self.config.optim.greedy_margin > 0:
+        if optim.greedy_margin > 0:
             stats["margin"] = margin_mean
-        if self.config.optim.refusal_path_kl > 0:
+        if optim.refusal_path_kl > 0:
             stats["path_kl"] = float(path_kl.detach().mean()) if path_kl is not None else 0.0
-        if self.config.optim.block_orthogonality > 0:
+        if optim.block_orthogonality > 0:
             overlap = block_overlap([self.tokens.blocks[c] for c in self.categories])
-            loss = loss + self.config.optim.block_orthogonality * overlap
+            loss = loss + optim.block_orthogonality * overlap
             stats["overlap"] = float(overlap.detach())
         return loss, stats
 
