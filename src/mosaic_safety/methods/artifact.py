@@ -29,7 +29,8 @@ WEIGHTS_FILE = "weights.safetensors"
 SECRETS_FILE = "secrets.json"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """Run ``write(tmp)`` and rename the result to ``path``: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -63,7 +64,7 @@ def save_method_artifact(
     } | (extra or {})
     flat = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     if flat:
-        _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(flat, str(p)))
+        atomic_write(out / WEIGHTS_FILE, lambda p: save_file(flat, str(p)))
     if secrets is not None:
 
         def write_secret(p: Path) -> None:
@@ -71,8 +72,8 @@ def save_method_artifact(
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(secrets, fh)
 
-        _atomic_write(out / SECRETS_FILE, write_secret)
-    _atomic_write(
+        atomic_write(out / SECRETS_FILE, write_secret)
+    atomic_write(
         out / MANIFEST_FILE,
         lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8"),
     )

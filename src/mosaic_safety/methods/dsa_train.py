@@ -16,7 +16,6 @@ through the frozen LM head costs anything per step. Data:
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +35,7 @@ from ..training.checkpoint import checkpoint_dir
 from ..training.losses import response_cross_entropy, response_kl
 from ..training.teacher import BaseResponseCache
 from ..training.trainer import data_hash, load_training_suite, training_pools
-from .artifact import save_method_artifact
+from .artifact import atomic_write, save_method_artifact
 from .base import digest
 from .dsa import build_modules, pool, run_backbone, state_tensors
 from .dsa_net import DSAOptions, resolve_guard_layer, roc_auc, youden_threshold
@@ -154,9 +153,7 @@ def cached_extract(
         tensors["states"] = torch.cat(states).contiguous()
         tensors["lengths"] = torch.tensor([len(t) for t in targets], dtype=torch.long)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)  # a crash never leaves half an entry under the real name
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return pooled, states
 
 
