@@ -79,6 +79,12 @@ def test_validate_reports_every_bad_row_and_exits_1(bad):
     assert "2 problems" in result.output
 
 
+def test_validate_missing_file_says_so(tmp_path):
+    result = invoke("validate", str(tmp_path / "typo.jsonl"))
+    assert result.exit_code == 1 and "typo.jsonl: file not found" in result.output
+    assert "suite" not in result.output
+
+
 def test_validate_unknown_category_only_with_registry(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps({"id": "a", "prompt": "p q r", "category": "wine", "split": "train"}) + "\n")

@@ -175,3 +175,8 @@ def test_cli_serve_is_registered_and_fails_cleanly(tmp_path):
         app, ["serve", "--method", "none", "--model", "tiny-random-llama", "--profiles", str(bad)]
     )
     assert result.exit_code == 2 and "unknown category 'Alcohol'" in result.output
+    # A missing profiles file is reported before anything is loaded (here: before the missing artifact).
+    result = runner.invoke(
+        app, ["serve", "--artifact", str(tmp_path / "missing"), "--profiles", str(tmp_path / "nope.yaml")]
+    )
+    assert result.exit_code == 2 and "profiles file" in result.output and "nope.yaml" in result.output

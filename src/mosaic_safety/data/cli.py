@@ -41,6 +41,8 @@ def _load_target(
     A file without a registry is checked for form only, and its categories are the ones it uses.
     """
     path = Path(target)
+    if path.suffix.lower() in {".jsonl", ".csv"} and not path.exists():
+        raise DataError(f"{path}: file not found")
     if path.is_file():
         reg = CategoryRegistry.load(registry) if registry else None
         examples = load_file(path, reg, columns or None, defaults or None)

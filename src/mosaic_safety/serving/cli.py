@@ -90,12 +90,16 @@ def build_server(
     **settings: object,
 ):
     """Load the method and profiles and build the ``Server`` (shared by the CLI, tests and the benchmark)."""
+    from ..config import ConfigError
     from ..methods import MethodError, load_method
     from .app import Server, ServeSettings
     from .profiles import ProfileBook
 
     if artifact is None and method is None:
         raise MethodError("give --artifact DIR (or --method none|in_context with --model)")
+    if profiles is not None and not Path(profiles).is_file():
+        # Checked before the model loads: a typo should not cost a model load to find out.
+        raise ConfigError(f"profiles file {profiles} not found")
     loaded = load_method(
         method, artifact=artifact, backbone=backbone, model=model, device=device, dtype=dtype
     )
