@@ -1,4 +1,4 @@
-"""The evaluation protocol of SPEC §6: DSR and over-refusal per policy, per order, per prompt group.
+"""The evaluation protocol: DSR and over-refusal per policy, per order, per prompt group.
 
 For every order k = 1..K and every subset S of k categories (all of them, or a seeded sample), each
 test prompt is answered under S and judged:

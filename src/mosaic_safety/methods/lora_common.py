@@ -84,7 +84,7 @@ LORA_OPTIONS: dict[str, Option] = {
     "lora_targets": Option(list, ["q_proj", "v_proj"], lambda v: len(v) > 0, "must name at least one module"),
     "empty_policy": Option(str, "base", choices=("base", "adapter")),
 }
-"""LoRA r=8 on q/v is the common small default (the papers give no LoRA config, see mosaic.md §4)."""
+"""LoRA r=8 on q/v is the common small default (the papers give no LoRA config)."""
 
 
 def parse_options(method: str, raw: Any, schema: dict[str, Option]) -> dict[str, Any]:

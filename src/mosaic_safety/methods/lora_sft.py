@@ -4,7 +4,7 @@ The adapter learns from MOSAIC's own order-sampled data: the category's refusal 
 positives and the base model's greedy answer on negatives, with response-token cross-entropy. One
 adapter serves every policy; the active categories reach it as their display names in the system
 prompt (``system_template``), so the conditioning is text the adapter learns to read. The MOSAIC
-paper does not say how its SFT baseline is conditioned on the policy (mosaic.md §3.4); this is the
+paper does not say how its SFT baseline is conditioned on the policy (its §3.4); this is the
 closest analogue of MOSAIC's composable tokens that a single adapter allows.
 """
 
