@@ -200,19 +200,22 @@ def test_refusal_loss_decreases(tmp_path, tiny_backbone):
     assert trainer.loss(batch)[0].item() < first * 0.95  # no gradient would leave it unchanged
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_backbone):
+@pytest.mark.parametrize("recipe", [(), ("tokens.deep=true", "optim.refusal_path_kl=1")], ids=["input", "deep"])
+def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_backbone, recipe):
     from mosaic_safety.training.trainer import Trainer
 
-    full = Trainer(tiny_config(tmp_path, "output=" + str(tmp_path / "full")), backbone=tiny_backbone)
+    full = Trainer(tiny_config(tmp_path, "output=" + str(tmp_path / "full"), *recipe), backbone=tiny_backbone)
     full.train(tmp_path / "full")
-    half = Trainer(tiny_config(tmp_path, "optim.epochs=1"), backbone=tiny_backbone)
+    half = Trainer(tiny_config(tmp_path, "optim.epochs=1", *recipe), backbone=tiny_backbone)
     half.train(tmp_path / "run")
     # same recipe with 2 epochs, resumed from the epoch-1 checkpoint of the 1-epoch run
-    resumed = Trainer(tiny_config(tmp_path, "optim.epochs=2"), backbone=tiny_backbone)
+    resumed = Trainer(tiny_config(tmp_path, "optim.epochs=2", *recipe), backbone=tiny_backbone)
     result = resumed.train(tmp_path / "run", resume=True)
     assert result.steps == full.sampler.steps_per_epoch(4) * 2
-    for name in full.tokens.categories:
-        assert torch.allclose(full.tokens.blocks[name], resumed.tokens.blocks[name], atol=1e-5)
+    learned = resumed.tokens.named_tensors()
+    assert any(k.startswith("deep.") for k in learned) == bool(recipe)
+    for key, tensor in full.tokens.named_tensors().items():  # blocks, and deep offsets with their Adam state
+        assert torch.allclose(tensor, learned[key], atol=1e-5), key
 
 
 def test_resume_from_a_moved_run_and_an_older_config_schema(tmp_path, tiny_backbone):
