@@ -79,9 +79,10 @@ def test_validate_reports_every_bad_row_and_exits_1(bad):
     assert "2 problems" in result.output
 
 
-def test_validate_missing_file_says_so(tmp_path):
-    result = invoke("validate", str(tmp_path / "typo.jsonl"))
-    assert result.exit_code == 1 and "typo.jsonl: file not found" in result.output
+@pytest.mark.parametrize("name", ["typo.jsonl", "typo.ndjson", "typo.csv"])
+def test_validate_missing_file_says_so(tmp_path, name):
+    result = invoke("validate", str(tmp_path / name))
+    assert result.exit_code == 1 and f"{name}: file not found" in result.output
     assert "suite" not in result.output
 
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..policy import NEUTRAL, CategoryRegistry, PolicyError
-from .loaders import load_file
+from .loaders import DATA_FILE_SUFFIXES, load_file
 from .schema import SPLITS, DataError, Example
 from .suites import BUILTIN_SUITES, list_suites, load_suite
 
@@ -41,7 +41,7 @@ def _load_target(
     A file without a registry is checked for form only, and its categories are the ones it uses.
     """
     path = Path(target)
-    if path.suffix.lower() in {".jsonl", ".csv"} and not path.exists():
+    if path.suffix.lower() in DATA_FILE_SUFFIXES and not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_file():
         reg = CategoryRegistry.load(registry) if registry else None

@@ -239,13 +239,17 @@ def parse_csv(
     return out
 
 
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+DATA_FILE_SUFFIXES = (*JSONL_SUFFIXES, ".csv")
+
+
 def parse_file(
     path: str | Path, columns: Mapping[str, str] | None = None, defaults: Mapping[str, str] | None = None
 ) -> Parsed:
     """Parse a .jsonl or .csv file by its suffix."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
+    if suffix in JSONL_SUFFIXES:
         if columns or defaults:
             return Parsed(problems=[f"{path}: column mappings apply to CSV and HF data, not JSONL"])
         return parse_jsonl(path)
