@@ -102,6 +102,27 @@ def test_resume_flag(trained):
     assert "resumed from epoch-2" in proc.stderr
 
 
+def test_select_per_category_on_a_finished_run(trained, tmp_path):
+    """Resuming a finished run with selection scores its epochs and ships each category's best."""
+    import shutil
+
+    root, art, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(art, run)
+    cmd = ("train", "-c", "configs/tiny-test.yaml", "-o", str(run), "--resume", "select.per_group=2")
+    proc = mosaic(*cmd, "select.mode=per_category", cache=root / "cache")
+    assert "epoch 1 validation" in proc.stderr and "epoch 2 validation" in proc.stderr
+    assert "from their best validated epoch: alcohol epoch" in proc.stderr
+    assert "Refusal rate on held-out test prompts" in proc.stdout
+    manifest = json.loads((run / "mosaic.json").read_text())
+    assert set(manifest["training"]["selected_epochs"]) == {"alcohol", "betting", "horror"}
+    assert {"validation", "refusal_table"} <= set(manifest["metrics"])
+    info = mosaic("info", str(run), cache=root / "cache").stdout
+    assert "tokens from their best validated epoch: alcohol " in info
+    err = _error(mosaic(*cmd, "select.mode=best", cache=root / "cache", check=False))
+    assert "select.mode 'best': choose last | per_category" in err
+
+
 def test_fresh_train_into_an_earlier_run_is_refused(trained):
     root, art, _ = trained
     before = (art / "tokens.safetensors").read_bytes()

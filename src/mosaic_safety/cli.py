@@ -123,6 +123,31 @@ class TrainDisplay:
                 info=f"epoch {data['epoch']} loss {data['loss']:.3f} (kl {data['kl']:.3f})",
             )
             self._plain_tick("training", self.tasks["train"])
+        elif kind == "validation_start":
+            self.tasks["validation"] = p.add_task(
+                "validation", total=data["total"], info=f"epoch {data['epoch']}"
+            )
+        elif kind == "validation_progress":
+            p.advance(self.tasks["validation"], data["n"])
+        elif kind == "validation":
+            from .training.selection import other_categories_rate
+
+            p.update(self.tasks["validation"], visible=False)
+            console.print(
+                f"[cyan]•[/] epoch {data['epoch']} validation, refused % own / others / neutral (score): "
+                + ", ".join(
+                    f"{c} {100 * r[c]:.0f}/{100 * other_categories_rate(r, c):.0f}/{100 * r.get('neutral', 0):.0f} "
+                    f"({data['scores'][c]:+.2f})"
+                    for c, r in data["rates"].items()
+                ),
+                highlight=False,
+            )
+        elif kind == "selected":
+            console.print(
+                "[cyan]•[/] tokens per category from their best validated epoch: "
+                + ", ".join(f"{c} epoch {e}" for c, e in data["epochs"].items()),
+                highlight=False,
+            )
         elif kind == "epoch":
             console.print(
                 f"[cyan]•[/] epoch {data['epoch']} done (step {data['step']}), checkpoint saved",
@@ -195,16 +220,7 @@ def train(
             if cfg.eval.max_new_tokens > 0:
                 table = _closing_table(trainer, progress)
                 (target / "eval_table.json").write_text(json.dumps(table, indent=2) + "\n")
-                trainer.save(
-                    target,
-                    {
-                        "steps": result.steps,
-                        "seconds": round(result.seconds, 1),
-                        "final_loss": result.final_loss,
-                        "budgets": result.budgets,
-                    },
-                    metrics={"refusal_table": table},
-                )
+                trainer.save(target, result.training, metrics={**result.metrics, "refusal_table": table})
         if cfg.eval.max_new_tokens > 0:
             print_table(table, trainer.categories)
 
@@ -438,6 +454,12 @@ def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> No
         out.print(
             f"training: {training.get('steps')} steps, {training.get('seconds')}s, suite {training.get('suite')},"
             f" data hash {training.get('data_hash')}",
+            highlight=False,
+        )
+    chosen = training.get("selected_epochs")
+    if isinstance(chosen, dict) and chosen:
+        out.print(
+            "tokens from their best validated epoch: " + ", ".join(f"{c} {e}" for c, e in chosen.items()),
             highlight=False,
         )
     table = manifest.get("metrics", {}).get("refusal_table")

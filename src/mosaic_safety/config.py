@@ -84,6 +84,13 @@ class OptimConfig:
 
 
 @dataclass
+class SelectConfig:
+    mode: str = "last"  # last | per_category: each category's tokens from its best epoch on validation
+    per_group: int = 20  # validation prompts per category and neutral, scored after every epoch
+    prefix_tokens: int = 4  # refused: greedy decoding opens with this many tokens of the refusal
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = False
     every: int = 10  # steps between JSONL log lines
@@ -105,6 +112,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: str = "runs/mosaic"
@@ -153,6 +161,17 @@ class TrainConfig:
                 f"optim.schedule {self.optim.schedule!r}: choose constant | cosine | linear",
             ),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+            (
+                self.select.mode in ("last", "per_category"),
+                f"select.mode {self.select.mode!r}: choose last | per_category",
+            ),
+            (
+                self.select.mode == "last" or self.method == "mosaic",
+                f"select.mode={self.select.mode} chooses control tokens per category; method "
+                f"{self.method!r} ships its last epoch (select.mode=last)",
+            ),
+            (self.select.per_group >= 1, "select.per_group must be at least 1"),
+            (self.select.prefix_tokens >= 1, "select.prefix_tokens must be at least 1"),
             (self.teacher.max_new_tokens >= 1, "teacher.max_new_tokens must be at least 1"),
             (
                 self.method in ("mosaic", "lora_sft", "orpo", "magic_token", "dsa"),

@@ -84,10 +84,11 @@ def resume_key(config: dict[str, Any]) -> dict[str, Any]:
 
     Everything that shapes the optimisation, except the epoch count (to train longer). Fields the
     checkpoint predates take their defaults, which keep the old behaviour. Where the run lives
-    (``output``: a run directory may be moved or copied), how it logs and how it is evaluated
-    afterwards do not change the result, so they may differ.
+    (``output``: a run directory may be moved or copied), how it logs, which epoch's tokens it
+    ships (``select``: chosen from the checkpoints afterwards) and how it is evaluated do not change
+    the optimisation, so they may differ.
     """
-    free = {"output", "log", "eval"}
+    free = {"output", "log", "eval", "select"}
     defaults = TrainConfig().to_dict()  # fields added since the checkpoint take their defaults
     key = {}
     for name, default in defaults.items():

@@ -29,6 +29,7 @@ from ..data.suites import Suite
 from ..policy import Policy
 from ..tokens import ArtifactError, ControlTokens, read_manifest
 from .checkpoint import (
+    STATE_FILE,
     check_same_recipe,
     checkpoint_dir,
     latest_checkpoint,
@@ -44,6 +45,7 @@ from .losses import (
 )
 from .sampler import OrderSampler, TrainItem
 from .schedule import lr_at, set_lr
+from .selection import ValidationProbe, best_epochs, stored_record, take_epochs
 from .teacher import BaseResponseCache
 
 Reporter = Callable[[str, dict[str, Any]], None]
@@ -57,6 +59,8 @@ class TrainResult:
     seconds: float
     final_loss: float
     budgets: list[dict[str, int]] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)  # what the artifact's manifest records
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def training_pools(suite: Suite, categories: list[str], limit: int, seed: int) -> dict[str, Any]:
@@ -276,6 +280,21 @@ class Trainer:
         self._refusals = {
             c: response_ids(self.backbone.tokenizer, registry[c].refusal_text) for c in self.categories
         }
+        select = config.select
+        self.probe = (
+            None
+            if select.mode == "last"
+            else ValidationProbe.build(
+                self.suite,
+                self.categories,
+                trainable,
+                self._refusals,
+                select.per_group,
+                select.prefix_tokens,
+                config.optim.seed,
+                config.eval.batch_size,
+            )
+        )
 
     def _param_groups(self, trainable: list[str]) -> list[dict[str, Any]]:
         """Input-level blocks at ``lr``; deep offsets at ``lr * optim.deep_lr_scale``.
@@ -481,17 +500,30 @@ class Trainer:
                             for k, v in avg.items():
                                 writer.add_scalar(f"train/{k}", v, step)
                         window = []
-                self._checkpoint(out, epoch + 1, step)
+                validation = self._validate(epoch + 1) if self.probe is not None else None
+                if validation is not None:
+                    log.write(json.dumps({"epoch": epoch + 1, "step": step, "validation": validation}) + "\n")
+                    log.flush()
+                self._checkpoint(out, epoch + 1, step, validation)
                 self.report("epoch", {"epoch": epoch + 1, "step": step})
         finally:
             log.close()
             if writer is not None:
                 writer.close()
         seconds = time.time() - t0
-        artifact = self.save(
-            out, {"steps": step, "seconds": round(seconds, 1), "final_loss": last, "budgets": budgets}
-        )
-        return TrainResult(artifact, step, seconds, last, budgets)
+        training: dict[str, Any] = {
+            "steps": step,
+            "seconds": round(seconds, 1),
+            "final_loss": last,
+            "budgets": budgets,
+        }
+        metrics: dict[str, Any] = {}
+        if self.probe is not None:
+            chosen, history = self._select(out)
+            training["selected_epochs"] = chosen
+            metrics["validation"] = {"settings": self.probe.settings, "scores": history}
+        artifact = self.save(out, training, metrics)
+        return TrainResult(artifact, step, seconds, last, budgets, training, metrics)
 
     def save(self, out: Path, training: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
         extra = {
@@ -507,10 +539,45 @@ class Trainer:
         return self.tokens.save(out, self.backbone.describe(), extra)
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _checkpoint(self, out: Path, epoch: int, step: int) -> None:
+    def _checkpoint(self, out: Path, epoch: int, step: int, validation: dict[str, Any] | None = None) -> None:
         ckpt = checkpoint_dir(out, epoch)
-        self.save(ckpt, {"epoch": epoch, "steps": step})
+        self.save(ckpt, {"epoch": epoch, "steps": step}, {"validation": validation} if validation else None)
         save_optimizer_state(ckpt, self.optimizer, self._checkpointed(), epoch, step)
+
+    # -- checkpoint selection -----------------------------------------------------------------
+    def _validate(self, epoch: int, model: ControlledModel | None = None) -> dict[str, Any]:
+        """Score the current tokens (or ``model``'s) on the validation prompts (``training/selection.py``)."""
+        assert self.probe is not None
+        self.report("validation_start", {"epoch": epoch, "total": self.probe.size})
+        record = self.probe.evaluate(
+            model or self.model, lambda n: self.report("validation_progress", {"n": n})
+        )
+        self.report("validation", {"epoch": epoch, **record})
+        return record
+
+    def _select(self, out: Path) -> tuple[dict[str, int], dict[int, dict[str, float]]]:
+        """Put each trained category's tokens from its best validated epoch into ``self.tokens``.
+
+        Scores come from the checkpoints' manifests; a checkpoint without them (a run trained with
+        ``select.mode=last``, then resumed with selection) is scored now.
+        """
+        assert self.probe is not None
+        history: dict[int, dict[str, float]] = {}
+        for epoch in range(1, self.config.optim.epochs + 1):
+            ckpt = checkpoint_dir(out, epoch)
+            if not (ckpt / STATE_FILE).exists():  # missing or incomplete (written last)
+                continue
+            record = stored_record(ckpt, self.probe.settings)
+            if record is None:
+                tokens = ControlTokens.load(ckpt, self.backbone.describe())
+                record = self._validate(epoch, ControlledModel(self.backbone, tokens))
+            history[epoch] = record["scores"]
+        if not history:
+            raise ArtifactError(f"{out}: no epoch checkpoints to select from")
+        chosen = best_epochs(history, self.probe.policies)
+        take_epochs(self.tokens, chosen, lambda e: checkpoint_dir(out, e), self.backbone.describe())
+        self.report("selected", {"epochs": chosen, "scores": {c: history[e][c] for c, e in chosen.items()}})
+        return chosen, history
 
     def _checkpointed(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Every learned tensor under its optimizer-state name: the category (blocks), ``deep.<name>``."""
