@@ -16,7 +16,6 @@ policy is ``own - mean(other categories) - neutral``: refusing its own prompts, 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from ..config import ConfigError
 from ..controlled import ControlledModel
 from ..data.suites import Suite
+from ..evaluation.table import held_out_groups
 from ..policy import Policy
 from ..tokens import ControlTokens, read_manifest
 
@@ -57,20 +57,14 @@ class ValidationProbe:
         batch_size: int = 32,
     ) -> ValidationProbe:
         """A seeded sample of ``per_group`` ``val`` prompts per group; an error if a group has none."""
-        rng = random.Random(seed)
-        by_cat = suite.by_category("val")
-        pools = {c: [e.prompt for e in by_cat.get(c, [])] for c in categories}
-        pools[NEUTRAL] = [e.prompt for e in suite.neutral("val")]
-        empty = [name for name, rows in pools.items() if not rows]
+        sampled = held_out_groups(suite, categories, "val", per_group, seed)  # the evaluation's sampling
+        groups = {name: sampled.get(name, []) for name in (*categories, NEUTRAL)}  # boundary is not scored
+        empty = [name for name, rows in groups.items() if not rows]
         if empty:
             raise ConfigError(
                 f"suite {suite.name!r} has no 'val' prompts for {', '.join(empty)}; checkpoint selection "
                 "needs them (set select.mode=last to train without it)"
             )
-        groups = {}
-        for name, rows in pools.items():
-            rows = sorted(rows)
-            groups[name] = rng.sample(rows, per_group) if len(rows) > per_group else rows
         # a refusal's ids end with EOS (``response_ids``); the prefix stays inside its text
         prefixes = {c: list(refusals[c][: max(1, min(prefix_tokens, len(refusals[c]) - 1))]) for c in trained}
         settings = {"per_group": per_group, "prefix_tokens": prefix_tokens, "seed": seed}
