@@ -64,58 +64,6 @@ def test_probe_counts_exactly_what_greedy_decoding_opens_with(tiny_backbone, min
     assert any(rates[c][name] > 0 for c in cats for name in probe.groups)
 
 
-def test_departure_counts_an_off_target_answer_that_leaves_the_base_models(tiny_backbone, minors):
-    """With ``off_target=departure`` other groups count when greedy decoding under the policy opens
-    differently from the base model's greedy answer, in whatever words; own prompts still count the
-    trained refusal."""
-    suite = load_suite("minors")
-    cats = ["alcohol", "horror"]
-    tokens = ControlTokens.initialise(
-        minors, tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer, m=2, placement="user_end"
-    )
-    model = ControlledModel(tiny_backbone, tokens)
-    probe = ValidationProbe.build(
-        suite, cats, cats, {c: [1, 2, 3] for c in cats}, 4, 3, seed=0, batch_size=5, off_target="departure"
-    )
-    assert probe.settings["off_target"] == "departure"
-    prompts = probe.prompts
-    with pytest.raises(RuntimeError, match="needs the base answers"):
-        probe.rates(model)
-    eos = tiny_backbone.tokenizer.eos_token_id
-
-    def answers(policy):  # as the base-answer cache stores them: EOS kept where decoding stopped
-        out = model.generate_ids(prompts, [policy] * len(prompts), max_new_tokens=3)
-        return [row + [eos] if len(row) < 3 else row for row in out]
-
-    # A random model's greedy answer moves with any inserted token, so "the base answers" here are
-    # alcohol's own: under alcohol nothing departs, under horror most answers do.
-    base = answers(Policy(("alcohol",)))
-    probe.set_base_answers(lambda p: base[prompts.index(p)])
-    greedy = {c: answers(Policy((c,))) for c in cats}
-    probe.prefixes = {c: list(greedy[c][0][:3]) for c in cats}
-    rates = probe.rates(model)
-    departures = 0
-    for c in cats:
-        for name, rows in probe.groups.items():
-            if name == c:
-                hits = [greedy[c][prompts.index(p)][:3] == probe.prefixes[c] for p in rows]
-            else:
-                hits = [greedy[c][prompts.index(p)][:3] != base[prompts.index(p)][:3] for p in rows]
-                departures += sum(hits)
-            assert rates[c][name] == pytest.approx(sum(hits) / len(rows)), (c, name)
-    assert rates["alcohol"]["horror"] == rates["alcohol"]["neutral"] == 0
-    assert departures > 0  # both branches are exercised
-
-
-def test_departure_needs_non_empty_base_answers(tiny_backbone):
-    suite = load_suite("minors")
-    probe = ValidationProbe.build(
-        suite, ["alcohol"], ["alcohol"], {"alcohol": [1, 2]}, 2, 2, seed=0, off_target="departure"
-    )
-    with pytest.raises(ValueError, match="empty base answer"):
-        probe.set_base_answers(lambda p: [])
-
-
 def test_probe_needs_validation_prompts_for_every_group(tiny_backbone):
     suite = load_suite("minors")
     no_val = dataclasses.replace(
@@ -131,7 +79,6 @@ def test_probe_needs_validation_prompts_for_every_group(tiny_backbone):
         ("select.mode=best", "select.mode 'best': choose last | per_category"),
         ("select.per_group=0", "select.per_group must be at least 1"),
         ("select.prefix_tokens=0", "select.prefix_tokens must be at least 1"),
-        ("select.off_target=judge", "select.off_target 'judge': choose refusal | departure"),
         ("select.mode=per_category method=lora_sft", "method 'lora_sft' ships its last epoch"),
     ],
 )
@@ -185,22 +132,3 @@ def test_selection_scores_an_older_run_when_resumed_with_it(tmp_path, tiny_backb
     for c, epoch in chosen.items():
         source = last if epoch == 2 else ControlTokens.load(tmp_path / "run" / "checkpoints" / "epoch-1")
         assert torch.equal(again.tokens.blocks[c], source.blocks[c])
-
-
-def test_departure_selection_fills_base_answers_for_the_validation_prompts(tmp_path, tiny_backbone):
-    from mosaic_safety.training.trainer import Trainer
-
-    cfg = tiny_config(
-        tmp_path, "optim.lr=0.3", "select.mode=per_category", "select.per_group=3", "select.off_target=departure"
-    )
-    events = []
-    trainer = Trainer(cfg, backbone=tiny_backbone, reporter=lambda kind, data: events.append((kind, data)))
-    result = trainer.train(tmp_path / "run")
-    purposes = [d["purpose"] for k, d in events if k == "teacher"]
-    assert purposes == ["negatives", "validation"]
-    assert set(trainer.probe.base_prefixes) == set(trainer.probe.prompts)
-    k = cfg.select.prefix_tokens
-    assert all(trainer.teacher.get(p)[:k] == ids for p, ids in trainer.probe.base_prefixes.items())
-    assert result.metrics["validation"]["settings"]["off_target"] == "departure"
-    # the stored records match these settings, so selection reads them instead of scoring again
-    assert [d["epoch"] for k, d in events if k == "validation"] == [1, 2]

@@ -103,8 +103,7 @@ class TrainDisplay:
                 )
         elif kind == "teacher":
             console.print(
-                f"[cyan]•[/] base-model answers for {data.get('purpose', 'negatives')}: "
-                f"{data['total'] - data['missing']} cached, "
+                f"[cyan]•[/] base-model answers for negatives: {data['total'] - data['missing']} cached, "
                 f"{data['missing']} to generate",
                 highlight=False,
             )

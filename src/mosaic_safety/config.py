@@ -88,9 +88,6 @@ class SelectConfig:
     mode: str = "last"  # last | per_category: each category's tokens from its best epoch on validation
     per_group: int = 20  # validation prompts per category and neutral, scored after every epoch
     prefix_tokens: int = 4  # refused: greedy decoding opens with this many tokens of the refusal
-    # how a prompt outside the category counts against it: refusal (opens with the trained refusal) |
-    # departure (its greedy opening leaves the base model's answer: over-refusal in any wording)
-    off_target: str = "refusal"
 
 
 @dataclass
@@ -175,10 +172,6 @@ class TrainConfig:
             ),
             (self.select.per_group >= 1, "select.per_group must be at least 1"),
             (self.select.prefix_tokens >= 1, "select.prefix_tokens must be at least 1"),
-            (
-                self.select.off_target in ("refusal", "departure"),
-                f"select.off_target {self.select.off_target!r}: choose refusal | departure",
-            ),
             (self.teacher.max_new_tokens >= 1, "teacher.max_new_tokens must be at least 1"),
             (
                 self.method in ("mosaic", "lora_sft", "orpo", "magic_token", "dsa"),

@@ -12,15 +12,6 @@ over the first ``prefix_tokens`` tokens of the policy's refusal, counting a refu
 decoding would produce exactly that prefix. That is the trained refusal, not every refusal a judge
 would count; it is what changes from epoch to epoch. A category's score under its single-category
 policy is ``own - mean(other categories) - neutral``: refusing its own prompts, and nothing else.
-
-How a prompt outside the category counts against it is ``off_target``. With ``refusal`` it counts
-when the policy opens with its trained refusal. That misses over-refusals in the base model's own
-words ("I'm sorry, but as a chatbot ..."), which SmolLM2 slips into under the tokens. With
-``departure`` it counts when greedy decoding leaves the base model's own answer within the first
-``prefix_tokens`` tokens: the mission's "answers elsewhere stay as the base model's", whatever the
-wording of the change. Same cost: each row is scored along one target, the refusal for its own
-category's prompts and the base answer (generated once, cached with the training negatives') for
-the rest.
 """
 
 from __future__ import annotations
@@ -40,7 +31,6 @@ from ..policy import Policy
 from ..tokens import ControlTokens, read_manifest
 
 NEUTRAL = "neutral"
-OFF_TARGET_MEASURES = ("refusal", "departure")
 
 
 @dataclass
@@ -51,13 +41,8 @@ class ValidationProbe:
     groups: dict[str, list[str]]
     policies: list[str]
     prefixes: dict[str, list[int]]  # per category: the first tokens of its refusal
-    settings: dict[str, Any]  # what makes two records comparable (sample size, prefix, seed, measure)
+    settings: dict[str, Any]  # what makes two records comparable (sample size, prefix, seed)
     batch_size: int = 32
-    base_prefixes: dict[str, list[int]] | None = None  # per prompt, the base answer's opening (departure)
-
-    @property
-    def off_target(self) -> str:
-        return self.settings.get("off_target", "refusal")
 
     @classmethod
     def build(
@@ -70,7 +55,6 @@ class ValidationProbe:
         prefix_tokens: int,
         seed: int,
         batch_size: int = 32,
-        off_target: str = "refusal",
     ) -> ValidationProbe:
         """A seeded sample of ``per_group`` ``val`` prompts per group; an error if a group has none."""
         sampled = held_out_groups(suite, categories, "val", per_group, seed)  # the evaluation's sampling
@@ -83,35 +67,8 @@ class ValidationProbe:
             )
         # a refusal's ids end with EOS (``response_ids``); the prefix stays inside its text
         prefixes = {c: list(refusals[c][: max(1, min(prefix_tokens, len(refusals[c]) - 1))]) for c in trained}
-        if off_target not in OFF_TARGET_MEASURES:
-            raise ConfigError(f"select.off_target {off_target!r}: choose {' | '.join(OFF_TARGET_MEASURES)}")
         settings = {"per_group": per_group, "prefix_tokens": prefix_tokens, "seed": seed}
-        if off_target != "refusal":  # records stored before the measure existed stay comparable
-            settings["off_target"] = off_target
         return cls(groups, list(trained), prefixes, settings, batch_size)
-
-    @property
-    def prompts(self) -> list[str]:
-        return [p for rows in self.groups.values() for p in rows]
-
-    def set_base_answers(self, answer: Callable[[str], Sequence[int]]) -> None:
-        """Keep the opening of the base model's greedy answer to every prompt (``departure``)."""
-        k = self.settings["prefix_tokens"]
-        self.base_prefixes = {p: list(answer(p))[:k] for p in self.prompts}
-        empty = [p for p, ids in self.base_prefixes.items() if not ids]
-        if empty:
-            raise ValueError(f"empty base answer for validation prompt {empty[0][:60]!r}")
-
-    def _along_refusal(self, category: str, group: str) -> bool:
-        """Whether a row is scored along the policy's refusal (else along the base answer)."""
-        return group == category or self.off_target == "refusal"
-
-    def _target(self, category: str, group: str, prompt: str) -> list[int]:
-        if self._along_refusal(category, group):
-            return self.prefixes[category]
-        if self.base_prefixes is None:
-            raise RuntimeError("off_target=departure needs the base answers: call set_base_answers() first")
-        return self.base_prefixes[prompt]
 
     def evaluate(
         self, model: ControlledModel, progress: Callable[[int], None] | None = None
@@ -129,9 +86,7 @@ class ValidationProbe:
     def rates(
         self, model: ControlledModel, progress: Callable[[int], None] | None = None
     ) -> dict[str, dict[str, float]]:
-        """``rates[c][group]`` under policy ``{c}``: the share of the group's prompts refused in c's wording,
-        or for another group with ``off_target=departure``, the share whose answer departs from the base
-        model's."""
+        """``rates[c][group]``: share of the group's prompts refused in c's wording under policy ``{c}``."""
         rows = [(name, p) for name, prompts in self.groups.items() for p in prompts]
         rows.sort(key=lambda row: len(row[1]))  # similar lengths per batch: less left padding
         hits = {c: dict.fromkeys(self.groups, 0) for c in self.policies}
@@ -140,12 +95,14 @@ class ValidationProbe:
             prompts = [p for _, p in chunk]
             heads = model.prefill_heads(prompts)  # the prompt head is shared by every policy
             for c in self.policies:
-                targets = [self._target(c, name, p) for name, p in chunk]
-                logits, labels = model.response_logits(prompts, [Policy((c,))] * len(prompts), targets, heads)
-                followed = ((logits.argmax(-1) == labels) | (labels == -100)).all(-1).tolist()
-                for (name, _), kept in zip(chunk, followed):
-                    along_refusal = self._along_refusal(c, name)
-                    hits[c][name] += int(kept if along_refusal else not kept)  # a departure counts against c
+                prefix = self.prefixes[c]
+                logits, _ = model.response_logits(
+                    prompts, [Policy((c,))] * len(prompts), [prefix] * len(prompts), heads
+                )
+                greedy = logits[:, : len(prefix)].argmax(-1)
+                refused = (greedy == torch.tensor(prefix, device=greedy.device)).all(-1).tolist()
+                for (name, _), r in zip(chunk, refused):
+                    hits[c][name] += int(r)
                 if progress is not None:
                     progress(len(chunk))
         return {

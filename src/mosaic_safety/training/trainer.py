@@ -176,12 +176,10 @@ def training_autocast(device: torch.device, mode: str) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=mode == "bfloat16")
 
 
-def fill_teacher(
-    teacher: BaseResponseCache, prompts: list[str], report: Reporter, purpose: str = "negatives"
-) -> None:
+def fill_teacher(teacher: BaseResponseCache, prompts: list[str], report: Reporter) -> None:
     """Generate (or load from cache) the base model's answers to ``prompts``, reporting progress."""
     todo = teacher.missing(prompts)
-    report("teacher", {"total": len(prompts), "missing": len(todo), "purpose": purpose})
+    report("teacher", {"total": len(prompts), "missing": len(todo)})
     teacher.fill(todo, progress=lambda n: report("teacher_progress", {"n": n}))
 
 
@@ -295,7 +293,6 @@ class Trainer:
                 select.prefix_tokens,
                 config.optim.seed,
                 config.eval.batch_size,
-                select.off_target,
             )
         )
 
@@ -460,12 +457,8 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Generate (or load from cache) the base model's answers to every possible negative, and to
-        the validation prompts when selection measures departures from them."""
+        """Generate (or load from cache) the base model's answers to every possible negative."""
         fill_teacher(self.teacher, self.sampler.negative_prompts(), self.report)
-        if self.probe is not None and self.probe.off_target == "departure":
-            fill_teacher(self.teacher, self.probe.prompts, self.report, "validation")
-            self.probe.set_base_answers(self.teacher.get)
 
     def train(self, output: str | Path, resume: bool = False, overwrite: bool = False) -> TrainResult:
         """Train into ``output``; ``resume`` continues its last checkpoint, ``overwrite`` replaces a run there."""
