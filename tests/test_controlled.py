@@ -173,10 +173,12 @@ def test_shared_heads_give_the_full_forward_values_and_gradients(
     assert torch.equal(full_labels, split_labels)
     assert full.shape == (4, 6, full.shape[-1])
     valid = full_labels != -100  # past a row's target the window holds padding: never used
-    assert (full - split)[valid].abs().max().item() <= 1e-5
+    # float rounding only: summation order differs between the two paths and between CPUs
+    # (1.05e-5 on logits of magnitude ~30 on one AMD EPYC); a wrong mask or position is O(1)
+    torch.testing.assert_close(split[valid], full[valid], rtol=1e-5, atol=5e-5)
     assert sorted(full_grads) == sorted(split_grads) == ["alcohol", "horror", "sex"]
     for name in full_grads:
-        assert torch.allclose(full_grads[name], split_grads[name], atol=1e-5)
+        torch.testing.assert_close(split_grads[name], full_grads[name], rtol=1e-4, atol=1e-4)
     # index j predicts target token j: check one row against a plain forward of the full sequence
     with torch.no_grad():
         alone, _ = cm.response_logits([prompts[2]], [policies[2]], [targets[2]])
@@ -286,7 +288,7 @@ def test_deep_rows_are_independent_and_shared_heads_agree(tiny_backbone, deep_to
     assert sorted(full_grads) == sorted(split_grads) == ["alcohol", "betting", "horror", "sex"]
     for name in full_grads:
         assert full_grads[name].abs().max() > 0
-        assert torch.allclose(full_grads[name], split_grads[name], atol=1e-5)
+        torch.testing.assert_close(split_grads[name], full_grads[name], rtol=1e-4, atol=1e-4)
 
 
 def test_deep_tokens_need_the_layer_count_they_were_made_for(deep_tokens):
