@@ -36,6 +36,7 @@ from .checkpoint import (
     load_optimizer_state,
     save_optimizer_state,
 )
+from .head_cache import HeadCache
 from .losses import (
     block_overlap,
     response_cross_entropy,
@@ -274,6 +275,7 @@ class Trainer:
         self.trainable = [p for n in trainable for p in self.tokens.category_parameters(n)]
         self.optimizer = torch.optim.Adam(self._param_groups(trainable), lr=config.optim.lr)
         self.max_norm = config.tokens.norm_cap * vocab_max_norm(self.backbone.model.get_input_embeddings())
+        self.head_cache = HeadCache(self.model, config.optim.head_cache_mb * 2**20)
         self.teacher = BaseResponseCache(
             self.model, cache_root() / "responses", config.teacher.max_new_tokens, config.teacher.batch_size
         )
@@ -376,12 +378,13 @@ class Trainer:
         """Mean over rows of CE (positives) and CE + lambda * KL (negatives).
 
         With ``share_heads`` the prompt up to the control tokens is run once without gradients and
-        shared by the controlled pass and the teacher pass (``ControlledModel.prefill_heads``);
-        the values are the same either way (``bench/shared_heads.py`` measures the time).
+        shared by the controlled pass and the teacher pass (``ControlledModel.prefill_heads``), and
+        kept for the prompt's next draw (``HeadCache``); the values are the same either way up to
+        float rounding (``bench/shared_heads.py`` and ``bench/head_cache.py`` measure the time).
         """
         targets = self._targets(items)
         prompts = [i.prompt for i in items]
-        heads = self.model.prefill_heads(prompts) if share_heads else None
+        heads = self.head_cache.heads(prompts) if share_heads else None
         logits, labels = self.model.response_logits(prompts, [i.policy for i in items], targets, heads)
         optim = self.config.optim
         fw = optim.first_token_weight

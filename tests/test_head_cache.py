@@ -1,0 +1,93 @@
+"""The prompt-head cache: the values of a fresh prefill, its budget, and training through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_controlled import PROMPTS, perturb
+
+from mosaic_safety.config import ConfigError, load_config
+from mosaic_safety.controlled import ControlledModel
+from mosaic_safety.training.head_cache import HeadCache
+from mosaic_safety.training.trainer import Trainer
+
+
+def _logits(cm, heads, prompts, policies, targets):
+    with torch.no_grad():
+        logits, labels = cm.response_logits(prompts, policies, targets, heads)
+    return logits[labels != -100]
+
+
+def test_cached_heads_give_the_values_of_a_fresh_prefill(tiny_backbone, tiny_tokens, minors):
+    tiny_tokens.placement = "user_end"
+    perturb(tiny_tokens, seed=3)
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    cache = HeadCache(cm, 2**30)
+    # first call: every head computed (a repeated prompt once) and stored, unpadded
+    first = ["hi", *PROMPTS, "hi"]
+    cache.heads(first)
+    assert len(cache) == 4 and cache.misses == 5 and cache.hits == 0
+    # a later batch mixes cached prompts with a new one, in another order and with other padding
+    prompts = [PROMPTS[2], "a new request, longer than any other one in this batch", "hi", PROMPTS[0]]
+    policies = [minors.policy("alcohol"), minors.policy("sex,horror"), minors.policy("betting"), minors.policy("")]
+    targets = [[5, 6, 2], [9, 2], [11, 12, 13, 2], [4]]
+    heads = cache.heads(prompts)
+    assert cache.hits == 3 and cache.misses == 6 and len(cache) == 5
+    fresh = cm.prefill_heads(prompts)
+    assert torch.equal(heads.lengths, fresh.lengths) and torch.equal(heads.mask, fresh.mask)
+    # padded positions differ (zeros vs the pad token's keys) but are masked: the logits agree
+    torch.testing.assert_close(
+        _logits(cm, heads, prompts, policies, targets),
+        _logits(cm, fresh, prompts, policies, targets),
+        rtol=1e-5,
+        atol=5e-5,
+    )
+    for (k, v), (fk, fv) in zip(heads.keys_values, fresh.keys_values):
+        real = heads.mask.bool()
+        torch.testing.assert_close(k.transpose(1, 2)[real], fk.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v.transpose(1, 2)[real], fv.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
+
+
+def test_budget_bounds_the_cache_and_prompts_past_it_still_work(tiny_backbone, tiny_tokens, minors):
+    tiny_tokens.placement = "user_end"
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    probe = HeadCache(cm, 2**30)
+    probe.heads(PROMPTS[:1])
+    one = probe.bytes
+    cache = HeadCache(cm, one)  # room for exactly that prompt's head
+    cache.heads(PROMPTS)
+    assert cache.bytes <= one and len(cache) == 1
+    again = cache.heads(PROMPTS)  # two recomputed, one from the cache
+    fresh = cm.prefill_heads(PROMPTS)
+    assert torch.equal(again.mask, fresh.mask)
+    off = HeadCache(cm, 0)
+    assert off.heads(PROMPTS) is not None and len(off) == 0
+    with pytest.raises(ValueError, match=">= 0"):
+        HeadCache(cm, -1)
+
+
+def test_prefix_placement_has_no_heads(tiny_backbone, tiny_tokens):
+    tiny_tokens.placement = "prefix"
+    cache = HeadCache(ControlledModel(tiny_backbone, tiny_tokens), 2**30)
+    assert cache.heads(PROMPTS) is None and len(cache) == 0
+
+
+def test_training_with_and_without_the_cache_agrees(tiny_backbone, tmp_path):
+    """Two epochs through the cache end where two epochs of fresh prefills end (float rounding)."""
+    overrides = ["optim.epochs=2", "tokens.placement=user_end", "tokens.deep=true", "optim.refusal_path_kl=1"]
+    runs = {}
+    for mb in (64, 0):
+        config = load_config("configs/tiny-test.yaml", [*overrides, f"optim.head_cache_mb={mb}"])
+        trainer = Trainer(config, backbone=tiny_backbone)
+        trainer.train(tmp_path / f"mb{mb}")
+        runs[mb] = (trainer, {k: v.detach().clone() for k, v in trainer.tokens.named_tensors().items()})
+    cached, fresh = runs[64][1], runs[0][1]
+    assert runs[64][0].head_cache.hits > 0 and len(runs[0][0].head_cache) == 0
+    assert cached.keys() == fresh.keys()
+    for name in cached:
+        torch.testing.assert_close(cached[name], fresh[name], rtol=1e-4, atol=1e-4)
+
+
+def test_negative_budget_is_a_config_error():
+    with pytest.raises(ConfigError, match="head_cache_mb"):
+        load_config("configs/tiny-test.yaml", ["optim.head_cache_mb=-1"])
