@@ -40,7 +40,7 @@ def main() -> None:
     batches = [by_order[o] for o in sorted(by_order)]
     trainer.teacher.fill(trainer.teacher.missing([i.prompt for b in batches for i in b if not i.positive]))
 
-    cached = HeadCache(trainer.model, config.optim.head_cache_mb * 2**20 or 2**32)
+    cached = HeadCache(trainer.model, config.optim.cache_mb * 2**20 or 2**32)
     fresh = HeadCache(trainer.model, 0)
     for batch in batches:  # warm: what later epochs find
         cached.heads([i.prompt for i in batch])

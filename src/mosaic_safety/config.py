@@ -81,7 +81,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (decay to 10% of lr over the run) | linear
     warmup_steps: int = 0  # linear warm-up from 0 before the schedule
     seed: int = 0
-    head_cache_mb: int = 4096  # keep prompt heads' keys/values across steps up to this size (0: off)
+    cache_mb: int = 4096  # size of each step cache (prompt heads, base-model states) kept across steps; 0: off
 
 
 @dataclass
@@ -162,7 +162,7 @@ class TrainConfig:
                 f"optim.schedule {self.optim.schedule!r}: choose constant | cosine | linear",
             ),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
-            (self.optim.head_cache_mb >= 0, "optim.head_cache_mb must be >= 0 (0: off)"),
+            (self.optim.cache_mb >= 0, "optim.cache_mb must be >= 0 (0: off)"),
             (
                 self.select.mode in ("last", "per_category"),
                 f"select.mode {self.select.mode!r}: choose last | per_category",

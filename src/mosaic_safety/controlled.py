@@ -311,15 +311,42 @@ class ControlledModel:
         the part from the control tokens on is run with gradients; the values equal the full
         forward's up to float rounding.
         """
+        return self._response(prompts, policies, targets, heads, states=False)
+
+    def response_states(
+        self,
+        prompts: Sequence[Prompt],
+        policies: Sequence[Policy],
+        targets: Sequence[Sequence[int]],
+        heads: PromptHeads | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`response_logits`, but the final hidden states ``(B, T, d)`` that the LM head maps
+        to those logits (:meth:`states_to_logits`). A d-vector is far smaller than a vocabulary row,
+        so training keeps the frozen model's states along fixed targets instead of its logits.
+        """
+        return self._response(prompts, policies, targets, heads, states=True)
+
+    def states_to_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """The LM head applied to final hidden states (from :meth:`response_states`)."""
+        return self.model.get_output_embeddings()(states)
+
+    def _response(
+        self,
+        prompts: Sequence[Prompt],
+        policies: Sequence[Policy],
+        targets: Sequence[Sequence[int]],
+        heads: PromptHeads | None,
+        states: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not targets or any(len(t) == 0 for t in targets):
             raise ValueError("every row needs at least one target token")
         width = max(len(t) for t in targets)
         if heads is None:
             batch = self.encode(prompts, policies, targets)
-            logits = self.logits(batch)  # end-aligned: row i's target starts at window - 1 - len(t_i)
-            starts = [batch.window - 1 - len(t) for t in targets]
+            logits = self._hidden(batch) if states else self.logits(batch)
+            starts = [batch.window - 1 - len(t) for t in targets]  # end-aligned rows
         else:
-            logits, starts = self._tail_logits(prompts, policies, targets, heads)
+            logits, starts = self._tail_logits(prompts, policies, targets, heads, states)
         index = torch.tensor([[s + j for j in range(width)] for s in starts], device=logits.device)
         index = index.clamp(max=logits.shape[1] - 1)
         aligned = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
@@ -328,14 +355,30 @@ class ControlledModel:
             labels[i, : len(t)] = torch.tensor(list(t))
         return aligned, labels.to(self.device)
 
+    def _hidden(self, batch: EncodedBatch) -> torch.Tensor:
+        """Final hidden states of the last ``batch.window`` positions (what :meth:`logits` maps)."""
+        with steering(self.model, batch.ctrl_mask, batch.deep):
+            out = self.model.get_decoder()(
+                inputs_embeds=batch.inputs_embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
+        return out.last_hidden_state[:, -batch.window :]
+
     def _tail_logits(
         self,
         prompts: Sequence[Prompt],
         policies: Sequence[Policy],
         targets: Sequence[Sequence[int]],
         heads: PromptHeads,
+        states: bool = False,
     ) -> tuple[torch.Tensor, list[int]]:
-        """Right-padded tails ``[control tokens][template rest][target]`` over the cached heads."""
+        """Right-padded tails ``[control tokens][template rest][target]`` over the cached heads.
+
+        Returns the logits (or with ``states`` the final hidden states) from the first position
+        that predicts a target token on, and each row's start in them.
+        """
         from transformers import DynamicCache
 
         if heads.mask.shape[0] != len(prompts):
@@ -362,16 +405,19 @@ class ControlledModel:
         embeds = self._embed(ids, ctrl, blocks)
         positions = heads.lengths.unsqueeze(1) + torch.arange(length, device=self.device)
         first = min(starts)
+        module = self.model.get_decoder() if states else self.model
+        keep = {} if states else {"logits_to_keep": length - first}
         with steering(self.model, ctrl, _cat_offsets(offsets)):
-            out = self.model(
+            out = module(
                 inputs_embeds=embeds,
                 attention_mask=torch.cat([heads.mask, mask], dim=1),
                 position_ids=positions,
                 past_key_values=DynamicCache(heads.keys_values, config=self.model.config),
                 use_cache=True,
-                logits_to_keep=length - first,
+                **keep,
             )
-        return out.logits, [s - first for s in starts]
+        values = out.last_hidden_state[:, first:] if states else out.logits
+        return values, [s - first for s in starts]
 
     def forward(self, prompts: Sequence[Prompt], policies: Sequence[Any]) -> torch.Tensor:
         """Full-sequence logits ``(B, L, V)`` (left-padded) for prompts under per-row policies."""

@@ -98,5 +98,5 @@ def resume_key(config: dict[str, Any]) -> dict[str, Any]:
         if isinstance(default, dict) and isinstance(value, dict) and name != "method_options":
             value = {k: value.get(k, d) for k, d in default.items()}
         key[name] = value
-    speed_only = {"epochs", "head_cache_mb"}  # more epochs; a cache that only changes float rounding
+    speed_only = {"epochs", "cache_mb"}  # more epochs; a cache that only changes float rounding
     return {**key, "optim": {k: v for k, v in key["optim"].items() if k not in speed_only}}

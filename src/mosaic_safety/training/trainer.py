@@ -26,8 +26,8 @@ from ..config import DataConfig, TrainConfig
 from ..controlled import ControlledModel, PromptHeads, decoder_layers
 from ..data import load_suite
 from ..data.suites import Suite
-from ..policy import Policy
 from ..tokens import ArtifactError, ControlTokens, read_manifest
+from .base_states import BaseStates
 from .checkpoint import (
     STATE_FILE,
     check_same_recipe,
@@ -275,7 +275,8 @@ class Trainer:
         self.trainable = [p for n in trainable for p in self.tokens.category_parameters(n)]
         self.optimizer = torch.optim.Adam(self._param_groups(trainable), lr=config.optim.lr)
         self.max_norm = config.tokens.norm_cap * vocab_max_norm(self.backbone.model.get_input_embeddings())
-        self.head_cache = HeadCache(self.model, config.optim.head_cache_mb * 2**20)
+        self.head_cache = HeadCache(self.model, config.optim.cache_mb * 2**20)
+        self.base_states = BaseStates(self.model, config.optim.cache_mb * 2**20)
         self.teacher = BaseResponseCache(
             self.model, cache_root() / "responses", config.teacher.max_new_tokens, config.teacher.batch_size
         )
@@ -379,8 +380,9 @@ class Trainer:
 
         With ``share_heads`` the prompt up to the control tokens is run once without gradients and
         shared by the controlled pass and the teacher pass (``ControlledModel.prefill_heads``), and
-        kept for the prompt's next draw (``HeadCache``); the values are the same either way up to
-        float rounding (``bench/shared_heads.py`` and ``bench/head_cache.py`` measure the time).
+        kept for the prompt's next draw (``HeadCache``); the teacher's states along fixed targets are
+        kept too (``BaseStates``). The values are the same either way up to float rounding
+        (``bench/shared_heads.py`` and ``bench/head_cache.py`` measure the time).
         """
         targets = self._targets(items)
         prompts = [i.prompt for i in items]
@@ -393,13 +395,11 @@ class Trainer:
         neg = [j for j, item in enumerate(items) if not item.positive]
         kl_mean = reverse_mean = 0.0
         if neg and (optim.kl_weight > 0 or optim.reverse_kl > 0):
-            with torch.no_grad():
-                teacher_logits, _ = self.model.response_logits(
-                    [prompts[j] for j in neg],
-                    [Policy(())] * len(neg),
-                    [targets[j] for j in neg],
-                    heads.rows(neg) if heads is not None else None,
-                )
+            teacher_logits = self.base_states.logits(
+                [prompts[j] for j in neg],
+                [targets[j] for j in neg],
+                heads.rows(neg) if heads is not None else None,
+            )
             width = teacher_logits.shape[1]  # the negatives' longest target; past it only -100
             student, neg_labels = logits[neg, :width], labels[neg, :width]
             if optim.kl_weight > 0:
@@ -454,9 +454,7 @@ class Trainer:
         policies = [item.policy for item in negatives]
         targets = [self._refusals[q.categories[j % len(q.categories)]] for j, q in enumerate(policies)]
         logits, labels = self.model.response_logits(prompts, policies, targets, heads)
-        with torch.no_grad():
-            base, _ = self.model.response_logits(prompts, [Policy(())] * len(prompts), targets, heads)
-        return response_kl(logits, base, labels)
+        return response_kl(logits, self.base_states.logits(prompts, targets, heads), labels)
 
     # -- the run ------------------------------------------------------------------------------
     def prepare(self) -> None:

@@ -1,4 +1,4 @@
-"""The prompt-head cache: the values of a fresh prefill, its budget, and training through it."""
+"""The step caches (prompt heads, base-model states): the values of a fresh pass, budgets, training."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from test_controlled import PROMPTS, perturb
 
 from mosaic_safety.config import ConfigError, load_config
 from mosaic_safety.controlled import ControlledModel
+from mosaic_safety.policy import Policy
+from mosaic_safety.training.base_states import BaseStates
 from mosaic_safety.training.head_cache import HeadCache
 from mosaic_safety.training.trainer import Trainer
 
@@ -72,22 +74,49 @@ def test_prefix_placement_has_no_heads(tiny_backbone, tiny_tokens):
     assert cache.heads(PROMPTS) is None and len(cache) == 0
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_base_states_give_the_base_models_logits(tiny_backbone, tiny_tokens, shared):
+    tiny_tokens.placement = "user_end"
+    perturb(tiny_tokens, seed=4)
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2]]
+    targets = [[5, 6, 7, 2], [9, 2], [5, 6, 7, 2], [11, 12, 13, 14, 15, 2]]  # rows 0 and 2 are one pair
+    heads = cm.prefill_heads(prompts) if shared else None
+    with torch.no_grad():
+        ref, labels = cm.response_logits(prompts, [Policy(())] * 4, targets, heads)
+    cache = BaseStates(cm, 2**30)
+    valid = labels != -100
+    for round_ in range(2):  # computed, then read back
+        got = cache.logits(prompts, targets, heads)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=5e-5)
+    assert len(cache) == 3 and cache.misses == 4 and cache.hits == 4
+    other = cache.logits([PROMPTS[0]], [[5, 6, 2]])  # same prompt, another target: its own entry
+    assert len(cache) == 4 and other.shape[1] == 3
+    off = BaseStates(cm, 0)
+    torch.testing.assert_close(off.logits(prompts, targets, heads)[valid], ref[valid], rtol=1e-5, atol=5e-5)
+    assert len(off) == 0
+    with pytest.raises(ValueError, match=">= 0"):
+        BaseStates(cm, -1)
+
+
 def test_training_with_and_without_the_cache_agrees(tiny_backbone, tmp_path):
     """Two epochs through the cache end where two epochs of fresh prefills end (float rounding)."""
     overrides = ["optim.epochs=2", "tokens.placement=user_end", "tokens.deep=true", "optim.refusal_path_kl=1"]
     runs = {}
     for mb in (64, 0):
-        config = load_config("configs/tiny-test.yaml", [*overrides, f"optim.head_cache_mb={mb}"])
+        config = load_config("configs/tiny-test.yaml", [*overrides, f"optim.cache_mb={mb}"])
         trainer = Trainer(config, backbone=tiny_backbone)
         trainer.train(tmp_path / f"mb{mb}")
         runs[mb] = (trainer, {k: v.detach().clone() for k, v in trainer.tokens.named_tensors().items()})
     cached, fresh = runs[64][1], runs[0][1]
     assert runs[64][0].head_cache.hits > 0 and len(runs[0][0].head_cache) == 0
+    assert runs[64][0].base_states.hits > 0 and len(runs[0][0].base_states) == 0
     assert cached.keys() == fresh.keys()
     for name in cached:
         torch.testing.assert_close(cached[name], fresh[name], rtol=1e-4, atol=1e-4)
 
 
 def test_negative_budget_is_a_config_error():
-    with pytest.raises(ConfigError, match="head_cache_mb"):
-        load_config("configs/tiny-test.yaml", ["optim.head_cache_mb=-1"])
+    with pytest.raises(ConfigError, match="cache_mb"):
+        load_config("configs/tiny-test.yaml", ["optim.cache_mb=-1"])
