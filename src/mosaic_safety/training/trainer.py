@@ -382,7 +382,7 @@ class Trainer:
         shared by the controlled pass and the teacher pass (``ControlledModel.prefill_heads``), and
         kept for the prompt's next draw (``HeadCache``); the teacher's states along fixed targets are
         kept too (``BaseStates``). The values are the same either way up to float rounding
-        (``bench/shared_heads.py`` and ``bench/head_cache.py`` measure the time).
+        (``bench/shared_heads.py`` and ``bench/step_caches.py`` measure the time).
         """
         targets = self._targets(items)
         prompts = [i.prompt for i in items]

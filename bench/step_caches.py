@@ -1,12 +1,13 @@
-"""Training-step time with the prompt heads kept across steps vs run afresh each step, side by side.
+"""Training-step time with the step caches warm vs without them, side by side.
 
 Real MOSAIC steps (the recipe's losses and Adam) on batches drawn by the trainer's own sampler,
-one of each policy order. "cached" takes every row's prompt head from a warm ``HeadCache``: what
-every epoch after the first sees, since the same prompts are drawn again. "fresh" runs the heads'
-prefill in the step, as without the cache. Steps alternate so machine noise hits both alike;
-compare the ratio of medians, not absolute times.
+one of each policy order. "cached" takes every row's prompt head from a warm ``HeadCache`` and the
+frozen model's states along the negatives' targets from a warm ``BaseStates``: what every epoch
+after the first sees, since the same prompts are drawn again. "fresh" runs the heads' prefill and
+the teacher passes in the step, as without the caches. Steps alternate so machine noise hits both
+alike; compare the ratio of medians, not absolute times.
 
-    python bench/head_cache.py [--config configs/smollm2-minors.yaml] [--rounds 3]
+    python bench/step_caches.py [--config configs/smollm2-minors.yaml] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     import torch
 
     from mosaic_safety.config import load_config
+    from mosaic_safety.training.base_states import BaseStates
     from mosaic_safety.training.head_cache import HeadCache
     from mosaic_safety.training.trainer import Trainer, optimizer_step
 
@@ -40,28 +42,33 @@ def main() -> None:
     batches = [by_order[o] for o in sorted(by_order)]
     trainer.teacher.fill(trainer.teacher.missing([i.prompt for b in batches for i in b if not i.positive]))
 
-    cached = HeadCache(trainer.model, config.optim.cache_mb * 2**20 or 2**32)
-    fresh = HeadCache(trainer.model, 0)
-    for batch in batches:  # warm: what later epochs find
-        cached.heads([i.prompt for i in batch])
+    budget = config.optim.cache_mb * 2**20 or 2**32
+    caches = {
+        "cached": (HeadCache(trainer.model, budget), BaseStates(trainer.model, budget)),
+        "fresh": (HeadCache(trainer.model, 0), BaseStates(trainer.model, 0)),
+    }
+    trainer.head_cache, trainer.base_states = caches["cached"]
+    with torch.no_grad():  # warm: what later epochs find
+        for batch in batches:
+            trainer.loss(batch)
 
-    def step(batch: list, cache: HeadCache) -> float:
-        trainer.head_cache = cache
+    def step(batch: list, name: str) -> float:
+        trainer.head_cache, trainer.base_states = caches[name]
         t0 = time.perf_counter()
         loss, _ = trainer.loss(batch)
         optimizer_step(loss, trainer.optimizer, trainer.trainable, config.optim.grad_clip)
         return time.perf_counter() - t0
 
+    losses = {}
     with torch.no_grad():  # both paths compute the same loss, up to float rounding
-        trainer.head_cache = cached
-        with_cache = float(trainer.loss(batches[0])[0])
-        trainer.head_cache = fresh
-        without = float(trainer.loss(batches[0])[0])
+        for name in caches:
+            trainer.head_cache, trainer.base_states = caches[name]
+            losses[name] = float(trainer.loss(batches[0])[0])
     times: dict[str, list[float]] = {"cached": [], "fresh": []}
     for rnd in range(args.rounds + 1):
         for batch in batches:
-            for name, cache in (("cached", cached), ("fresh", fresh)):
-                seconds = step(batch, cache)
+            for name in caches:
+                seconds = step(batch, name)
                 if rnd:  # the first round warms up both paths
                     times[name].append(seconds)
     a, b = statistics.median(times["cached"]), statistics.median(times["fresh"])
@@ -69,10 +76,11 @@ def main() -> None:
         f"{len(batches)} batches of {config.optim.batch_size} rows (orders {sorted(by_order)}), "
         f"placement {config.tokens.placement}, m {config.tokens.m}, deep {config.tokens.deep}"
     )
-    mib = cached.bytes / 2**20
-    print(f"cache: {len(cached)} prompts, {mib:.1f} MiB ({mib / len(cached):.2f} MiB each)")
-    print(f"loss cached {with_cache:.6f} / fresh {without:.6f}")
-    print(f"median step: cached heads {a:.3f} s, fresh heads {b:.3f} s")
+    heads, states = caches["cached"]
+    print(f"heads: {len(heads)} prompts, {heads.bytes / 2**20:.1f} MiB ({heads.bytes / len(heads) / 2**20:.2f} each)")
+    print(f"base states: {len(states)} (prompt, target) pairs, {states.bytes / 2**20:.2f} MiB")
+    print(f"loss cached {losses['cached']:.6f} / fresh {losses['fresh']:.6f}")
+    print(f"median step: cached {a:.3f} s, fresh {b:.3f} s")
     print(f"ratio cached / fresh: {a / b:.2f}")
 
 
