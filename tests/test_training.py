@@ -69,6 +69,15 @@ def test_paired_sampling_gives_each_positive_a_contrastive_twin():
     assert set(s.negative_prompts()) >= {p for c in CATS for p in s.prompts[c]}
 
 
+def test_drawn_negatives_are_exactly_what_the_epochs_draw():
+    s = make_sampler(max_order=3, per_subset=6)
+    drawn = {e: {i.prompt for i in s.epoch_items(e) if not i.positive} for e in range(3)}
+    assert s.drawn_negatives(range(3)) == sorted(drawn[0] | drawn[1] | drawn[2])
+    assert s.drawn_negatives([2]) == sorted(drawn[2])  # a run resumed at its last epoch
+    assert set(s.drawn_negatives(range(3))) <= set(s.negative_prompts())
+    assert s.drawn_negatives([]) == []
+
+
 def test_batches_are_single_order_and_seeded():
     s = make_sampler(max_order=3, per_subset=6)
     batches = s.epoch_batches(0, 4)

@@ -457,9 +457,11 @@ class Trainer:
         return response_kl(logits, self.base_states.logits(prompts, targets, heads), labels)
 
     # -- the run ------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Generate (or load from cache) the base model's answers to every possible negative."""
-        fill_teacher(self.teacher, self.sampler.negative_prompts(), self.report)
+    def prepare(self, start_epoch: int = 0) -> None:
+        """Generate (or load from cache) the base model's answers to the negatives the run will draw,
+        from ``start_epoch`` (a resumed run) to the last epoch."""
+        epochs = range(start_epoch, self.config.optim.epochs)
+        fill_teacher(self.teacher, self.sampler.drawn_negatives(epochs), self.report)
 
     def train(self, output: str | Path, resume: bool = False, overwrite: bool = False) -> TrainResult:
         """Train into ``output``; ``resume`` continues its last checkpoint, ``overwrite`` replaces a run there."""
@@ -470,8 +472,8 @@ class Trainer:
         cfg = self.config
         budgets = budget_rows(self.sampler)
         self.report("budgets", {"budgets": budgets})
-        self.prepare()
         start_epoch, step = self._resume(out) if resume else (0, 0)
+        self.prepare(start_epoch)
         steps_per_epoch = self.sampler.steps_per_epoch(cfg.optim.batch_size)
         total = steps_per_epoch * cfg.optim.epochs
         self.report("start", {"total_steps": total, "done_steps": step, "steps_per_epoch": steps_per_epoch})
