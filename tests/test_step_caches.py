@@ -86,7 +86,7 @@ def test_base_states_give_the_base_models_logits(tiny_backbone, tiny_tokens, sha
         ref, labels = cm.response_logits(prompts, [Policy(())] * 4, targets, heads)
     cache = BaseStates(cm, 2**30)
     valid = labels != -100
-    for round_ in range(2):  # computed, then read back
+    for _ in range(2):  # computed, then read back
         got = cache.logits(prompts, targets, heads)
         assert got.shape == ref.shape
         torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=5e-5)
