@@ -77,7 +77,9 @@ def main() -> None:
         f"placement {config.tokens.placement}, m {config.tokens.m}, deep {config.tokens.deep}"
     )
     heads, states = caches["cached"]
-    print(f"heads: {len(heads)} prompts, {heads.bytes / 2**20:.1f} MiB ({heads.bytes / len(heads) / 2**20:.2f} each)")
+    print(
+        f"heads: {len(heads)} prompts, {heads.bytes / 2**20:.1f} MiB ({heads.bytes / len(heads) / 2**20:.2f} each)"
+    )
     print(f"base states: {len(states)} (prompt, target) pairs, {states.bytes / 2**20:.2f} MiB")
     print(f"loss cached {losses['cached']:.6f} / fresh {losses['fresh']:.6f}")
     print(f"median step: cached {a:.3f} s, fresh {b:.3f} s")

@@ -297,3 +297,24 @@ def test_deep_tokens_need_the_layer_count_they_were_made_for(deep_tokens):
     deeper = build_backbone(layers=3)  # same embedding (same fingerprint), one more layer
     with pytest.raises(ValueError, match="2-layer model, but this model has 3 layers"):
         ControlledModel(deeper, deep_tokens)
+
+
+@pytest.mark.parametrize("placement", ["user", "user_end"])
+def test_policies_sharing_a_prompt_generate_over_one_head(tiny_backbone, deep_tokens, minors, placement):
+    """An evaluation asks every policy about the same prompts: each prompt's head runs once per batch,
+    and every row's tokens are what it generates alone."""
+    deep_tokens.placement = placement
+    cm = ControlledModel(tiny_backbone, deep_tokens)
+    names = ["", "alcohol", "sex", "horror,sex", "alcohol,betting,horror"]
+    prompts = [p for p in PROMPTS for _ in names]
+    policies = [n for _ in PROMPTS for n in names]
+    calls = []
+    original = cm.prefill_heads
+    cm.prefill_heads = lambda rows: calls.append(len(rows)) or original(rows)  # count, then run it
+    together = cm.generate_ids(prompts, policies, max_new_tokens=6, batch_size=32)
+    assert calls and sum(calls) <= len(PROMPTS) * 2  # not one head per row
+    calls.clear()
+    alone = [cm.generate_ids([p], [q], max_new_tokens=6)[0] for p, q in zip(prompts, policies)]
+    assert calls == []  # one row: the plain path
+    assert together == alone
+    assert len({tuple(r) for r in together}) > 1  # the policies do change the output

@@ -31,7 +31,12 @@ def test_cached_heads_give_the_values_of_a_fresh_prefill(tiny_backbone, tiny_tok
     assert len(cache) == 4 and cache.misses == 5 and cache.hits == 0
     # a later batch mixes cached prompts with a new one, in another order and with other padding
     prompts = [PROMPTS[2], "a new request, longer than any other one in this batch", "hi", PROMPTS[0]]
-    policies = [minors.policy("alcohol"), minors.policy("sex,horror"), minors.policy("betting"), minors.policy("")]
+    policies = [
+        minors.policy("alcohol"),
+        minors.policy("sex,horror"),
+        minors.policy("betting"),
+        minors.policy(""),
+    ]
     targets = [[5, 6, 2], [9, 2], [11, 12, 13, 2], [4]]
     heads = cache.heads(prompts)
     assert cache.hits == 3 and cache.misses == 6 and len(cache) == 5

@@ -81,7 +81,9 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine (decay to 10% of lr over the run) | linear
     warmup_steps: int = 0  # linear warm-up from 0 before the schedule
     seed: int = 0
-    cache_mb: int = 4096  # size of each step cache (prompt heads, base-model states) kept across steps; 0: off
+    cache_mb: int = (
+        4096  # size of each step cache (prompt heads, base-model states) kept across steps; 0: off
+    )
 
 
 @dataclass

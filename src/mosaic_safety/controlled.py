@@ -446,10 +446,88 @@ class ControlledModel:
         """
         if max_new_tokens < 1:
             return
+        out = prefill_cache(self.model, batch, logits_to_keep=1)
+        yield from self._decode(
+            out,
+            batch.attention_mask,
+            batch.position_ids[:, -1:],
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_p,
+            generator,
+        )
+
+    @torch.no_grad()
+    def decode_steps_over_heads(
+        self,
+        prompts: Sequence[Prompt],
+        policies: Sequence[Policy],
+        heads: PromptHeads,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`decode_steps` for rows whose prompt heads are already computed (``heads.rows``).
+
+        Several policies over one prompt share its head, so an evaluation that asks every policy
+        about the same prompts runs each request once instead of once per policy. Each row's tail
+        (control tokens, rest of the template) is left-padded after its head; the padding between
+        the two is masked and position ids continue from the head, so a row's tokens are those of
+        :meth:`decode_steps` up to float rounding.
+        """
+        if max_new_tokens < 1:
+            return
+        from transformers import DynamicCache
+
+        rows, spans, blocks, offsets = [], [], [], []
+        for prompt, policy in zip(prompts, policies):
+            block = self._block(policy)
+            rows.append([0] * block.shape[0] + self.split_prompt(prompt)[1])
+            spans.append(block.shape[0])
+            if block.shape[0]:
+                blocks.append(block)
+                offsets.append(self.tokens.compose_deep(policy))
+        length = max(map(len, rows))
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        ctrl = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, length - len(row) :] = torch.tensor(row)
+            mask[i, length - len(row) :] = 1
+            ctrl[i, length - len(row) : length - len(row) + spans[i]] = True
+        ids, mask, ctrl = ids.to(self.device), mask.to(self.device), ctrl.to(self.device)
+        positions = heads.lengths.unsqueeze(1) + (mask.cumsum(-1) - 1).clamp(min=0)
+        full_mask = torch.cat([heads.mask, mask], dim=1)
+        with steering(self.model, ctrl, _cat_offsets(offsets)):
+            out = self.model(
+                inputs_embeds=self._embed(ids, ctrl, blocks),
+                attention_mask=full_mask,
+                position_ids=positions,
+                past_key_values=DynamicCache(heads.keys_values, config=self.model.config),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        yield from self._decode(
+            out, full_mask, positions[:, -1:], max_new_tokens, do_sample, temperature, top_p, generator
+        )
+
+    def _decode(
+        self,
+        out: Any,
+        mask: torch.Tensor,
+        position: torch.Tensor,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator | None,
+    ) -> Iterator[torch.Tensor]:
+        """The decoding loop after a prefill whose last logits are in ``out``."""
         eos = torch.tensor(self.eos_ids, device=self.device)
         pad = self.tokenizer.pad_token_id
-        out = prefill_cache(self.model, batch, logits_to_keep=1)
-        mask, position = batch.attention_mask, batch.position_ids[:, -1:]
         finished = torch.zeros(mask.shape[0], dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
             token = pick_token(out.logits[:, -1].float(), do_sample, temperature, top_p, generator)
@@ -471,21 +549,45 @@ class ControlledModel:
         top_p: float = 1.0,
         seed: int | None = None,
         progress: Any = None,
+        share_heads: bool = True,
     ) -> list[list[int]]:
-        """Generated token ids per prompt (EOS excluded). Batches are formed from similar lengths."""
+        """Generated token ids per prompt (EOS excluded). Batches are formed from similar lengths.
+
+        A batch that asks about one prompt under several policies runs that prompt's head once
+        (:meth:`decode_steps_over_heads`) unless ``share_heads`` is off; batches of distinct
+        prompts take the plain path.
+        """
         if len(prompts) != len(policies):
             raise ValueError("prompts and policies must have the same length")
         resolved = [self.policy(p) for p in policies]
+        keys = [p if isinstance(p, str) else repr(p) for p in prompts]
         lengths = [
             sum(map(len, self.split_prompt(p))) + self._block(q).shape[0] for p, q in zip(prompts, resolved)
         ]
         generator = None
         if do_sample:
             generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+        options = (max_new_tokens, do_sample, temperature, top_p, generator)
         results: list[list[int]] = [[] for _ in prompts]
-        for idx in length_batches(lengths, batch_size):
-            batch = self.encode([prompts[i] for i in idx], [resolved[i] for i in idx])
-            steps = list(self.decode_steps(batch, max_new_tokens, do_sample, temperature, top_p, generator))
+        for idx in length_batches(lengths, batch_size, keys):
+            distinct = list(dict.fromkeys(keys[i] for i in idx))
+            heads = None
+            if share_heads and len(distinct) < len(idx):
+                first: dict[str, int] = {}
+                for i in idx:
+                    first.setdefault(keys[i], i)
+                heads = self.prefill_heads([prompts[first[k]] for k in distinct])
+            if heads is not None:
+                where = {k: j for j, k in enumerate(distinct)}
+                rows = heads.rows([where[keys[i]] for i in idx])
+                steps = list(
+                    self.decode_steps_over_heads(
+                        [prompts[i] for i in idx], [resolved[i] for i in idx], rows, *options
+                    )
+                )
+            else:
+                batch = self.encode([prompts[i] for i in idx], [resolved[i] for i in idx])
+                steps = list(self.decode_steps(batch, *options))
             if steps:
                 tokens = torch.stack(steps, dim=1).tolist()
                 for row, i in zip(tokens, idx):
@@ -537,9 +639,15 @@ def _messages(prompt: Prompt) -> list[dict[str, str]]:
 
 
 # -- decoding pieces shared with serving/engine.py and methods/dsa.py -----------------------------
-def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Row indices in batches of similar length, shortest first: little padding per batch."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+def length_batches(
+    lengths: Sequence[int], batch_size: int, keys: Sequence[str] | None = None
+) -> Iterator[list[int]]:
+    """Row indices in batches of similar length, shortest first: little padding per batch.
+
+    With ``keys`` (the rows' prompts), rows of one length are grouped by prompt, so that the
+    policies asked about one prompt land in one batch and can share its head.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], keys[i] if keys is not None else ""))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 
