@@ -11,6 +11,7 @@ from mosaic_safety.controlled import ControlledModel
 from mosaic_safety.policy import Policy
 from mosaic_safety.training.base_states import BaseStates
 from mosaic_safety.training.head_cache import HeadCache
+from mosaic_safety.training.teacher import BaseResponseCache
 from mosaic_safety.training.trainer import Trainer
 
 
@@ -71,6 +72,36 @@ def test_budget_bounds_the_cache_and_prompts_past_it_still_work(tiny_backbone, t
     assert off.heads(PROMPTS) is not None and len(off) == 0
     with pytest.raises(ValueError, match=">= 0"):
         HeadCache(cm, -1)
+
+
+def test_warming_fills_the_cache_up_to_its_budget(tiny_backbone, tiny_tokens):
+    tiny_tokens.placement = "user_end"
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    prompts = [*PROMPTS, "hi", "a somewhat longer request about nothing in particular", "hi"]
+    cache = HeadCache(cm, 2**30)
+    seen = []
+    assert cache.warm(prompts, batch_size=2, progress=seen.append) == 5 and len(cache) == 5
+    assert sum(seen) == 5 and cache.warm(prompts) == 0  # nothing left to do
+    cache.heads(prompts)
+    assert cache.hits == len(prompts)  # training then finds every head
+    one = HeadCache(cm, 2**30)
+    one.warm(["hi"])
+    small = HeadCache(cm, one.bytes)  # room for the shortest head only
+    assert small.warm(prompts, batch_size=2) == 1 and len(small) == 1
+    assert HeadCache(cm, 0).warm(prompts) == 0
+
+
+def test_base_answers_over_kept_heads_are_the_plain_answers(tmp_path, tiny_backbone):
+    cm = ControlledModel(tiny_backbone, placement="user_end")
+    prompts = [*PROMPTS, "hi", "another request"]
+    plain = BaseResponseCache(cm, tmp_path / "plain", max_new_tokens=6, batch_size=3)
+    heads = HeadCache(cm, 2**30)
+    heads.warm(prompts)
+    over = BaseResponseCache(cm, tmp_path / "over", max_new_tokens=6, batch_size=3, heads=heads)
+    assert plain.fill(prompts) == over.fill(prompts) == len(prompts)
+    assert heads.hits >= len(prompts)  # generation took the kept heads
+    assert [over.get(p) for p in prompts] == [plain.get(p) for p in prompts]
+    assert len({tuple(plain.get(p)) for p in prompts}) > 1
 
 
 def test_prefix_placement_has_no_heads(tiny_backbone, tiny_tokens):

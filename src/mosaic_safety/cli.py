@@ -109,6 +109,11 @@ class TrainDisplay:
             )
             if data["missing"]:
                 self.tasks["teacher"] = p.add_task("base answers", total=data["missing"], info="")
+        elif kind == "heads":
+            self.tasks["heads"] = p.add_task("prompt heads", total=data["total"], info="")
+        elif kind == "heads_progress":
+            p.advance(self.tasks["heads"], data["n"])
+            self._plain_tick("prompt heads", self.tasks["heads"])
         elif kind == "teacher_progress":
             p.advance(self.tasks["teacher"], data["n"])
             self._plain_tick("base answers", self.tasks["teacher"])

@@ -15,7 +15,7 @@ positions are masked out of attention.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -63,6 +63,36 @@ class HeadCache:
         self.misses += sum(k in fresh for k in keys)
         self.hits += sum(k not in fresh for k in keys)
         return _assemble([fresh.get(k, self._entries.get(k)) for k in keys])
+
+    def warm(
+        self, prompts: Sequence[Prompt], batch_size: int = 32, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Compute the heads of ``prompts`` ahead of training, in batches of similar length.
+
+        A training step pads its few heads to the longest of them; warming runs every head in
+        length-sorted batches with little padding, and the base answers for negatives can then be
+        generated over these heads (``BaseResponseCache``). Stops once the budget is full, so a
+        head is never computed only to be dropped. Returns how many heads it added.
+        """
+        if self.max_bytes == 0:
+            return 0
+        by_key = {self._key(p): p for p in prompts}
+        todo = sorted(
+            (k for k in by_key if k not in self._entries), key=lambda k: self._head_length(by_key[k])
+        )
+        added = 0
+        for start in range(0, len(todo), batch_size):
+            chunk = [by_key[k] for k in todo[start : start + batch_size]]
+            before = len(self._entries)
+            if self.heads(chunk) is None or len(self._entries) - before < len(chunk):
+                return added + len(self._entries) - before  # no heads (prefix placement) or budget full
+            added += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        return added
+
+    def _head_length(self, prompt: Prompt) -> int:
+        return len(self.model.split_prompt(prompt)[0])
 
     def _store(self, key: str, entry: torch.Tensor) -> None:
         size = entry.numel() * entry.element_size()

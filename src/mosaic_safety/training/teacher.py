@@ -14,7 +14,11 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..controlled import ControlledModel
+import torch
+
+from ..controlled import ControlledModel, until_eos
+from ..policy import Policy
+from .head_cache import HeadCache
 
 
 def response_key(fingerprint: str, template: str, prompt: str, max_new_tokens: int) -> str:
@@ -26,9 +30,15 @@ class BaseResponseCache:
     """Greedy base-model responses (token ids, EOS included when the model stopped)."""
 
     def __init__(
-        self, model: ControlledModel, cache_dir: str | Path, max_new_tokens: int = 32, batch_size: int = 32
+        self,
+        model: ControlledModel,
+        cache_dir: str | Path,
+        max_new_tokens: int = 32,
+        batch_size: int = 32,
+        heads: HeadCache | None = None,
     ):
         self.model = model
+        self.heads = heads  # where prompt heads are kept (training's cache): generation reuses them
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         fingerprint = model.backbone.fingerprint
@@ -56,14 +66,14 @@ class BaseResponseCache:
         todo = self.missing(prompts)
         if not todo:
             return 0
+        # chunks of similar length: a left-padded batch runs its longest prompt's length for every row
+        todo.sort(key=lambda p: (sum(map(len, self.model.split_prompt(p))), p))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         eos = self.model.tokenizer.eos_token_id
         with self.path.open("a", encoding="utf-8") as f:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
-                ids = self.model.generate_ids(
-                    chunk, [None] * len(chunk), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
-                )
+                ids = self._generate(chunk)
                 for prompt, row in zip(chunk, ids):
                     row = row + [eos] if len(row) < self.max_new_tokens else row  # it stopped by itself
                     self._store[self.key(prompt)] = row
@@ -72,6 +82,19 @@ class BaseResponseCache:
                 if progress is not None:
                     progress(len(chunk))
         return len(todo)
+
+    def _generate(self, chunk: list[str]) -> list[list[int]]:
+        """Greedy answers for one chunk, over the kept prompt heads when there are any."""
+        heads = self.heads.heads(chunk) if self.heads is not None else None
+        if heads is None:
+            return self.model.generate_ids(
+                chunk, [None] * len(chunk), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+            )
+        steps = list(
+            self.model.decode_steps_over_heads(chunk, [Policy(())] * len(chunk), heads, self.max_new_tokens)
+        )
+        rows = torch.stack(steps, dim=1).tolist()
+        return [until_eos(row, self.model.eos_ids) for row in rows]
 
     def get(self, prompt: str) -> list[int]:
         try:

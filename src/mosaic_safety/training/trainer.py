@@ -278,7 +278,11 @@ class Trainer:
         self.head_cache = HeadCache(self.model, config.optim.cache_mb * 2**20)
         self.base_states = BaseStates(self.model, config.optim.cache_mb * 2**20)
         self.teacher = BaseResponseCache(
-            self.model, cache_root() / "responses", config.teacher.max_new_tokens, config.teacher.batch_size
+            self.model,
+            cache_root() / "responses",
+            config.teacher.max_new_tokens,
+            config.teacher.batch_size,
+            self.head_cache,
         )
         self._refusals = {
             c: response_ids(self.backbone.tokenizer, registry[c].refusal_text) for c in self.categories
@@ -461,7 +465,17 @@ class Trainer:
         """Generate (or load from cache) the base model's answers to the negatives the run will draw,
         from ``start_epoch`` (a resumed run) to the last epoch."""
         epochs = range(start_epoch, self.config.optim.epochs)
+        drawn = sorted({item.prompt for e in epochs for item in self.sampler.epoch_items(e)})
+        self._warm_heads(drawn)
         fill_teacher(self.teacher, self.sampler.drawn_negatives(epochs), self.report)
+
+    def _warm_heads(self, prompts: list[str]) -> None:
+        """Run the heads of every prompt the run draws in length-sorted batches, before training."""
+        cache = self.head_cache
+        if cache.max_bytes == 0 or self.model.placement == "prefix":
+            return
+        self.report("heads", {"total": len(prompts)})
+        cache.warm(prompts, self.config.teacher.batch_size, lambda n: self.report("heads_progress", {"n": n}))
 
     def train(self, output: str | Path, resume: bool = False, overwrite: bool = False) -> TrainResult:
         """Train into ``output``; ``resume`` continues its last checkpoint, ``overwrite`` replaces a run there."""
