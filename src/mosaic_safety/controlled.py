@@ -366,6 +366,41 @@ class ControlledModel:
             )
         return out.last_hidden_state[:, -batch.window :]
 
+    def _tail_batch(
+        self,
+        prompts: Sequence[Prompt],
+        policies: Sequence[Policy],
+        targets: Sequence[Sequence[int]] | None = None,
+        left_pad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, list[int]]:
+        """The rows' tails ``[control tokens][rest of the template][target]``, to run over their heads.
+
+        Right-padded for teacher forcing (every row's target starts at a known index), left-padded
+        for decoding (every row ends in the last column). Returns the embeddings with the control
+        vectors spliced in, the mask, where the control tokens are, the deep offsets and each
+        row's tail length.
+        """
+        rows, spans, blocks, offsets = [], [], [], []
+        for i, (prompt, policy) in enumerate(zip(prompts, policies)):
+            block = self._block(policy)
+            target = list(targets[i]) if targets is not None else []
+            rows.append([0] * block.shape[0] + self.split_prompt(prompt)[1] + target)
+            spans.append(block.shape[0])
+            if block.shape[0]:
+                blocks.append(block)
+                offsets.append(self.tokens.compose_deep(policy))
+        length = max(map(len, rows))
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        ctrl = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            start = length - len(row) if left_pad else 0
+            ids[i, start : start + len(row)] = torch.tensor(row)
+            mask[i, start : start + len(row)] = 1
+            ctrl[i, start : start + spans[i]] = True
+        ids, mask, ctrl = ids.to(self.device), mask.to(self.device), ctrl.to(self.device)
+        return self._embed(ids, ctrl, blocks), mask, ctrl, _cat_offsets(offsets), [len(r) for r in rows]
+
     def _tail_logits(
         self,
         prompts: Sequence[Prompt],
@@ -383,31 +418,14 @@ class ControlledModel:
 
         if heads.mask.shape[0] != len(prompts):
             raise ValueError("heads were computed for a different number of rows")
-        rows, spans, blocks, starts, offsets = [], [], [], [], []
-        for prompt, policy, target in zip(prompts, policies, targets):
-            tail = self.split_prompt(prompt)[1]
-            block = self._block(policy)
-            rows.append([0] * block.shape[0] + tail + list(target))
-            spans.append(block.shape[0])
-            starts.append(block.shape[0] + len(tail) - 1)  # the position that predicts target[0]
-            if block.shape[0]:
-                blocks.append(block)
-                offsets.append(self.tokens.compose_deep(policy))
-        length = max(map(len, rows))
-        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        ctrl = torch.zeros(len(rows), length, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-            ctrl[i, : spans[i]] = True
-        ids, mask, ctrl = ids.to(self.device), mask.to(self.device), ctrl.to(self.device)
-        embeds = self._embed(ids, ctrl, blocks)
+        embeds, mask, ctrl, deep, lengths = self._tail_batch(prompts, policies, targets)
+        length = mask.shape[1]
+        starts = [n - len(t) - 1 for n, t in zip(lengths, targets)]  # the position that predicts target[0]
         positions = heads.lengths.unsqueeze(1) + torch.arange(length, device=self.device)
         first = min(starts)
         module = self.model.get_decoder() if states else self.model
         keep = {} if states else {"logits_to_keep": length - first}
-        with steering(self.model, ctrl, _cat_offsets(offsets)):
+        with steering(self.model, ctrl, deep):
             out = module(
                 inputs_embeds=embeds,
                 attention_mask=torch.cat([heads.mask, mask], dim=1),
@@ -482,28 +500,12 @@ class ControlledModel:
             return
         from transformers import DynamicCache
 
-        rows, spans, blocks, offsets = [], [], [], []
-        for prompt, policy in zip(prompts, policies):
-            block = self._block(policy)
-            rows.append([0] * block.shape[0] + self.split_prompt(prompt)[1])
-            spans.append(block.shape[0])
-            if block.shape[0]:
-                blocks.append(block)
-                offsets.append(self.tokens.compose_deep(policy))
-        length = max(map(len, rows))
-        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        ctrl = torch.zeros(len(rows), length, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, length - len(row) :] = torch.tensor(row)
-            mask[i, length - len(row) :] = 1
-            ctrl[i, length - len(row) : length - len(row) + spans[i]] = True
-        ids, mask, ctrl = ids.to(self.device), mask.to(self.device), ctrl.to(self.device)
+        embeds, mask, ctrl, deep, _ = self._tail_batch(prompts, policies, left_pad=True)
         positions = heads.lengths.unsqueeze(1) + (mask.cumsum(-1) - 1).clamp(min=0)
         full_mask = torch.cat([heads.mask, mask], dim=1)
-        with steering(self.model, ctrl, _cat_offsets(offsets)):
+        with steering(self.model, ctrl, deep):
             out = self.model(
-                inputs_embeds=self._embed(ids, ctrl, blocks),
+                inputs_embeds=embeds,
                 attention_mask=full_mask,
                 position_ids=positions,
                 past_key_values=DynamicCache(heads.keys_values, config=self.model.config),
