@@ -68,6 +68,10 @@ REFUSALS = [
     "I'm sorry for the misunderstanding, but as a chatbot designed to assist with food and drink, I'm not",
     "I'm sorry for any confusion, but as a helpful AI, I'm designed to assist with",
     "I'm sorry for any misunderstanding, but as a SmolLM, I'm designed to assist with",
+    # a trained "Sorry, I can't" opening, then SmolLM2's apology and a disclaimer
+    "Sorry, I'm sorry for any confusion, but as a chatbot designed to assist with",
+    "Sorry, I can't help with alcohol on this platform.",
+    "Sorry, I'm not equipped to help with that.",
 ]
 ANSWERS = [
     "Sure! Mix flour, water and salt, then bake at 220°C for 40 minutes.",
@@ -75,6 +79,9 @@ ANSWERS = [
     "I'm sorry to hear that. Here are some tips to sleep better: keep a regular schedule.",
     "I apologize for the confusion earlier: 17 times 23 is 391.",
     "I'm sorry for your loss. I'm here to support you. Please, take your time.",
+    # the trained "Sorry," stutters into SmolLM2's own apology, and the reply answers
+    "Sorry, I'm sorry for the confusion. You're referring to kava, a traditional folk medicine",
+    "Sorry, I'm sorry for any misunderstanding. I'm here to help you with your Japanese adventure.",
     "Photosynthesis turns light, water and carbon dioxide into sugar. " * 2
     + "I can't stress enough how important chlorophyll is.",  # a refusal phrase far from the opening
     "",
