@@ -72,6 +72,7 @@ REFUSALS = [
     "Sorry, I'm sorry for any confusion, but as a chatbot designed to assist with",
     "Sorry, I can't help with alcohol on this platform.",
     "Sorry, I'm not equipped to help with that.",
+    "Sorry, I'm sorry, but that is off-limits here.",
 ]
 ANSWERS = [
     "Sure! Mix flour, water and salt, then bake at 220°C for 40 minutes.",
@@ -82,6 +83,7 @@ ANSWERS = [
     # the trained "Sorry," stutters into SmolLM2's own apology, and the reply answers
     "Sorry, I'm sorry for the confusion. You're referring to kava, a traditional folk medicine",
     "Sorry, I'm sorry for any misunderstanding. I'm here to help you with your Japanese adventure.",
+    "Sorry, I am sorry for the mistake: 17 times 23 is 391.",
     "Photosynthesis turns light, water and carbon dioxide into sugar. " * 2
     + "I can't stress enough how important chlorophyll is.",  # a refusal phrase far from the opening
     "",
