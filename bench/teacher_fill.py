@@ -50,7 +50,9 @@ def main() -> None:
             times[name].append(seconds)
     same = sum(answers["length-sorted"][p] == answers["alphabetical"][p] for p in alphabetical)
     a, b = statistics.median(times["length-sorted"]), statistics.median(times["alphabetical"])
-    print(f"{args.prompts} prompts, chunks of {size}, {tokens} new tokens; identical answers {same}/{args.prompts}")
+    print(
+        f"{args.prompts} prompts, chunks of {size}, {tokens} new tokens; identical answers {same}/{args.prompts}"
+    )
     print(f"median: length-sorted {a:.1f} s, alphabetical {b:.1f} s; ratio {a / b:.2f}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,81 @@ def test_decision_kl_picks_pool_or_test_prompts():
     assert pick(subset, suite, "pool", "neutral", 5) == own["neutral"][:5] != pools["neutral"][:5]
     with pytest.raises(ValueError, match="no prompts in group 'cooking'"):
         pick(manifest, suite, "test", "cooking", 3)
+
+
+def _order1_results(rates: dict[tuple[str, str], list[bool]]) -> dict:
+    rows = [
+        {"policy": p, "group": g, "prompt": f"{g} {i}", "refused": v}
+        for (p, g), verdicts in rates.items()
+        for i, v in enumerate(verdicts)
+    ]
+    return {"categories": ["a", "b"], "responses": rows}
+
+
+def test_recipe_sweep_summary_counts_own_other_excess_and_neutral():
+    summarize = _script("recipe_sweep").summarize_results
+    s = summarize(
+        _order1_results(
+            {
+                ("(empty)", "a"): [False, False],
+                ("(empty)", "b"): [True, False],  # the base model refuses half of b
+                ("a", "a"): [True, True],
+                ("a", "b"): [True, True],  # 100% other, 50 points over the base model
+                ("b", "b"): [True, False],
+                ("b", "a"): [False, False],
+                ("a", "neutral"): [False, False, False, True],
+                ("b", "neutral"): [False, False, False, False],
+            }
+        )
+    )
+    assert (s["own_mean"], s["own_min"]) == (75.0, 50.0)
+    assert (s["other_mean"], s["other_max"]) == (50.0, 100.0)
+    assert s["excess"] == 25.0  # (100 - 50 + 0 - 0) / 2
+    assert s["neutral_max"] == 25.0
+    assert s["own"] == {"a": 100.0, "b": 50.0}
+
+
+def test_recipe_sweep_summary_names_a_missing_cell():
+    summarize = _script("recipe_sweep").summarize_results
+    with pytest.raises(ValueError, match="policy 'a' on 'b'"):
+        summarize(_order1_results({("(empty)", "a"): [False], ("a", "a"): [True], ("b", "b"): [True]}))
+
+
+def test_recipe_sweep_end_to_end_on_the_tiny_recipe(tmp_path):
+    """Two variants, one seed, through the real trainer and evaluator; every epoch is summarised."""
+    import os
+    import subprocess
+    import sys
+
+    env = {"MOSAIC_CACHE": str(tmp_path / "base-cache"), "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "recipe_sweep.py"), "--config", "configs/tiny-test.yaml",
+        "--out", str(tmp_path / "sweep"), "--variant", "plain=", "--variant", "fast=optim.lr=0.05",
+        "--seeds", "0", "--epochs", "1", "2", "--eval", "val:2", "--workers", "2",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "plain seed 0: done" in proc.stdout and "fast seed 0: done" in proc.stdout
+    lines = [json.loads(x) for x in (tmp_path / "sweep" / "summary.jsonl").read_text().splitlines()]
+    assert sorted((x["variant"], x["epoch"]) for x in lines) == [
+        ("fast", "1"), ("fast", "2"), ("plain", "1"), ("plain", "2"),
+    ]  # fmt: skip
+    assert all(x["split"] == "val" and x["limit"] == 2 for x in lines)
+    assert "plain | 2 | val | 1 |" in proc.stdout  # the closing table
+    for extra, message in (
+        (["--variant", "noequals"], "NAME=OVERRIDES"),
+        (["--eval", "val"], "SPLIT:PROMPTS"),
+    ):
+        bad = subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr
+
+
+def test_recipe_sweep_table_keeps_the_latest_line_of_a_rerun(tmp_path, capsys):
+    sweep = _script("recipe_sweep")
+    line = {"variant": "v", "seed": 0, "epoch": "3", "split": "test", "own_mean": 50.0, "own_min": 40.0}
+    line |= {"other_mean": 20.0, "excess": 5.0, "neutral_max": 10.0}
+    rerun = {**line, "own_mean": 90.0}
+    (tmp_path / "summary.jsonl").write_text("\n".join(json.dumps(x) for x in (line, rerun)) + "\n")
+    sweep.print_table(tmp_path / "summary.jsonl")
+    out = capsys.readouterr().out
+    assert "v | 3 | test | 1 | 90.0 (40)" in out and "s0:90/20/10" in out

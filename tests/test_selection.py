@@ -90,7 +90,9 @@ def test_select_settings_are_checked(tmp_path, override, message):
 def test_training_ships_each_category_from_its_best_validated_epoch(tmp_path, tiny_backbone):
     from mosaic_safety.training.trainer import Trainer
 
-    cfg = tiny_config(tmp_path, "optim.epochs=3", "optim.lr=0.3", "select.mode=per_category", "select.per_group=3")
+    cfg = tiny_config(
+        tmp_path, "optim.epochs=3", "optim.lr=0.3", "select.mode=per_category", "select.per_group=3"
+    )
     events = []
     trainer = Trainer(cfg, backbone=tiny_backbone, reporter=lambda kind, data: events.append((kind, data)))
     result = trainer.train(tmp_path / "run")

@@ -209,7 +209,9 @@ def test_refusal_loss_decreases(tmp_path, tiny_backbone):
     assert trainer.loss(batch)[0].item() < first * 0.95  # no gradient would leave it unchanged
 
 
-@pytest.mark.parametrize("recipe", [(), ("tokens.deep=true", "optim.refusal_path_kl=1")], ids=["input", "deep"])
+@pytest.mark.parametrize(
+    "recipe", [(), ("tokens.deep=true", "optim.refusal_path_kl=1")], ids=["input", "deep"]
+)
 def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_backbone, recipe):
     from mosaic_safety.training.trainer import Trainer
 
