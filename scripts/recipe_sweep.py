@@ -33,34 +33,28 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def summarize_results(results: dict) -> dict[str, float]:
-    """Own, other, excess-over-base and neutral refusal (in %) from an order-1 results.json."""
+    """Own, other, excess-over-base and neutral refusal (in %) from the policy rows of a results.json."""
     categories = list(results["categories"])
-    verdicts: dict[tuple[str, str], list[bool]] = defaultdict(list)
-    for row in results["responses"]:
-        verdicts[(row["policy"], row["group"])].append(bool(row["refused"]))
+    rows = {row["policy"]: row["rates"] for row in results["policies"] if row["order"] <= 1}
 
     def rate(policy: str, group: str) -> float:
-        cell = verdicts.get((policy, group))
-        if not cell:
+        cell = rows.get(policy, {}).get(group)
+        if cell is None:
             raise ValueError(f"results have no responses for policy {policy!r} on {group!r} prompts")
-        return 100.0 * sum(cell) / len(cell)
+        return 100.0 * cell["rate"]
 
     own = {c: rate(c, c) for c in categories}
     pairs = [(p, g) for p in categories for g in categories if p != g]
     other = [rate(p, g) for p, g in pairs]
-    excess = [rate(p, g) - rate("(empty)", g) for p, g in pairs]
-    neutral = [rate(c, "neutral") for c in categories] if any(g == "neutral" for _, g in verdicts) else [0.0]
     return {
         "own_mean": mean(own.values()),
         "own_min": min(own.values()),
-        "other_mean": mean(other) if other else 0.0,
-        "other_max": max(other) if other else 0.0,
-        "excess": mean(excess) if excess else 0.0,
-        "neutral_max": max(neutral),
+        "other_mean": mean(other),
+        "other_max": max(other),
+        "excess": mean(rate(p, g) - rate("(empty)", g) for p, g in pairs),
+        "neutral_max": max(rate(c, "neutral") for c in categories),
         "own": own,
     }
 
@@ -182,9 +176,8 @@ def sweep(args: argparse.Namespace) -> None:
             status = "stopped at the deadline"
         finally:
             slots.put(slot)
-        return status.startswith(
-            "failed"
-        ), f"{name} seed {seed}: {status} in {time.monotonic() - started:.0f}s"
+        message = f"{name} seed {seed}: {status} in {time.monotonic() - started:.0f}s"
+        return status.startswith("failed"), message
 
     failed = 0
     with ThreadPoolExecutor(args.workers) as pool:

@@ -120,12 +120,17 @@ def test_decision_kl_picks_pool_or_test_prompts():
 
 
 def _order1_results(rates: dict[tuple[str, str], list[bool]]) -> dict:
-    rows = [
-        {"policy": p, "group": g, "prompt": f"{g} {i}", "refused": v}
-        for (p, g), verdicts in rates.items()
-        for i, v in enumerate(verdicts)
-    ]
-    return {"categories": ["a", "b"], "responses": rows}
+    """The policy rows of a results.json (``mosaic eval``'s own rates) from verdicts per cell."""
+    by_policy: dict[str, dict] = {}
+    for (p, g), verdicts in rates.items():
+        by_policy.setdefault(p, {})[g] = {
+            "k": sum(verdicts),
+            "n": len(verdicts),
+            "rate": sum(verdicts) / len(verdicts),
+        }
+    rows = [{"policy": p, "order": 0 if p == "(empty)" else 1, "rates": r} for p, r in by_policy.items()]
+    rows.append({"policy": "a,b", "order": 2, "rates": {"a": {"rate": 0.0}}})  # order 2: ignored
+    return {"categories": ["a", "b"], "policies": rows}
 
 
 def test_recipe_sweep_summary_counts_own_other_excess_and_neutral():
