@@ -55,6 +55,7 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=10
 
 test-fast: $(STAMP)
@@ -62,6 +63,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py

@@ -136,7 +136,7 @@ def test_fresh_train_into_an_earlier_run_is_refused(trained):
     assert "pick one" in train_error("--resume", "--overwrite")
     # another method's artifact would replace mosaic.json: refused the same way
     assert "already holds a training run" in train_error("--method", "lora_sft")
-    assert "not supported for dsa" in train_error("--method", "dsa", "--resume")
+    assert "this is a 'mosaic' artifact, not 'dsa'" in train_error("--method", "dsa", "--resume")
     assert (art / "tokens.safetensors").read_bytes() == before  # nothing lost
 
 

@@ -331,3 +331,78 @@ def test_backbone_states_are_cached_and_a_bad_entry_is_recomputed(
     assert sum("unreadable; recomputing" in s for s in stages) == 1
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
     assert len(load_file(str(entries[0]))) >= 1  # the entry was written again, whole
+
+
+def _resumed_dsa(run: Path, tiny_backbone, *overrides: str) -> list[str]:
+    """Resume DSA training in ``run`` (tiny-dsa recipe plus ``overrides``); returns the stage lines."""
+    events: list[tuple[str, dict]] = []
+    config = load_config(ROOT / "configs" / "tiny-dsa.yaml", list(overrides))
+    dsa.train(config, run, reporter=lambda k, d: events.append((k, d)), backbone=tiny_backbone, resume=True)
+    return [d["name"] for k, d in events if k == "stage"]
+
+
+def test_resume_finishes_an_interrupted_run_as_if_never_stopped(
+    trained, tiny_backbone, tmp_path, monkeypatch
+):
+    """A run cut after epoch 1 (epoch 2 half-written, no final artifact) resumes to the same weights,
+    with the guardrail and threshold of the first session; a different recipe or a damaged
+    checkpoint is refused with a clear message, and the checkpoint is left as it was."""
+    from safetensors.torch import load_file
+
+    from mosaic_safety.methods.artifact import MANIFEST_FILE, WEIGHTS_FILE
+    from mosaic_safety.training.checkpoint import STATE_FILE
+
+    first, _, _, _ = trained
+    monkeypatch.setenv("MOSAIC_CACHE", str(first.parent / "cache"))
+    run = tmp_path / "run"
+    shutil.copytree(first, run)
+    (run / WEIGHTS_FILE).unlink()
+    (run / MANIFEST_FILE).unlink()
+    (run / "checkpoints" / "epoch-2" / STATE_FILE).unlink()  # epoch 2 never completed
+    kept = {p.name: p.read_bytes() for p in (run / "checkpoints" / "epoch-1").iterdir()}
+
+    with pytest.raises(ArtifactError, match="only method_options.adapter_epochs may change"):
+        _resumed_dsa(run, tiny_backbone, "method_options.adapter_rank=4")
+    with pytest.raises(ArtifactError, match="different config"):
+        _resumed_dsa(run, tiny_backbone, "optim.seed=1")
+    rng_file = run / "checkpoints" / "epoch-1" / "rng_state.json"
+    rng_file.write_text("[3, [1, 2")
+    with pytest.raises(ArtifactError, match="unreadable checkpoint"):
+        _resumed_dsa(run, tiny_backbone)
+    rng_file.write_bytes(kept["rng_state.json"])
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "epoch-1").iterdir()} == kept
+
+    stages = _resumed_dsa(run, tiny_backbone)
+    assert any(s.startswith("resumed from epoch-1 (step ") for s in stages)
+    assert not any(s.startswith("guardrail head") for s in stages)  # the guardrail is not retrained
+    reference, resumed = load_file(str(first / WEIGHTS_FILE)), load_file(str(run / WEIGHTS_FILE))
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    manifest = json.loads((run / MANIFEST_FILE).read_text())
+    assert manifest["threshold"] == json.loads((first / MANIFEST_FILE).read_text())["threshold"]
+    assert (
+        manifest["training"]["steps"] == json.loads((first / MANIFEST_FILE).read_text())["training"]["steps"]
+    )
+
+
+def test_resume_trains_longer_and_starts_fresh_without_a_checkpoint(
+    trained, tiny_backbone, tmp_path, monkeypatch
+):
+    """Raising adapter_epochs on resume continues to the 2-epoch run's weights; an empty directory
+    starts afresh (and says so)."""
+    from safetensors.torch import load_file
+
+    from mosaic_safety.methods.artifact import WEIGHTS_FILE
+
+    first, _, _, _ = trained
+    monkeypatch.setenv("MOSAIC_CACHE", str(first.parent / "cache"))
+    short = tmp_path / "short"
+    config = load_config(ROOT / "configs" / "tiny-dsa.yaml", ["method_options.adapter_epochs=1"])
+    dsa.train(config, short, backbone=tiny_backbone)
+    _resumed_dsa(short, tiny_backbone)  # the recipe's 2 epochs
+    reference, longer = load_file(str(first / WEIGHTS_FILE)), load_file(str(short / WEIGHTS_FILE))
+    assert all(torch.equal(longer[k], reference[k]) for k in reference)
+    stages = _resumed_dsa(tmp_path / "empty", tiny_backbone)
+    assert "no checkpoint to resume from; starting fresh" in stages
+    fresh = load_file(str(tmp_path / "empty" / WEIGHTS_FILE))
+    assert all(torch.equal(fresh[k], reference[k]) for k in reference)

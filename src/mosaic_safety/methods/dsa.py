@@ -410,12 +410,15 @@ def load(artifact: Path, backbone: Backbone) -> DSAMethod:
     )
 
 
+RESUMABLE = True  # `mosaic train --resume` continues the adapter from its epoch checkpoints
+
+
 def train(
-    config: Any, output: Path, reporter: Any = None, backbone: Backbone | None = None
+    config: Any, output: Path, reporter: Any = None, backbone: Backbone | None = None, resume: bool = False
 ) -> dict[str, Any]:
     from .dsa_train import train_dsa
 
-    return train_dsa(config, output, reporter=reporter, backbone=backbone)
+    return train_dsa(config, output, reporter=reporter, backbone=backbone, resume=resume)
 
 
 # -- reports ------------------------------------------------------------------------------------

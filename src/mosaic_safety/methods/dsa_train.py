@@ -16,6 +16,7 @@ through the frozen LM head costs anything per step. Data:
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -31,11 +32,18 @@ from ..backbone import Backbone, cache_root, load_backbone
 from ..controlled import ControlledModel
 from ..evaluation.table import held_out_groups
 from ..policy import CategoryRegistry, Policy
-from ..training.checkpoint import checkpoint_dir
+from ..tokens import ArtifactError
+from ..training.checkpoint import (
+    check_same_recipe,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_optimizer_state,
+    save_optimizer_state,
+)
 from ..training.losses import response_cross_entropy, response_kl
 from ..training.teacher import BaseResponseCache
 from ..training.trainer import data_hash, load_training_suite, training_pools
-from .artifact import atomic_write, save_method_artifact
+from .artifact import atomic_write, load_method_artifact, save_method_artifact
 from .base import digest
 from .dsa import build_modules, pool, run_backbone, state_tensors
 from .dsa_net import DSAOptions, resolve_guard_layer, roc_auc, youden_threshold
@@ -193,6 +201,15 @@ def train_guard(guard: Any, x: torch.Tensor, y: torch.Tensor, options: DSAOption
     return float(loss.detach())
 
 
+def _rng_state(ckpt: Path) -> tuple[Any, ...]:
+    """The shuffling RNG's state saved with an epoch checkpoint (JSON turns its tuples into lists)."""
+    try:
+        version, internal, gauss = json.loads((ckpt / RNG_FILE).read_text())
+        return (version, tuple(internal), gauss)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({RNG_FILE}: {exc})") from exc
+
+
 def _pad(states: list[torch.Tensor], targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(t) for t in targets)
     h = torch.zeros(len(states), width, states[0].shape[-1])
@@ -203,9 +220,45 @@ def _pad(states: list[torch.Tensor], targets: list[list[int]]) -> tuple[torch.Te
     return h, y
 
 
+RNG_FILE = "rng_state.json"  # in an epoch checkpoint: the shuffling RNG, so a resumed run draws the same
+
+
+def resume_point(
+    out: Path, config: Any, backbone: Backbone
+) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """The run's latest complete checkpoint, its manifest and tensors, or None to start fresh.
+
+    The recipe must be the one the checkpoint was made with; only ``adapter_epochs`` may grow, to
+    train longer (the guardrail and its threshold are kept as trained).
+    """
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return None
+    manifest, tensors, _ = load_method_artifact(ckpt, "dsa", backbone.describe())
+    saved = manifest.get("training", {}).get("config")
+    if saved is None:
+        raise ArtifactError(
+            f"{ckpt}: this checkpoint predates resumable DSA runs; train afresh with --overwrite"
+        )
+
+    def without_epochs(cfg: dict[str, Any]) -> dict[str, Any]:
+        options = {k: v for k, v in cfg.get("method_options", {}).items() if k != "adapter_epochs"}
+        return {**cfg, "method_options": options}
+
+    check_same_recipe(
+        ckpt, without_epochs(saved), without_epochs(config.to_dict()), "method_options.adapter_epochs"
+    )
+    return ckpt, manifest, tensors
+
+
 def train_dsa(
-    config: Any, output: str | Path, reporter: Reporter | None = None, backbone: Backbone | None = None
+    config: Any,
+    output: str | Path,
+    reporter: Reporter | None = None,
+    backbone: Backbone | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
+    """Train DSA into ``output``; ``resume`` continues the adapter from its last epoch checkpoint."""
     report = reporter or (lambda kind, data: None)
     options = DSAOptions.parse(config.method_options)
     seed = config.optim.seed
@@ -214,6 +267,7 @@ def train_dsa(
     t_start = time.time()
     report("stage", {"name": "loading model", "model": config.model.name})
     backbone = backbone or load_backbone(config.model.name, config.model.device, config.model.dtype)
+    start = resume_point(out, config, backbone) if resume else None  # fail before the slow part
     suite = load_training_suite(config.data)
     categories = list(suite.registry.policy(config.data.categories or list(suite.registry.names)))
     # The artifact's registry holds the trained categories only (as MOSAIC artifacts do), so the
@@ -287,12 +341,20 @@ def train_dsa(
     # -- guardrail and its threshold ------------------------------------------------------------
     k_cats = len(categories)
     guard, adapter = build_modules(backbone.hidden_size, k_cats, options)
-    owners = torch.tensor(owner)
-    y = torch.zeros(len(prompts), k_cats)
-    y[owners >= 0, owners[owners >= 0]] = 1.0
     t1 = time.time()
-    report("stage", {"name": f"guardrail head ({options.guard_epochs} full-batch steps)"})
-    guard_loss = train_guard(guard, feats, y, options)
+    if start is not None:
+        ckpt, manifest, tensors = start
+        guard.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("guard.")})
+        adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        guard_loss = float(manifest["training"]["guard_loss"])
+    else:
+        if resume:
+            report("stage", {"name": "no checkpoint to resume from; starting fresh"})
+        owners = torch.tensor(owner)
+        y = torch.zeros(len(prompts), k_cats)
+        y[owners >= 0, owners[owners >= 0]] = 1.0
+        report("stage", {"name": f"guardrail head ({options.guard_epochs} full-batch steps)"})
+        guard_loss = train_guard(guard, feats, y, options)
     with torch.no_grad():
         val_probs = torch.sigmoid(guard(val_feats))
     vo = torch.tensor(val_owner)
@@ -319,18 +381,24 @@ def train_dsa(
     head = backbone.model.get_output_embeddings()
     adapter.to(device).train()
     opt = torch.optim.Adam(adapter.parameters(), lr=options.adapter_lr)
+    named = list(adapter.named_parameters())
+    rng = random.Random(seed)
+    first_epoch, step = 0, 0
+    if start is not None:
+        first_epoch, step = load_optimizer_state(start[0], opt, named)
+        rng.setstate(_rng_state(start[0]))
+        report("stage", {"name": f"resumed from {start[0].name} (step {step})"})
     bs = options.adapter_batch_size
     steps_per_epoch = -(-len(prompts) // bs)
     total = steps_per_epoch * options.adapter_epochs
-    report("start", {"total_steps": total, "done_steps": 0, "steps_per_epoch": steps_per_epoch})
-    rng = random.Random(seed)
-    step, last = 0, float("nan")
+    report("start", {"total_steps": total, "done_steps": step, "steps_per_epoch": steps_per_epoch})
+    last = float("nan")
     t2 = time.time()
     meta = {
         "backbone": backbone.describe(),
         "options": options.to_dict() | {"categories": categories, "guard_layer_resolved": guard_layer},
     }
-    for epoch in range(options.adapter_epochs):
+    for epoch in range(first_epoch, options.adapter_epochs):
         order = list(range(len(prompts)))
         rng.shuffle(order)
         for s in range(0, len(order), bs):
@@ -373,15 +441,26 @@ def train_dsa(
                     "ce_neg": float(ce[neg].detach().mean()) if bool(neg.any()) else 0.0,
                 },
             )
+        ckpt = checkpoint_dir(out, epoch + 1)
         save_method_artifact(
-            checkpoint_dir(out, epoch + 1),
+            ckpt,
             "dsa",
             meta["backbone"],
             registry,
             state_tensors(guard, adapter.eval()),
             meta["options"],
-            extra={"threshold": tau, "training": {"epoch": epoch + 1, "steps": step}},
+            extra={
+                "threshold": tau,
+                "training": {
+                    "epoch": epoch + 1,
+                    "steps": step,
+                    "config": config.to_dict(),
+                    "guard_loss": guard_loss,
+                },
+            },
         )
+        atomic_write(ckpt / RNG_FILE, lambda tmp: tmp.write_text(json.dumps(rng.getstate())))
+        save_optimizer_state(ckpt, opt, named, epoch + 1, step)  # last: marks the checkpoint complete
         adapter.train()
         report("epoch", {"epoch": epoch + 1, "step": step})
     adapter.eval()

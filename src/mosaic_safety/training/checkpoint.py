@@ -70,12 +70,14 @@ def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, named: Na
     return epoch, step
 
 
-def check_same_recipe(ckpt: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint made with another recipe (only ``optim.epochs`` may grow)."""
+def check_same_recipe(
+    ckpt: Path, saved: dict[str, Any], config: dict[str, Any], longer: str = "optim.epochs"
+) -> None:
+    """Refuse to resume a checkpoint made with another recipe (only the epoch count, ``longer``, may grow)."""
     if resume_key(saved) != resume_key(config):
         raise ArtifactError(
             f"{ckpt}: checkpoint was made with a different config; resume needs the same one "
-            "(only optim.epochs may change, to train longer)"
+            f"(only {longer} may change, to train longer)"
         )
 
 
