@@ -593,3 +593,42 @@ def test_negative_loss_options_join_the_loss_and_are_checked(tmp_path, tiny_back
     for override in bad:
         with pytest.raises(ConfigError, match=knob):
             tiny_config(tmp_path, override)
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_own_credit_sends_a_positives_gradient_to_its_own_category_only(tmp_path, tiny_backbone, deep):
+    """``optim.positive_credit=own``: a co-active category's tokens get no gradient from a prompt
+    they are not about, while negatives still reach every active category and the loss is unchanged."""
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.training.trainer import Trainer
+
+    overrides = [f"tokens.deep={str(deep).lower()}", "optim.refusal_path_kl=1"]
+    own = Trainer(tiny_config(tmp_path, "optim.positive_credit=own", *overrides), backbone=tiny_backbone)
+    shared = Trainer(tiny_config(tmp_path, *overrides), backbone=tiny_backbone)
+    own.prepare()
+    shared.prepare()
+    items = own.sampler.epoch_items(0)
+    positive = next(i for i in items if i.positive and i.policy.order >= 2)
+    negative = next(i for i in items if not i.positive and i.policy.order >= 2)
+    for trainer in (own, shared):
+        trainer.tokens.zero_grad()
+        trainer.loss([positive])[0].backward()
+    got = {n for n, b in own.tokens.blocks.items() if b.grad is not None and b.grad.abs().max() > 0}
+    assert got == {positive.category}
+    if deep:
+        assert {n for n, o in own.tokens.deep.items() if o.grad is not None and o.grad.abs().max() > 0} == got
+    reached = {n for n, b in shared.tokens.blocks.items() if b.grad is not None and b.grad.abs().max() > 0}
+    assert reached == set(positive.policy.categories) and len(reached) >= 2
+    assert torch.equal(
+        own.tokens.blocks[positive.category].grad, shared.tokens.blocks[positive.category].grad
+    )
+    own.tokens.zero_grad()
+    loss = own.loss([positive, negative])[0]
+    assert float(loss.detach()) == pytest.approx(
+        float(shared.loss([positive, negative])[0].detach()), rel=1e-6
+    )
+    loss.backward()
+    reached = {n for n, b in own.tokens.blocks.items() if b.grad is not None and b.grad.abs().max() > 0}
+    assert reached == {positive.category} | set(negative.policy.categories)
+    with pytest.raises(ConfigError, match="positive_credit"):
+        tiny_config(tmp_path, "optim.positive_credit=some")

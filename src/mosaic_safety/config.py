@@ -78,6 +78,9 @@ class OptimConfig:
     autocast: str = "off"  # off | bfloat16: run the training passes' matrix products in bf16
     grad_clip: float = 1.0  # 0 disables
     block_orthogonality: float = 0.0  # weight of the squared-cosine overlap between category blocks
+    # all: a positive's gradient reaches every active category's tokens (the paper); own: only the
+    # tokens of the prompt's own category, so a co-active block is never taught to refuse it
+    positive_credit: str = "all"
     schedule: str = "constant"  # constant | cosine (decay to 10% of lr over the run) | linear
     warmup_steps: int = 0  # linear warm-up from 0 before the schedule
     seed: int = 0
@@ -158,6 +161,10 @@ class TrainConfig:
                 "optim.deep_lr_scale scales the deep offsets: it needs tokens.deep=true",
             ),
             (self.optim.autocast in ("off", "bfloat16"), "optim.autocast: off | bfloat16"),
+            (
+                self.optim.positive_credit in ("all", "own"),
+                f"optim.positive_credit {self.optim.positive_credit!r}: choose all | own",
+            ),
             (self.optim.block_orthogonality >= 0, "optim.block_orthogonality must be >= 0"),
             (
                 self.optim.schedule in ("constant", "cosine", "linear"),

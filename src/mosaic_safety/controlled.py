@@ -194,22 +194,27 @@ class ControlledModel:
         prompts: Sequence[Prompt],
         policies: Sequence[Policy],
         targets: Sequence[Sequence[int]] | None = None,
+        credit: Sequence[str | None] | None = None,
     ) -> EncodedBatch:
-        """Left-padded embeddings with the control tokens of each row's policy spliced in."""
+        """Left-padded embeddings with the control tokens of each row's policy spliced in.
+
+        ``credit`` names, per row, the one category whose tokens get that row's gradient (None: all).
+        """
         if len(prompts) != len(policies) or (targets is not None and len(targets) != len(prompts)):
             raise ValueError("prompts, policies and targets must have the same length")
+        credit = _row_credit(credit, len(prompts))
         if not prompts:
             raise ValueError("cannot encode an empty batch")
         rows, ctrl_spans, blocks, offsets = [], [], [], []
         for i, (prompt, policy) in enumerate(zip(prompts, policies)):
             head, tail = self.split_prompt(prompt)
-            block = self._block(policy)
+            block = self._block(policy, credit[i])
             target = list(targets[i]) if targets is not None else []
             rows.append(head + [0] * block.shape[0] + tail + target)
             ctrl_spans.append((len(head), block.shape[0]))
             if block.shape[0]:
                 blocks.append(block)
-                offsets.append(self.tokens.compose_deep(policy))
+                offsets.append(self.tokens.compose_deep(policy, credit[i]))
         length = max(len(r) for r in rows)
         batch = len(rows)
         pad = self.tokenizer.pad_token_id
@@ -247,12 +252,12 @@ class ControlledModel:
             return embeds
         return embeds.masked_scatter(ctrl_mask.unsqueeze(-1), torch.cat(blocks).to(embeds.dtype))
 
-    def _block(self, policy: Policy) -> torch.Tensor:
+    def _block(self, policy: Policy, credit: str | None = None) -> torch.Tensor:
         if not policy:
             return torch.zeros(0, self.backbone.hidden_size, device=self.device)
         if self.tokens is None:
             raise ValueError("this model has no control tokens; only the empty policy is allowed")
-        return self.tokens.compose(policy)
+        return self.tokens.compose(policy, credit)
 
     # -- forward ------------------------------------------------------------------------------
     def logits(self, batch: EncodedBatch, window: int | None = None) -> torch.Tensor:
@@ -303,6 +308,7 @@ class ControlledModel:
         policies: Sequence[Policy],
         targets: Sequence[Sequence[int]],
         heads: PromptHeads | None = None,
+        credit: Sequence[str | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits predicting each target token, aligned at the response start: ``(B, T, V)``, ``(B, T)``.
 
@@ -316,7 +322,7 @@ class ControlledModel:
         batched product at less than half the speed on CPU, and gathering aligned rows from
         full logits moves 49,152 floats per position instead of ``d``.
         """
-        states, labels = self.response_states(prompts, policies, targets, heads)
+        states, labels = self.response_states(prompts, policies, targets, heads, credit)
         return self.states_to_logits(states), labels
 
     def response_states(
@@ -325,6 +331,7 @@ class ControlledModel:
         policies: Sequence[Policy],
         targets: Sequence[Sequence[int]],
         heads: PromptHeads | None = None,
+        credit: Sequence[str | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`response_logits`, but the final hidden states ``(B, T, d)`` that the LM head maps
         to those logits (:meth:`states_to_logits`). A d-vector is far smaller than a vocabulary row,
@@ -334,11 +341,11 @@ class ControlledModel:
             raise ValueError("every row needs at least one target token")
         width = max(len(t) for t in targets)
         if heads is None:
-            batch = self.encode(prompts, policies, targets)
+            batch = self.encode(prompts, policies, targets, credit)
             hidden = self._hidden(batch)
             starts = [batch.window - 1 - len(t) for t in targets]  # end-aligned rows
         else:
-            hidden, starts = self._tail_states(prompts, policies, targets, heads)
+            hidden, starts = self._tail_states(prompts, policies, targets, heads, credit)
         index = torch.tensor([[s + j for j in range(width)] for s in starts], device=hidden.device)
         index = index.clamp(max=hidden.shape[1] - 1)
         aligned = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
@@ -368,6 +375,7 @@ class ControlledModel:
         policies: Sequence[Policy],
         targets: Sequence[Sequence[int]] | None = None,
         left_pad: bool = False,
+        credit: Sequence[str | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, list[int]]:
         """The rows' tails ``[control tokens][rest of the template][target]``, to run over their heads.
 
@@ -377,14 +385,15 @@ class ControlledModel:
         row's tail length.
         """
         rows, spans, blocks, offsets = [], [], [], []
+        credit = _row_credit(credit, len(prompts))
         for i, (prompt, policy) in enumerate(zip(prompts, policies)):
-            block = self._block(policy)
+            block = self._block(policy, credit[i])
             target = list(targets[i]) if targets is not None else []
             rows.append([0] * block.shape[0] + self.split_prompt(prompt)[1] + target)
             spans.append(block.shape[0])
             if block.shape[0]:
                 blocks.append(block)
-                offsets.append(self.tokens.compose_deep(policy))
+                offsets.append(self.tokens.compose_deep(policy, credit[i]))
         length = max(map(len, rows))
         ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
@@ -403,6 +412,7 @@ class ControlledModel:
         policies: Sequence[Policy],
         targets: Sequence[Sequence[int]],
         heads: PromptHeads,
+        credit: Sequence[str | None] | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """Right-padded tails ``[control tokens][template rest][target]`` over the cached heads.
 
@@ -413,7 +423,7 @@ class ControlledModel:
 
         if heads.mask.shape[0] != len(prompts):
             raise ValueError("heads were computed for a different number of rows")
-        embeds, mask, ctrl, deep, lengths = self._tail_batch(prompts, policies, targets)
+        embeds, mask, ctrl, deep, lengths = self._tail_batch(prompts, policies, targets, credit=credit)
         starts = [n - len(t) - 1 for n, t in zip(lengths, targets)]  # the position that predicts target[0]
         with steering(self.model, ctrl, deep):
             out = self.model.get_decoder()(
@@ -707,6 +717,15 @@ def steering(module: Any, ctrl_mask: torch.Tensor | None, deep: torch.Tensor | N
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _row_credit(credit: Sequence[str | None] | None, rows: int) -> Sequence[str | None]:
+    """Per-row credit (see :meth:`ControlledModel.encode`), checked against the batch size."""
+    if credit is None:
+        return [None] * rows
+    if len(credit) != rows:
+        raise ValueError(f"credit has {len(credit)} entries for {rows} rows")
+    return credit
 
 
 def _cat_offsets(offsets: list[torch.Tensor | None]) -> torch.Tensor | None:

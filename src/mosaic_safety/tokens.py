@@ -193,8 +193,12 @@ class ControlTokens(nn.Module):
         """The parameters of one category: its block and, for deep tokens, its offsets."""
         return [self.blocks[name]] + ([self.deep[name]] if name in self.deep else [])
 
-    def compose(self, policy: Policy) -> torch.Tensor:
-        """The prefix for a policy: its categories' blocks in registry order, shape ``(sum m, d)``."""
+    def compose(self, policy: Policy, credit: str | None = None) -> torch.Tensor:
+        """The prefix for a policy: its categories' blocks in registry order, shape ``(sum m, d)``.
+
+        With ``credit`` only that category's block keeps its gradient; the others enter as constants
+        (``optim.positive_credit``).
+        """
         missing = [c for c in policy if c not in self.blocks]
         if missing:
             raise ArtifactError(
@@ -202,14 +206,14 @@ class ControlTokens(nn.Module):
             )
         if not policy:
             return torch.zeros(0, self.hidden_size, device=self._device())
-        return torch.cat([self.blocks[c] for c in policy], dim=0)
+        return torch.cat([_credited(self.blocks[c], c, credit) for c in policy], dim=0)
 
-    def compose_deep(self, policy: Policy) -> torch.Tensor | None:
+    def compose_deep(self, policy: Policy, credit: str | None = None) -> torch.Tensor | None:
         """The per-layer offsets for a policy, ``(layers, sum m, d)`` in the order of :meth:`compose`."""
         if not self.deep or not policy:
             return None
         self.compose(policy)  # same error for a category without tokens
-        return torch.cat([self.deep[c] for c in policy], dim=1)
+        return torch.cat([_credited(self.deep[c], c, credit) for c in policy], dim=1)
 
     def _device(self) -> torch.device:
         return next(iter(self.blocks.values())).device
@@ -308,6 +312,11 @@ class ControlTokens(nn.Module):
         if backbone is not None:
             check_backbone(manifest, backbone, artifact_dir)
         return cls(registry, blocks, manifest["placement"], deep or None)
+
+
+def _credited(tensor: torch.Tensor, category: str, credit: str | None) -> torch.Tensor:
+    """``tensor`` itself if ``category`` gets the credit (or no category is singled out), else a constant."""
+    return tensor if credit is None or category == credit else tensor.detach()
 
 
 def _checked_tensor(

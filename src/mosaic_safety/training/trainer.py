@@ -391,8 +391,13 @@ class Trainer:
         targets = self._targets(items)
         prompts = [i.prompt for i in items]
         heads = self.head_cache.heads(prompts) if share_heads else None
-        logits, labels = self.model.response_logits(prompts, [i.policy for i in items], targets, heads)
         optim = self.config.optim
+        credit = (
+            [i.category if i.positive else None for i in items] if optim.positive_credit == "own" else None
+        )
+        logits, labels = self.model.response_logits(
+            prompts, [i.policy for i in items], targets, heads, credit
+        )
         fw = optim.first_token_weight
         ce = response_cross_entropy(logits, labels, fw)
         per_row = ce.clone()
