@@ -284,6 +284,18 @@ def test_cli_train_then_load(tmp_path, tiny_backbone):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dsa: trained" in proc.stdout + proc.stderr
+    longer = subprocess.run(
+        [str(Path(sys.executable).parent / "mosaic"), "train", "--config", "configs/tiny-test.yaml",
+         "--method", "dsa", "-o", str(art), "--resume", "method_options.adapter_epochs=2",
+         "method_options.guard_epochs=20", "method_options.val_per_group=3"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert longer.returncode == 0, longer.stdout + longer.stderr
+    assert "resumed from epoch-1" in longer.stdout + longer.stderr
+    assert (
+        json.loads((art / "mosaic.json").read_text())["training"]["steps"]
+        == 2 * json.loads((art / "checkpoints" / "epoch-1" / "mosaic.json").read_text())["training"]["steps"]
+    )
     loaded = load_method(artifact=art, backbone=tiny_backbone)
     assert loaded.name == "dsa" and loaded.categories == ("alcohol", "betting", "horror")
     assert len(loaded.generate(PROMPTS[:2], [Policy(("alcohol",)), Policy(())], max_new_tokens=4)) == 2
