@@ -372,6 +372,14 @@ def state_tensors(guard: GuardHead, adapter: AlignmentAdapter) -> dict[str, torc
     return out
 
 
+def load_state_tensors(guard: GuardHead, adapter: AlignmentAdapter, tensors: dict[str, torch.Tensor]) -> None:
+    """The inverse of :func:`state_tensors`: put an artifact's guard.* and adapter.* back in place."""
+    guard.load_state_dict({k.removeprefix("guard."): v for k, v in tensors.items() if k.startswith("guard.")})
+    adapter.load_state_dict(
+        {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+    )
+
+
 def load(artifact: Path, backbone: Backbone) -> DSAMethod:
     """Load and validate a ``dsa`` artifact for ``backbone`` (fingerprint, shapes, finiteness)."""
     from ..config import ConfigError
@@ -400,8 +408,7 @@ def load(artifact: Path, backbone: Backbone) -> DSAMethod:
         raise ArtifactError(
             f"{artifact}: tensors do not match the dsa options (check {bad or sorted(tensors)})"
         )
-    guard.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("guard.")})
-    adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+    load_state_tensors(guard, adapter, tensors)
     guard.requires_grad_(False)
     adapter.requires_grad_(False)
     weights_id = hashlib.sha256((Path(artifact) / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]

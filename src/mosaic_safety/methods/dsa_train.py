@@ -45,7 +45,7 @@ from ..training.teacher import BaseResponseCache
 from ..training.trainer import data_hash, load_training_suite, training_pools
 from .artifact import atomic_write, load_method_artifact, save_method_artifact
 from .base import digest
-from .dsa import build_modules, pool, run_backbone, state_tensors
+from .dsa import build_modules, load_state_tensors, pool, run_backbone, state_tensors
 from .dsa_net import DSAOptions, resolve_guard_layer, roc_auc, youden_threshold
 
 Reporter = Callable[[str, dict[str, Any]], None]
@@ -201,6 +201,9 @@ def train_guard(guard: Any, x: torch.Tensor, y: torch.Tensor, options: DSAOption
     return float(loss.detach())
 
 
+RNG_FILE = "rng_state.json"  # in an epoch checkpoint: the shuffling RNG, so a resumed run draws the same
+
+
 def _rng_state(ckpt: Path) -> tuple[Any, ...]:
     """The shuffling RNG's state saved with an epoch checkpoint (JSON turns its tuples into lists)."""
     try:
@@ -218,9 +221,6 @@ def _pad(states: list[torch.Tensor], targets: list[list[int]]) -> tuple[torch.Te
         h[i, : len(t)] = s
         y[i, : len(t)] = torch.tensor(t)
     return h, y
-
-
-RNG_FILE = "rng_state.json"  # in an epoch checkpoint: the shuffling RNG, so a resumed run draws the same
 
 
 def resume_point(
@@ -344,8 +344,7 @@ def train_dsa(
     t1 = time.time()
     if start is not None:
         ckpt, manifest, tensors = start
-        guard.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("guard.")})
-        adapter.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        load_state_tensors(guard, adapter, tensors)
         guard_loss = float(manifest["training"]["guard_loss"])
     else:
         if resume:
