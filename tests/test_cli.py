@@ -284,3 +284,20 @@ def test_deep_tokens_train_info_generate(tmp_path):
         check=False,
     )
     assert bad.returncode != 0 and "tokens.deep" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
+
+
+def test_hard_negatives_through_the_cli(trained):
+    """``sampling.hard_negatives``: each epoch's measure is shown and logged, and a resume continues it."""
+    root, _, _ = trained
+    run = root / "hard"
+    cmd = ("train", "-c", "configs/tiny-test.yaml", "-o", str(run), "sampling.hard_negatives=0.5")
+    first = mosaic(*cmd, "optim.epochs=1", cache=root / "cache")
+    assert "epoch 1 over-refusal on other categories' training prompts, worst per policy: alcohol → " in (
+        first.stderr
+    )
+    resumed = mosaic(*cmd, "--resume", cache=root / "cache")
+    assert "resumed from epoch-1" in resumed.stderr and "epoch 2 over-refusal" in resumed.stderr
+    logged = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in logged if "confusion" in r] == [1, 2]
+    bad = mosaic(*cmd, "method=lora_sft", "-o", str(root / "x"), cache=root / "cache", check=False)
+    assert bad.returncode != 0 and "has no control tokens" in bad.stderr and "Traceback" not in bad.stderr

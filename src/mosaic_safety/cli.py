@@ -147,6 +147,24 @@ class TrainDisplay:
                 ),
                 highlight=False,
             )
+        elif kind == "confusion_start":
+            self.tasks["confusion"] = p.add_task(
+                "hard negatives", total=data["total"], info=f"epoch {data['epoch']}"
+            )
+        elif kind == "confusion_progress":
+            p.advance(self.tasks["confusion"], data["n"])
+        elif kind == "confusion":
+            p.update(self.tasks["confusion"], visible=False)
+            console.print(
+                f"[cyan]•[/] epoch {data['epoch']} over-refusal on other categories' training prompts, "
+                "worst per policy: "
+                + ", ".join(
+                    f"{a} → {max(row, key=row.get)} {100 * max(row.values()):.0f}%"
+                    for a, row in data["confusion"].items()
+                    if row
+                ),
+                highlight=False,
+            )
         elif kind == "selected":
             console.print(
                 "[cyan]•[/] tokens per category from their best validated epoch: "

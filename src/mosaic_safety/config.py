@@ -55,6 +55,9 @@ class SamplingConfig:
     inactive_share: float = 0.5  # share of negatives drawn from categories outside the policy
     boundary_share: float = 0.25  # share of the remaining (neutral) negatives that are boundary items
     paired: bool = False  # each positive also as a negative under a same-order policy without its category
+    # share of the inactive-category negatives drawn towards the categories the policy's tokens
+    # over-refused after the last epoch (a probe on training prompts); 0: uniform, as in the paper
+    hard_negatives: float = 0.0
 
 
 @dataclass
@@ -146,6 +149,12 @@ class TrainConfig:
             (self.sampling.neg_ratio >= 0, "sampling.neg_ratio must be >= 0"),
             (0 <= self.sampling.inactive_share <= 1, "sampling.inactive_share must be in [0, 1]"),
             (0 <= self.sampling.boundary_share <= 1, "sampling.boundary_share must be in [0, 1]"),
+            (0 <= self.sampling.hard_negatives <= 1, "sampling.hard_negatives must be in [0, 1] (0: off)"),
+            (
+                self.sampling.hard_negatives == 0 or self.method == "mosaic",
+                f"sampling.hard_negatives steers negatives by the control tokens' own over-refusal; method "
+                f"{self.method!r} has no control tokens (set it to 0)",
+            ),
             (self.optim.lr > 0, "optim.lr must be positive"),
             (self.optim.epochs >= 1, "optim.epochs must be at least 1"),
             (self.optim.batch_size >= 1, "optim.batch_size must be at least 1"),

@@ -11,6 +11,12 @@ With ``paired`` every positive also gets a contrastive twin: the same prompt und
 of the same order that leaves its category out, to be answered as the base model does. A category
 prompt is then refused only as often as it is answered, so its topic alone predicts nothing and
 only the control tokens decide.
+
+With ``hard_negatives`` (h > 0) the inactive category of a negative is no longer drawn uniformly:
+a share h of the draw follows ``confusion``, the rate at which each category's tokens refused the
+other categories' training prompts after the last epoch. A policy then gets more negatives from the
+categories it is confusing itself with (on SmolLM2 the addiction tokens refuse half the alcohol
+prompts) and fewer from the ones it already leaves alone.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from dataclasses import dataclass
 from itertools import combinations
 
 from ..policy import NEUTRAL, Policy
+
+Confusion = dict[str, dict[str, float]]
+"""``confusion[a][c]``: share of category c's probe prompts refused under the policy ``{a}``."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class OrderSampler:
         trainable: Sequence[str] | None = None,
         seed: int = 0,
         paired: bool = False,
+        hard_negatives: float = 0.0,
     ):
         self.categories = tuple(categories)
         missing = [c for c in self.categories if not prompts.get(c)]
@@ -87,6 +97,7 @@ class OrderSampler:
         self.boundary_share = boundary_share
         self.seed = seed
         self.paired = paired and len(self.categories) > 1
+        self.hard_negatives = hard_negatives
         self.subsets = {r: self._subsets(r) for r in range(1, self.max_order + 1)}
         self.budgets = [self._budget(r) for r in self.subsets if self.subsets[r]]
 
@@ -106,7 +117,8 @@ class OrderSampler:
         """Whether a positive of this order has a twin policy: same order, without its category."""
         return order < len(self.categories)
 
-    def epoch_items(self, epoch: int) -> list[TrainItem]:
+    def epoch_items(self, epoch: int, confusion: Confusion | None = None) -> list[TrainItem]:
+        """This epoch's items; ``confusion`` (with ``hard_negatives``) steers the inactive negatives."""
         rng = random.Random(f"{self.seed}:{epoch}")
         items: list[TrainItem] = []
         for budget in self.budgets:
@@ -120,27 +132,50 @@ class OrderSampler:
                     if twins:
                         items.append(TrainItem(prompt, self._twin_policy(rng, budget.order, cat), False, cat))
                 inactive = [c for c in self.categories if c not in subset]
+                weights = self.inactive_weights(subset, inactive, confusion)
                 plain = budget.negatives_per_subset - (budget.positives_per_subset if twins else 0)
                 for _ in range(plain):
-                    items.append(self._negative(rng, policy, inactive))
+                    items.append(self._negative(rng, policy, inactive, weights))
         return items
 
     def _twin_policy(self, rng: random.Random, order: int, category: str) -> Policy:
         """A random policy of the same order that leaves ``category`` out (the contrastive twin)."""
         return Policy(rng.choice([s for s in combinations(self.categories, order) if category not in s]))
 
-    def _negative(self, rng: random.Random, policy: Policy, inactive: list[str]) -> TrainItem:
+    def inactive_weights(
+        self, subset: Sequence[str], inactive: list[str], confusion: Confusion | None
+    ) -> list[float] | None:
+        """Draw probabilities over ``inactive`` for a policy ``subset``; None means uniform.
+
+        A category's pull is the highest rate at which any active category's tokens refused its
+        prompts: under {addiction, betting}, alcohol prompts are hard if either block refuses them.
+        """
+        if not inactive or confusion is None or self.hard_negatives == 0:
+            return None
+        pull = [max(confusion.get(a, {}).get(c, 0.0) for a in subset) for c in inactive]
+        total = sum(pull)
+        if total <= 0:
+            return None
+        h = self.hard_negatives
+        return [(1 - h) / len(inactive) + h * p / total for p in pull]
+
+    def _negative(
+        self, rng: random.Random, policy: Policy, inactive: list[str], weights: list[float] | None = None
+    ) -> TrainItem:
         if inactive and rng.random() < self.inactive_share:
-            cat = rng.choice(inactive)
+            # uniform keeps rng.choice, so a run without hard negatives draws what it always drew
+            cat = rng.choice(inactive) if weights is None else rng.choices(inactive, weights)[0]
             return TrainItem(rng.choice(self.prompts[cat]), policy, False, cat)
         pool = self.boundary if self.boundary and rng.random() < self.boundary_share else self.neutral
         return TrainItem(rng.choice(pool), policy, False, NEUTRAL)
 
-    def epoch_batches(self, epoch: int, batch_size: int) -> list[list[TrainItem]]:
+    def epoch_batches(
+        self, epoch: int, batch_size: int, confusion: Confusion | None = None
+    ) -> list[list[TrainItem]]:
         """Batches of a single order each (equal prefix lengths), orders interleaved at random."""
         rng = random.Random(f"{self.seed}:{epoch}:batches")
         by_order: dict[int, list[TrainItem]] = {}
-        for item in self.epoch_items(epoch):
+        for item in self.epoch_items(epoch, confusion):
             by_order.setdefault(item.policy.order, []).append(item)
         batches = []
         for items in by_order.values():
@@ -152,12 +187,21 @@ class OrderSampler:
     def steps_per_epoch(self, batch_size: int) -> int:
         return sum(math.ceil((b.positives + b.negatives) / batch_size) for b in self.budgets)
 
+    def drawn_prompts(self, epochs: Sequence[int]) -> list[str]:
+        """Every prompt these epochs draw, positive or negative (each one's prompt head gets run)."""
+        if self.hard_negatives > 0:  # the draw depends on training: every prompt it could draw
+            return sorted(set(self.negative_prompts()).union(*(self.prompts[c] for c in self.categories)))
+        return sorted({item.prompt for e in epochs for item in self.epoch_items(e)})
+
     def drawn_negatives(self, epochs: Sequence[int]) -> list[str]:
         """The prompts these epochs actually draw as negatives (epochs are seeded, so this is known).
 
         Three epochs of the SmolLM2 recipe draw 536 of the 840 possible negatives; generating base
-        answers for those alone saves a third of that generation.
+        answers for those alone saves a third of that generation. With ``hard_negatives`` the draw
+        depends on the tokens trained so far, so every possible negative is returned instead.
         """
+        if self.hard_negatives > 0:
+            return self.negative_prompts()
         return sorted({item.prompt for e in epochs for item in self.epoch_items(e) if not item.positive})
 
     def negative_prompts(self) -> list[str]:

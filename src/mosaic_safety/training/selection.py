@@ -65,8 +65,7 @@ class ValidationProbe:
                 f"suite {suite.name!r} has no 'val' prompts for {', '.join(empty)}; checkpoint selection "
                 "needs them (set select.mode=last to train without it)"
             )
-        # a refusal's ids end with EOS (``response_ids``); the prefix stays inside its text
-        prefixes = {c: list(refusals[c][: max(1, min(prefix_tokens, len(refusals[c]) - 1))]) for c in trained}
+        prefixes = refusal_prefixes(refusals, trained, prefix_tokens)
         settings = {"per_group": per_group, "prefix_tokens": prefix_tokens, "seed": seed}
         return cls(groups, list(trained), prefixes, settings, batch_size)
 
@@ -108,6 +107,14 @@ class ValidationProbe:
         return {
             c: {name: hits[c][name] / len(self.groups[name]) for name in self.groups} for c in self.policies
         }
+
+
+def refusal_prefixes(
+    refusals: dict[str, list[int]], categories: Sequence[str], prefix_tokens: int
+) -> dict[str, list[int]]:
+    """Each category's first ``prefix_tokens`` refusal ids: the opening a probe counts as refusing."""
+    # a refusal's ids end with EOS (``response_ids``); the prefix stays inside its text
+    return {c: list(refusals[c][: max(1, min(prefix_tokens, len(refusals[c]) - 1))]) for c in categories}
 
 
 def other_categories_rate(row: dict[str, float], category: str) -> float:

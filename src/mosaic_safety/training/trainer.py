@@ -36,6 +36,7 @@ from .checkpoint import (
     load_optimizer_state,
     save_optimizer_state,
 )
+from .hard_negatives import confusion_from_rates, confusion_probe
 from .head_cache import HeadCache
 from .losses import (
     block_overlap,
@@ -44,7 +45,7 @@ from .losses import (
     response_margin,
     response_reverse_kl,
 )
-from .sampler import OrderSampler, TrainItem
+from .sampler import Confusion, OrderSampler, TrainItem
 from .schedule import lr_at, set_lr
 from .selection import ValidationProbe, best_epochs, stored_record, take_epochs
 from .teacher import BaseResponseCache
@@ -133,6 +134,7 @@ def order_sampler(
         trainable=trainable,
         seed=config.optim.seed,
         paired=s.paired,
+        hard_negatives=s.hard_negatives,
     )
 
 
@@ -302,6 +304,20 @@ class Trainer:
                 config.eval.batch_size,
             )
         )
+        self.confusion_probe = (
+            None
+            if config.sampling.hard_negatives == 0
+            else confusion_probe(
+                self.pools["prompts"],
+                trainable,
+                self._refusals,
+                select.per_group,
+                select.prefix_tokens,
+                config.optim.seed,
+                config.eval.batch_size,
+            )
+        )
+        self.confusion: Confusion | None = None  # steers the next epoch's negatives (hard_negatives)
 
     def _param_groups(self, trainable: list[str]) -> list[dict[str, Any]]:
         """Input-level blocks at ``lr``; deep offsets at ``lr * optim.deep_lr_scale``.
@@ -470,8 +486,7 @@ class Trainer:
         """Generate (or load from cache) the base model's answers to the negatives the run will draw,
         from ``start_epoch`` (a resumed run) to the last epoch."""
         epochs = range(start_epoch, self.config.optim.epochs)
-        drawn = sorted({item.prompt for e in epochs for item in self.sampler.epoch_items(e)})
-        self._warm_heads(drawn)
+        self._warm_heads(self.sampler.drawn_prompts(epochs))
         fill_teacher(self.teacher, self.sampler.drawn_negatives(epochs), self.report)
 
     def _warm_heads(self, prompts: list[str]) -> None:
@@ -502,7 +517,7 @@ class Trainer:
         try:
             for epoch in range(start_epoch, cfg.optim.epochs):
                 window: list[dict[str, float]] = []
-                for items in self.sampler.epoch_batches(epoch, cfg.optim.batch_size):
+                for items in self.sampler.epoch_batches(epoch, cfg.optim.batch_size, self.confusion):
                     lr = lr_at(step, total, cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps)
                     set_lr(self.optimizer, lr)
                     with training_autocast(self.model.device, cfg.optim.autocast):
@@ -525,6 +540,12 @@ class Trainer:
                 validation = self._validate(epoch + 1) if self.probe is not None else None
                 if validation is not None:
                     log.write(json.dumps({"epoch": epoch + 1, "step": step, "validation": validation}) + "\n")
+                    log.flush()
+                if self.confusion_probe is not None:
+                    self.confusion = self._measure_confusion(epoch + 1)
+                    log.write(
+                        json.dumps({"epoch": epoch + 1, "step": step, "confusion": self.confusion}) + "\n"
+                    )
                     log.flush()
                 self._checkpoint(out, epoch + 1, step, validation)
                 self.report("epoch", {"epoch": epoch + 1, "step": step})
@@ -563,8 +584,21 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
     def _checkpoint(self, out: Path, epoch: int, step: int, validation: dict[str, Any] | None = None) -> None:
         ckpt = checkpoint_dir(out, epoch)
-        self.save(ckpt, {"epoch": epoch, "steps": step}, {"validation": validation} if validation else None)
+        metrics: dict[str, Any] = {"validation": validation} if validation else {}
+        if self.confusion is not None:
+            metrics["confusion"] = self.confusion  # what the next epoch draws by, read back on --resume
+        self.save(ckpt, {"epoch": epoch, "steps": step}, metrics)
         save_optimizer_state(ckpt, self.optimizer, self._checkpointed(), epoch, step)
+
+    def _measure_confusion(self, epoch: int) -> Confusion:
+        """Each trained category's refusal rate on the other categories' training prompts."""
+        probe = self.confusion_probe
+        assert probe is not None
+        self.report("confusion_start", {"epoch": epoch, "total": probe.size})
+        rates = probe.rates(self.model, lambda n: self.report("confusion_progress", {"n": n}))
+        confusion = confusion_from_rates(rates)
+        self.report("confusion", {"epoch": epoch, "confusion": confusion})
+        return confusion
 
     # -- checkpoint selection -----------------------------------------------------------------
     def _validate(self, epoch: int, model: ControlledModel | None = None) -> dict[str, Any]:
@@ -616,6 +650,10 @@ class Trainer:
             for name, param in self._checkpointed():
                 param.copy_(saved[_artifact_key(name)].to(param.device))
         epoch, step = load_optimizer_state(ckpt, self.optimizer, self._checkpointed())
+        if self.confusion_probe is not None:
+            stored = read_manifest(ckpt).get("metrics", {}).get("confusion")
+            # the epoch's tokens are loaded, so a checkpoint without a stored measure is measured now
+            self.confusion = stored if isinstance(stored, dict) else self._measure_confusion(epoch)
         self.report("stage", {"name": f"resumed from {ckpt.name} (step {step})"})
         return epoch, step
 

@@ -1,0 +1,149 @@
+"""Hard negatives: inactive-category negatives steered by the tokens' measured over-refusal."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from mosaic_safety.config import ConfigError, load_config
+from mosaic_safety.policy import Policy
+from mosaic_safety.training.hard_negatives import confusion_from_rates
+from mosaic_safety.training.sampler import OrderSampler
+
+CATS = ["a", "b", "c", "d", "e"]
+
+
+def make_sampler(**kw):
+    prompts = {c: [f"{c} prompt {i}" for i in range(30)] for c in CATS}
+    neutral = [f"neutral {i}" for i in range(30)]
+    return OrderSampler(CATS, prompts, neutral, [], max_order=2, per_subset=40, inactive_share=1.0, **kw)
+
+
+def inactive_counts(items, policy):
+    return Counter(i.category for i in items if not i.positive and i.policy == Policy(tuple(policy)))
+
+
+def test_weights_mix_uniform_and_the_policys_worst_confusion():
+    s = make_sampler(hard_negatives=0.5)
+    confusion = {"a": {"b": 0.6, "c": 0.2}, "b": {"c": 0.4}}
+    weights = s.inactive_weights(("a",), ["b", "c", "d", "e"], confusion)
+    assert weights == pytest.approx([0.125 + 0.5 * 0.75, 0.125 + 0.5 * 0.25, 0.125, 0.125])
+    # under {a, b} a category's pull is the larger of the two blocks' rates: c gets b's 0.4
+    assert s.inactive_weights(("a", "b"), ["c", "d", "e"], confusion) == pytest.approx(
+        [1 / 6 + 0.5, 1 / 6, 1 / 6]
+    )
+    assert s.inactive_weights(("d",), ["a", "b"], confusion) is None  # nothing confused: uniform
+    assert make_sampler().inactive_weights(("a",), ["b"], confusion) is None  # off
+
+
+def test_confusion_steers_the_inactive_negatives():
+    steered = make_sampler(hard_negatives=1.0).epoch_items(0, {"a": {"b": 0.5}})
+    assert set(inactive_counts(steered, ["a"])) == {"b"}  # h = 1: all towards the one confused category
+    assert len(set(inactive_counts(steered, ["c"]))) == 4  # other policies stay uniform
+    half = inactive_counts(make_sampler(hard_negatives=0.5).epoch_items(0, {"a": {"b": 0.5}}), ["a"])
+    assert half["b"] > 2 * max(half["c"], half["d"], half["e"])  # expected 62.5% against 12.5% each
+
+
+def test_without_a_measure_the_draw_is_the_papers_bitwise():
+    plain = make_sampler().epoch_items(3)
+    assert make_sampler(hard_negatives=0.5).epoch_items(3) == plain  # first epoch: nothing measured yet
+    assert make_sampler(hard_negatives=0.5).epoch_items(3, {"a": {"b": 0.0}}) == plain
+    assert make_sampler().epoch_items(3, {"a": {"b": 0.9}}) == plain  # option off: a measure is ignored
+
+
+def test_base_answers_cover_every_prompt_the_steered_draw_can_reach():
+    s = make_sampler(hard_negatives=0.5)
+    every = {p for c in CATS for p in s.prompts[c]} | set(s.neutral)
+    assert set(s.drawn_negatives(range(2))) == every  # the base answers generated before training
+    assert set(s.drawn_prompts(range(2))) == every
+
+
+def test_confusion_leaves_out_a_policys_own_category():
+    rates = {"a": {"a": 0.9, "b": 0.3, "neutral": 0.1}}
+    assert confusion_from_rates(rates) == {"a": {"b": 0.3, "neutral": 0.1}}
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config("configs/tiny-test.yaml", [f"output={tmp_path / 'run'}", *overrides])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sampling.hard_negatives=1.5", r"sampling.hard_negatives must be in \[0, 1\]"),
+        ("sampling.hard_negatives=-0.1", r"sampling.hard_negatives must be in \[0, 1\]"),
+        ("sampling.hard_negatives=0.5 method=lora_sft", "method 'lora_sft' has no control tokens"),
+    ],
+)
+def test_hard_negative_settings_are_checked(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, *override.split())
+
+
+def probe_what_the_model_opens_with(trainer):
+    """Point the probe at each policy's most common greedy first token on the tiny random model.
+
+    The trained refusal is never said by a random model, so every rate would be 0 and nothing would
+    be steered; this makes the measure non-trivial while the trainer's own code does the rest.
+    """
+    probe = trainer.confusion_probe
+    prompts = [p for rows in probe.groups.values() for p in rows]
+    for c in probe.policies:
+        first = trainer.model.generate_ids(prompts, [Policy((c,))] * len(prompts), max_new_tokens=1)
+        probe.prefixes[c] = [Counter(row[0] for row in first).most_common(1)[0][0]]
+
+
+def steered_trainer(tmp_path, tiny_backbone, *overrides, events=None):
+    from mosaic_safety.training.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, "sampling.hard_negatives=1", "sampling.inactive_share=1", *overrides)
+    reporter = (lambda kind, data: events.append((kind, data))) if events is not None else None
+    trainer = Trainer(cfg, backbone=tiny_backbone, reporter=reporter)
+    probe_what_the_model_opens_with(trainer)
+    return trainer
+
+
+def test_each_epoch_draws_by_the_confusion_measured_after_the_last(tmp_path, tiny_backbone):
+    from mosaic_safety.controlled import ControlledModel
+    from mosaic_safety.tokens import ControlTokens
+
+    events = []
+    trainer = steered_trainer(tmp_path, tiny_backbone, "optim.epochs=2", events=events)
+    drawn = []
+    real_batches = trainer.sampler.epoch_batches
+    trainer.sampler.epoch_batches = lambda e, b, conf=None: drawn.append(conf) or real_batches(e, b, conf)
+    trainer.train(tmp_path / "run")
+    run = tmp_path / "run"
+    logged = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    measured = {r["epoch"]: r["confusion"] for r in logged if "confusion" in r}
+    assert set(measured) == {1, 2}
+    assert drawn == [None, measured[1]]  # epoch 1 uniform, epoch 2 by what epoch 1 left
+    assert [d["confusion"] for k, d in events if k == "confusion"] == [measured[1], measured[2]]
+    ckpt = run / "checkpoints" / "epoch-1"
+    assert json.loads((ckpt / "mosaic.json").read_text())["metrics"]["confusion"] == measured[1]
+    again = ControlledModel(tiny_backbone, ControlTokens.load(ckpt, tiny_backbone.describe()))
+    assert confusion_from_rates(trainer.confusion_probe.rates(again)) == measured[1]
+    assert any(r > 0 for row in measured[1].values() for r in row.values())  # the test steers something
+    assert trainer.sampler.epoch_items(1, measured[1]) != trainer.sampler.epoch_items(1)
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored-measure", "measured-on-resume"])
+def test_resume_continues_the_steered_draw(tmp_path, tiny_backbone, stored):
+    full = steered_trainer(tmp_path, tiny_backbone, "optim.epochs=3")
+    full.train(tmp_path / "full")
+    steered_trainer(tmp_path, tiny_backbone, "optim.epochs=1").train(tmp_path / "run")
+    if not stored:  # a checkpoint without the measure (older run): the loaded tokens are measured again
+        manifest = tmp_path / "run" / "checkpoints" / "epoch-1" / "mosaic.json"
+        data = json.loads(manifest.read_text())
+        del data["metrics"]["confusion"]
+        manifest.write_text(json.dumps(data))
+    events = []
+    resumed = steered_trainer(tmp_path, tiny_backbone, "optim.epochs=3", events=events)
+    resumed.train(tmp_path / "run", resume=True)
+    measured_on_resume = [d["epoch"] for k, d in events if k == "confusion"]
+    assert measured_on_resume == ([2, 3] if stored else [1, 2, 3])
+    for key, tensor in full.tokens.named_tensors().items():
+        assert torch.allclose(tensor, resumed.tokens.named_tensors()[key], atol=1e-5), key
