@@ -76,6 +76,10 @@ def tiny_config(tmp_path, *overrides):
         ("sampling.hard_negatives=1.5", r"sampling.hard_negatives must be in \[0, 1\]"),
         ("sampling.hard_negatives=-0.1", r"sampling.hard_negatives must be in \[0, 1\]"),
         ("sampling.hard_negatives=0.5 method=lora_sft", "method 'lora_sft' has no control tokens"),
+        (
+            "sampling.hard_negatives=0.5 sampling.inactive_share=0",
+            "with sampling.inactive_share=0 there are none",
+        ),
     ],
 )
 def test_hard_negative_settings_are_checked(tmp_path, override, message):

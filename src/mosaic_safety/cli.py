@@ -160,6 +160,8 @@ class TrainDisplay:
                 "worst per policy: "
                 + ", ".join(
                     f"{a} → {max(row, key=row.get)} {100 * max(row.values()):.0f}%"
+                    if any(row.values())
+                    else f"{a} → none"
                     for a, row in data["confusion"].items()
                     if row
                 ),

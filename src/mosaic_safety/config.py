@@ -56,7 +56,8 @@ class SamplingConfig:
     boundary_share: float = 0.25  # share of the remaining (neutral) negatives that are boundary items
     paired: bool = False  # each positive also as a negative under a same-order policy without its category
     # share of the inactive-category negatives drawn towards the categories the policy's tokens
-    # over-refused after the last epoch (a probe on training prompts); 0: uniform, as in the paper
+    # over-refused after the last epoch (a probe on select.per_group training prompts per category,
+    # counting openings of select.prefix_tokens refusal tokens); 0: uniform, as in the paper
     hard_negatives: float = 0.0
 
 
@@ -154,6 +155,11 @@ class TrainConfig:
                 self.sampling.hard_negatives == 0 or self.method == "mosaic",
                 f"sampling.hard_negatives steers negatives by the control tokens' own over-refusal; method "
                 f"{self.method!r} has no control tokens (set it to 0)",
+            ),
+            (
+                self.sampling.hard_negatives == 0 or self.sampling.inactive_share > 0,
+                "sampling.hard_negatives steers the inactive-category negatives; with "
+                "sampling.inactive_share=0 there are none",
             ),
             (self.optim.lr > 0, "optim.lr must be positive"),
             (self.optim.epochs >= 1, "optim.epochs must be at least 1"),
