@@ -151,3 +151,15 @@ def test_resume_continues_the_steered_draw(tmp_path, tiny_backbone, stored):
     assert measured_on_resume == ([2, 3] if stored else [1, 2, 3])
     for key, tensor in full.tokens.named_tensors().items():
         assert torch.allclose(tensor, resumed.tokens.named_tensors()[key], atol=1e-5), key
+
+
+def test_resume_with_another_probe_size_measures_again(tmp_path, tiny_backbone):
+    """A measure taken with other ``select.*`` settings is not what this run's probe would say."""
+    steered_trainer(tmp_path, tiny_backbone, "optim.epochs=1").train(tmp_path / "run")
+    events = []
+    resumed = steered_trainer(tmp_path, tiny_backbone, "optim.epochs=2", "select.per_group=3", events=events)
+    resumed.train(tmp_path / "run", resume=True)
+    assert [d["epoch"] for k, d in events if k == "confusion"] == [1, 2]
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "epoch-2" / "mosaic.json").read_text())["metrics"]
+    assert saved["confusion_settings"] == resumed.confusion_probe.settings
+    assert saved["confusion_settings"]["per_group"] == 3

@@ -585,8 +585,9 @@ class Trainer:
     def _checkpoint(self, out: Path, epoch: int, step: int, validation: dict[str, Any] | None = None) -> None:
         ckpt = checkpoint_dir(out, epoch)
         metrics: dict[str, Any] = {"validation": validation} if validation else {}
-        if self.confusion is not None:
+        if self.confusion is not None and self.confusion_probe is not None:
             metrics["confusion"] = self.confusion  # what the next epoch draws by, read back on --resume
+            metrics["confusion_settings"] = self.confusion_probe.settings
         self.save(ckpt, {"epoch": epoch, "steps": step}, metrics)
         save_optimizer_state(ckpt, self.optimizer, self._checkpointed(), epoch, step)
 
@@ -651,9 +652,14 @@ class Trainer:
                 param.copy_(saved[_artifact_key(name)].to(param.device))
         epoch, step = load_optimizer_state(ckpt, self.optimizer, self._checkpointed())
         if self.confusion_probe is not None:
-            stored = read_manifest(ckpt).get("metrics", {}).get("confusion")
-            # the epoch's tokens are loaded, so a checkpoint without a stored measure is measured now
-            self.confusion = stored if isinstance(stored, dict) else self._measure_confusion(epoch)
+            metrics = read_manifest(ckpt).get("metrics", {})
+            stored = metrics.get("confusion")
+            same_probe = metrics.get("confusion_settings") == self.confusion_probe.settings
+            # the epoch's tokens are loaded, so a checkpoint without a measure from this probe
+            # (none stored, or select.per_group / prefix_tokens changed since) is measured now
+            self.confusion = (
+                stored if isinstance(stored, dict) and same_probe else self._measure_confusion(epoch)
+            )
         self.report("stage", {"name": f"resumed from {ckpt.name} (step {step})"})
         return epoch, step
 
