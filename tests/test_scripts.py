@@ -200,3 +200,91 @@ def test_recipe_sweep_table_keeps_the_latest_line_of_a_rerun(tmp_path, capsys):
     sweep.print_table(tmp_path / "summary.jsonl")
     out = capsys.readouterr().out
     assert "v | 3 | test | 1 | 90.0 (40)" in out and "s0:90/20/10" in out
+
+
+def test_separability_states_follow_generation_and_ignore_batch_mates(tiny_backbone, tiny_tokens, minors):
+    from mosaic_safety.controlled import ControlledModel
+    from mosaic_safety.policy import Policy
+
+    states = _script("separability").prompt_states
+    with torch.no_grad():
+        for block in tiny_tokens.blocks.values():
+            block.add_(torch.randn_like(block))
+    model = ControlledModel(tiny_backbone, tiny_tokens)
+    layers = tiny_backbone.model.config.num_hidden_layers + 1
+    alone = states(model, ["hello there"])
+    assert alone.shape == (1, layers, 2 * tiny_backbone.hidden_size)
+    padded = states(model, ["hello there", "a much longer prompt about baking bread at home"])
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)  # left padding changes nothing
+    batch = model.encode(["hello there"], [Policy(())])
+    with torch.no_grad():
+        final = tiny_backbone.model.get_decoder()(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask
+        ).last_hidden_state
+    hidden = tiny_backbone.hidden_size
+    assert torch.allclose(alone[0, -1, :hidden], final[0, -1], atol=1e-5)  # the decision position
+    assert torch.allclose(alone[0, -1, hidden:], final[0].mean(0), atol=1e-5)
+    steered = states(model, ["hello there"], minors.policy("alcohol"))
+    assert not torch.allclose(steered[0, -1, :hidden], alone[0, -1, :hidden], atol=1e-3)
+
+
+def test_separability_detector_fires_on_the_asked_recall():
+    sep = _script("separability")
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, 0.0]])
+    y_train, y_test = torch.arange(3).repeat_interleave(40), torch.arange(3).repeat_interleave(20)
+    x_train = centres[y_train] + torch.randn(120, 2, generator=gen)
+    x_test = centres[y_test] + torch.randn(60, 2, generator=gen)
+    fires = sep.detector_fires(x_train, y_train, x_test, y_test, target=0, recall=0.9)
+    assert int(fires[y_test == 0].sum()) == 18  # 90% of the 20 own rows, by the threshold
+    assert int(fires[y_test != 0].sum()) == 0  # separable groups: nothing else
+    # the same distribution for every group: the detector fires on others about as often
+    noise_train, noise_test = torch.randn(120, 2, generator=gen), torch.randn(60, 2, generator=gen)
+    fires = sep.detector_fires(noise_train, y_train, noise_test, y_test, target=0, recall=0.9)
+    assert int(fires[y_test != 0].sum()) >= 10
+
+
+def test_separability_table_ors_the_base_models_refusals():
+    sep = _script("separability")
+    groups = ["a", "b", "c", "neutral"]
+    y = torch.arange(4).repeat_interleave(10)
+    x = torch.nn.functional.one_hot(y, 4).float()[:, None, :] * 5  # (n, 1 layer, features)
+    refused = torch.zeros(40, dtype=torch.bool)
+    refused[[10, 11, 30]] = True  # the base model refuses two b prompts and one neutral prompt
+    table = sep.detector_table(x, y, x, y, groups, 0, slice(0, 4), recall=1.0, refused=refused, only="a")
+    alone, with_base = table[""][0], table["+base"][0]
+    assert alone["own"] == 1.0 and alone["other"] == 0.0 and alone["rates"][-1] == 0.0
+    assert with_base["other"] == pytest.approx((0.2 + 0.0) / 2) and with_base["rates"][-1] == pytest.approx(
+        0.1
+    )
+
+
+def test_separability_samples_every_subtopic_and_keeps_its_cache_honest(tmp_path):
+    sep = _script("separability")
+    labels = torch.tensor([0] * 30 + [1] * 5)
+    keep = sep.sample_rows(labels, 10)
+    assert torch.equal(keep, sep.sample_rows(labels, 10))  # seeded
+    assert (labels[keep] == 0).sum() == 10 and (labels[keep] == 1).sum() == 5
+    assert int(keep[labels[keep] == 0].max()) >= 10  # not just the first rows of the file
+    path = tmp_path / "states.pt"
+    assert sep.cached(path, {"policy": None}, lambda: torch.ones(2)).sum() == 2
+    assert sep.cached(path, {"policy": None}, lambda: torch.zeros(2)).sum() == 2  # read back
+    with pytest.raises(SystemExit, match="not {'policy': 'alcohol'}"):
+        sep.cached(path, {"policy": "alcohol"}, lambda: torch.zeros(2))
+
+
+def test_separability_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    from mosaic_safety.backbone import TINY_MODEL
+
+    sep = _script("separability")
+    with pytest.raises(SystemExit):
+        sep.main(["--model", TINY_MODEL, "--artifact", str(tmp_path)])  # --policy missing
+    assert "--artifact and --policy go together" in capsys.readouterr().err
+    args = ["--model", TINY_MODEL, "--train-limit", "8", "--layers", "1", "--base-tokens", "2"]
+    sep.main([*args, "--cache", str(tmp_path / "s.pt")])
+    out = capsys.readouterr().out
+    assert (
+        "48 train and 600 test prompts" in out
+    )  # 8 per group, neutral too and "the base model refuses" in out
+    assert "addiction+base" in out and "(own 90%)" in out
+    assert (tmp_path / "s.pt").exists() and (tmp_path / "s.base2.pt").exists()
