@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from mosaic_safety import ControlledModel, ControlTokens, Policy, build_judge, load_backbone, load_suite
-from mosaic_safety.controlled import steering
 
 
 @torch.no_grad()
@@ -49,13 +48,7 @@ def prompt_states(
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         batch = model.encode(chunk, [policy] * len(chunk))
-        with steering(model.model, batch.ctrl_mask, batch.deep):
-            out = model.model.get_decoder()(
-                inputs_embeds=batch.inputs_embeds,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                output_hidden_states=True,
-            )
+        out = model.decoder_output(batch, output_hidden_states=True)
         hidden = torch.stack(out.hidden_states, dim=1).float().cpu()  # (b, L+1, T, H)
         weights = batch.attention_mask.cpu()[:, None, :, None].float()
         mean = (hidden * weights).sum(2) / weights.sum(2)

@@ -360,14 +360,19 @@ class ControlledModel:
 
     def _hidden(self, batch: EncodedBatch) -> torch.Tensor:
         """Final hidden states of the last ``batch.window`` positions (what :meth:`logits` maps)."""
+        return self.decoder_output(batch).last_hidden_state[:, -batch.window :]
+
+    def decoder_output(self, batch: EncodedBatch, **kwargs: Any) -> Any:
+        """The decoder (no LM head) over an encoded batch, deep offsets applied; ``kwargs`` go to the
+        decoder (``output_hidden_states=True`` for every layer's states, as diagnostics read them)."""
         with steering(self.model, batch.ctrl_mask, batch.deep):
-            out = self.model.get_decoder()(
+            return self.model.get_decoder()(
                 inputs_embeds=batch.inputs_embeds,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
                 use_cache=False,
+                **kwargs,
             )
-        return out.last_hidden_state[:, -batch.window :]
 
     def _tail_batch(
         self,
