@@ -74,6 +74,23 @@ def fit_probe(
     return probe
 
 
+def fires_at_recall(score: torch.Tensor, own: torch.Tensor, recall: float) -> torch.Tensor:
+    """Where ``score`` reaches the threshold that ``recall`` of the ``own`` rows reach."""
+    ranked = score[own].sort().values
+    missed = int((1 - recall) * len(ranked) + 1e-9)  # 1 - 0.9 is 0.0999...: plain int() misses one row
+    return score >= ranked[missed]
+
+
+def head_margin(model: ControlledModel, final: torch.Tensor, token: int) -> torch.Tensor:
+    """How far the frozen LM head puts ``token`` above every other token, from final-layer states:
+    the score by which greedy decoding opens a refusal (it does where the margin is positive)."""
+    with torch.no_grad():
+        logits = model.states_to_logits(final.to(model.device, model.backbone.dtype)).float().cpu()
+    rest = logits.clone()
+    rest[:, token] = float("-inf")
+    return logits[:, token] - rest.max(-1).values
+
+
 def detector_fires(
     train: torch.Tensor,
     y_train: torch.Tensor,
@@ -89,10 +106,7 @@ def detector_fires(
     probe = fit_probe((train - mu) / sd, (y_train == target).long(), 2, balance=True)
     with torch.no_grad():
         logits = probe((test - mu) / sd)
-    score = logits[:, 1] - logits[:, 0]
-    own = score[y_test == target].sort().values
-    missed = int((1 - recall) * len(own) + 1e-9)  # 1 - 0.9 is 0.0999...: plain int() misses one row
-    return score >= own[missed]
+    return fires_at_recall(logits[:, 1] - logits[:, 0], y_test == target, recall)
 
 
 def refusals(
@@ -216,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--base-tokens", type=int, default=0, help="also judge the base model's answers of this many tokens"
     )
+    parser.add_argument(
+        "--refusal-token", default="Sorry", help="the trained refusal's first word (--policy)"
+    )
     args = parser.parse_args(argv)
     if (args.artifact is None) != (args.policy is None):
         parser.error("--artifact and --policy go together")
@@ -270,6 +287,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 ),
             )
             print(f"under the trained {args.policy} policy itself:\n  " + group_rates(under, y_test, groups))
+    if args.policy:
+        # the policy's own readout as a score: the frozen head's margin for the refusal's first token
+        token = controlled().tokenizer.encode(args.refusal_token, add_special_tokens=False)[0]
+        margin = head_margin(controlled(), x_test[:, -1, : x_test.shape[-1] // 2], token)
+        own = y_test == groups.index(args.policy)
+        print(
+            f"\nthe LM head's margin for {args.refusal_token!r} (the first refusal token) at the last position:"
+        )
+        print("  greedy opens with it: " + group_rates(margin > 0, y_test, groups))
+        fires = fires_at_recall(margin, own, args.recall)
+        print(f"  as a score, thresholded at {args.recall:.0%} own: " + group_rates(fires, y_test, groups))
 
     print(f"\none-vs-rest detectors set to fire on {args.recall:.0%} of their own test prompts;")
     print("'other' is the mean over the other categories, 'neutral' (mean row) the worst detector's")

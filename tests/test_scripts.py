@@ -288,3 +288,34 @@ def test_separability_end_to_end_on_the_tiny_model(tmp_path, capsys):
     )  # 8 per group, neutral too and "the base model refuses" in out
     assert "addiction+base" in out and "(own 90%)" in out
     assert (tmp_path / "s.pt").exists() and (tmp_path / "s.base2.pt").exists()
+
+
+def test_separability_head_margin_is_positive_exactly_where_greedy_picks_the_token(tiny_backbone):
+    from mosaic_safety.controlled import ControlledModel
+
+    sep = _script("separability")
+    model = ControlledModel(tiny_backbone)
+    final = torch.randn(64, tiny_backbone.hidden_size, generator=torch.Generator().manual_seed(0)) * 4
+    with torch.no_grad():
+        greedy = model.states_to_logits(final).argmax(-1)
+    token = int(greedy.mode().values)
+    margin = sep.head_margin(model, final, token)
+    assert torch.equal(margin > 0, greedy == token) and bool((greedy == token).any())
+    own = torch.zeros(64, dtype=torch.bool)
+    own[:10] = True
+    assert int(sep.fires_at_recall(margin, own, 0.9)[own].sum()) == 9
+
+
+def test_separability_reads_states_under_a_trained_policy(tmp_path, capsys, tiny_backbone, tiny_tokens):
+    from mosaic_safety.backbone import TINY_MODEL
+
+    sep = _script("separability")
+    tiny_tokens.save(tmp_path / "artifact", tiny_backbone.describe())
+    args = ["--model", TINY_MODEL, "--artifact", str(tmp_path / "artifact"), "--policy", "alcohol"]
+    args += ["--train-limit", "8", "--layers", "1", "--base-tokens", "2", "--refusal-token", "hello"]
+    sep.main([*args, "--cache", str(tmp_path / "p.pt")])
+    out = capsys.readouterr().out
+    assert "under the trained alcohol policy itself" in out and "the LM head's margin for 'hello'" in out
+    assert "alcohol+base" in out and "addiction+base" not in out  # only the policy's own detector
+    with pytest.raises(SystemExit, match="not"):  # the same cache for another policy is refused
+        sep.main([*args[:5], "sex", *args[6:], "--cache", str(tmp_path / "p.pt")])
