@@ -74,6 +74,16 @@ def fit_probe(
     return probe
 
 
+def probe_logits(
+    train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, classes: int, balance: bool = False
+) -> torch.Tensor:
+    """A probe fitted on ``train`` (standardised by the train split's statistics), applied to ``test``."""
+    mu, sd = train.mean(0), train.std(0) + 1e-6
+    probe = fit_probe((train - mu) / sd, y_train, classes, balance=balance)
+    with torch.no_grad():
+        return probe((test - mu) / sd)
+
+
 def fires_at_recall(score: torch.Tensor, own: torch.Tensor, recall: float) -> torch.Tensor:
     """Where ``score`` reaches the threshold that ``recall`` of the ``own`` rows reach."""
     ranked = score[own].sort().values
@@ -102,10 +112,7 @@ def detector_fires(
     """Where a one-vs-rest linear detector for ``target`` fires on the test rows, its threshold set on
     the test split itself so that it fires on ``recall`` of the target's prompts (the oracle threshold
     favours the detector, so what it over-flags is a lower bound for such a reader)."""
-    mu, sd = train.mean(0), train.std(0) + 1e-6
-    probe = fit_probe((train - mu) / sd, (y_train == target).long(), 2, balance=True)
-    with torch.no_grad():
-        logits = probe((test - mu) / sd)
+    logits = probe_logits(train, (y_train == target).long(), test, 2, balance=True)
     return fires_at_recall(logits[:, 1] - logits[:, 0], y_test == target, recall)
 
 
@@ -167,7 +174,16 @@ def cached(path: Path | None, key: dict[str, Any], compute: Callable[[], Any]) -
     return value
 
 
-def print_multiclass(x_train, y_train, x_test, y_test, groups, layers, views, pair) -> None:
+def print_multiclass(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    groups: Sequence[str],
+    layers: Sequence[int],
+    views: dict[str, slice],
+    pair: Sequence[str],
+) -> None:
     """A probe over all groups at once: accuracy, the pair's confusion and each group's recall."""
     a, b = (name[:3] for name in pair)
     ia, ib = groups.index(pair[0]), groups.index(pair[1])
@@ -176,10 +192,7 @@ def print_multiclass(x_train, y_train, x_test, y_test, groups, layers, views, pa
     for layer in layers:
         for view, cols in views.items():
             tr, te = x_train[:, layer, cols], x_test[:, layer, cols]
-            mu, sd = tr.mean(0), tr.std(0) + 1e-6
-            probe = fit_probe((tr - mu) / sd, y_train, len(groups))
-            with torch.no_grad():
-                pred = probe((te - mu) / sd).argmax(-1)
+            pred = probe_logits(tr, y_train, te, len(groups)).argmax(-1)
             acc = float((pred == y_test).float().mean())
             recall = [float((pred[y_test == g] == g).float().mean()) for g in range(len(groups))]
             a2b = float((pred[y_test == ia] == ib).float().mean())
@@ -189,7 +202,16 @@ def print_multiclass(x_train, y_train, x_test, y_test, groups, layers, views, pa
 
 
 def detector_table(
-    x_train, y_train, x_test, y_test, groups, layer, cols, recall, refused=None, only=None
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    groups: Sequence[str],
+    layer: int,
+    cols: slice,
+    recall: float,
+    refused: torch.Tensor | None = None,
+    only: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Per category detector: the share of each group it fires on, alone and OR-ed with the base
     model's own refusals (``+base``: what refusing exactly where it fires would score)."""

@@ -127,7 +127,7 @@ def test_each_epoch_draws_by_the_confusion_measured_after_the_last(tmp_path, tin
     assert drawn == [None, measured[1]]  # epoch 1 uniform, epoch 2 by what epoch 1 left
     assert [d["confusion"] for k, d in events if k == "confusion"] == [measured[1], measured[2]]
     ckpt = run / "checkpoints" / "epoch-1"
-    assert json.loads((ckpt / "mosaic.json").read_text())["metrics"]["confusion"] == measured[1]
+    assert json.loads((ckpt / "mosaic.json").read_text())["metrics"]["confusion"]["off_target"] == measured[1]
     again = ControlledModel(tiny_backbone, ControlTokens.load(ckpt, tiny_backbone.describe()))
     assert confusion_from_rates(trainer.confusion_probe.rates(again)) == measured[1]
     assert any(r > 0 for row in measured[1].values() for r in row.values())  # the test steers something
@@ -161,5 +161,5 @@ def test_resume_with_another_probe_size_measures_again(tmp_path, tiny_backbone):
     resumed.train(tmp_path / "run", resume=True)
     assert [d["epoch"] for k, d in events if k == "confusion"] == [1, 2]
     saved = json.loads((tmp_path / "run" / "checkpoints" / "epoch-2" / "mosaic.json").read_text())["metrics"]
-    assert saved["confusion_settings"] == resumed.confusion_probe.settings
-    assert saved["confusion_settings"]["per_group"] == 3
+    assert saved["confusion"]["settings"] == resumed.confusion_probe.settings
+    assert saved["confusion"]["settings"]["per_group"] == 3

@@ -146,13 +146,16 @@ def best_epochs(history: dict[int, dict[str, float]], categories: Sequence[str])
     return out
 
 
-def stored_record(checkpoint: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """A checkpoint's validation record, if it was scored with the same probe settings.
+def stored_record(
+    checkpoint: Path, settings: dict[str, Any], key: str = "validation"
+) -> dict[str, Any] | None:
+    """A checkpoint's probe record (``metrics[key]``), if it was made with the same probe settings.
 
     Checkpoints of a run trained with ``select.mode=last``, or scored with another sample size,
-    have none; the caller scores those afresh, so selection also works on an older run.
+    have none; the caller scores those afresh, so selection also works on an older run. The same
+    holds for the hard-negatives measure (``key="confusion"``) on ``--resume``.
     """
-    record = read_manifest(checkpoint).get("metrics", {}).get("validation")
+    record = read_manifest(checkpoint).get("metrics", {}).get(key)
     if not isinstance(record, dict) or record.get("settings") != settings:
         return None
     return record

@@ -586,8 +586,8 @@ class Trainer:
         ckpt = checkpoint_dir(out, epoch)
         metrics: dict[str, Any] = {"validation": validation} if validation else {}
         if self.confusion is not None and self.confusion_probe is not None:
-            metrics["confusion"] = self.confusion  # what the next epoch draws by, read back on --resume
-            metrics["confusion_settings"] = self.confusion_probe.settings
+            # what the next epoch draws by, read back on --resume if the probe is the same
+            metrics["confusion"] = {"settings": self.confusion_probe.settings, "off_target": self.confusion}
         self.save(ckpt, {"epoch": epoch, "steps": step}, metrics)
         save_optimizer_state(ckpt, self.optimizer, self._checkpointed(), epoch, step)
 
@@ -652,14 +652,10 @@ class Trainer:
                 param.copy_(saved[_artifact_key(name)].to(param.device))
         epoch, step = load_optimizer_state(ckpt, self.optimizer, self._checkpointed())
         if self.confusion_probe is not None:
-            metrics = read_manifest(ckpt).get("metrics", {})
-            stored = metrics.get("confusion")
-            same_probe = metrics.get("confusion_settings") == self.confusion_probe.settings
+            record = stored_record(ckpt, self.confusion_probe.settings, "confusion")
             # the epoch's tokens are loaded, so a checkpoint without a measure from this probe
             # (none stored, or select.per_group / prefix_tokens changed since) is measured now
-            self.confusion = (
-                stored if isinstance(stored, dict) and same_probe else self._measure_confusion(epoch)
-            )
+            self.confusion = record["off_target"] if record else self._measure_confusion(epoch)
         self.report("stage", {"name": f"resumed from {ckpt.name} (step {step})"})
         return epoch, step
 
