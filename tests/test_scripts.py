@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_controlled import perturb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,9 +77,7 @@ def test_decision_kl_separates_the_first_answer_token(tiny_backbone, tiny_tokens
     from mosaic_safety.policy import Policy
 
     drift = _script("decision_kl").decision_drift
-    with torch.no_grad():
-        for block in tiny_tokens.blocks.values():
-            block.add_(torch.randn_like(block))
+    perturb(tiny_tokens, seed=0)  # make the control tokens matter
     model = ControlledModel(tiny_backbone, tiny_tokens)
     prompts, answers = ["hello there", "bake bread"], [[5, 6, 7], [9, 10]]
     assert all(r["first"] == r["mean"] == 0 for r in drift(model, prompts, answers, Policy(())))
@@ -207,9 +206,7 @@ def test_separability_states_follow_generation_and_ignore_batch_mates(tiny_backb
     from mosaic_safety.policy import Policy
 
     states = _script("separability").prompt_states
-    with torch.no_grad():
-        for block in tiny_tokens.blocks.values():
-            block.add_(torch.randn_like(block))
+    perturb(tiny_tokens, seed=0)  # make the control tokens matter
     model = ControlledModel(tiny_backbone, tiny_tokens)
     layers = tiny_backbone.model.config.num_hidden_layers + 1
     alone = states(model, ["hello there"])
