@@ -38,7 +38,7 @@ def base_greedy(backbone, prompt, n):
     return out[0, ids.shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("placement", ["prefix", "system", "user", "user_end"])
+@pytest.mark.parametrize("placement", ["prefix", "system", "user", "user_end", "assistant"])
 def test_empty_policy_gives_base_logits_and_text(tiny_backbone, tiny_tokens, placement):
     tiny_tokens.placement = placement
     cm = ControlledModel(tiny_backbone, tiny_tokens)
@@ -55,7 +55,7 @@ def test_empty_policy_gives_base_logits_and_text(tiny_backbone, tiny_tokens, pla
         assert row == expected
 
 
-@pytest.mark.parametrize("placement", ["prefix", "user", "user_end"])
+@pytest.mark.parametrize("placement", ["prefix", "user", "user_end", "assistant"])
 def test_row_does_not_depend_on_batch_or_padding(tiny_backbone, tiny_tokens, minors, placement):
     tiny_tokens.placement = placement
     perturb(tiny_tokens, seed=1)  # make the control tokens matter so that a leak between rows would show
@@ -146,7 +146,7 @@ def test_unknown_category_lists_valid_ones(tiny_backbone, tiny_tokens):
         cm.generate([PROMPTS[0]], ["Alcohol"], max_new_tokens=2)
 
 
-@pytest.mark.parametrize("placement", ["prefix", "system", "user", "user_end"])
+@pytest.mark.parametrize("placement", ["prefix", "system", "user", "user_end", "assistant"])
 def test_shared_heads_give_the_full_forward_values_and_gradients(
     tiny_backbone, tiny_tokens, minors, placement
 ):
@@ -262,7 +262,7 @@ def test_deep_offsets_land_on_each_rows_control_positions(tiny_backbone, deep_to
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("placement", ["prefix", "user_end"])
+@pytest.mark.parametrize("placement", ["prefix", "user_end", "assistant"])
 def test_deep_rows_are_independent_and_shared_heads_agree(tiny_backbone, deep_tokens, minors, placement):
     deep_tokens.placement = placement
     cm = ControlledModel(tiny_backbone, deep_tokens)
@@ -299,7 +299,7 @@ def test_deep_tokens_need_the_layer_count_they_were_made_for(deep_tokens):
         ControlledModel(deeper, deep_tokens)
 
 
-@pytest.mark.parametrize("placement", ["user", "user_end"])
+@pytest.mark.parametrize("placement", ["user", "user_end", "assistant"])
 def test_policies_sharing_a_prompt_generate_over_one_head(tiny_backbone, deep_tokens, minors, placement):
     """An evaluation asks every policy about the same prompts: each prompt's head runs once per batch,
     and every row's tokens are what it generates alone."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mosaic_safety.config import ConfigError, load_config
@@ -84,7 +86,7 @@ def test_config_defaults_and_overrides(tmp_path):
         ("tokens:\n  mm: 2\n", [], "unknown config key"),
         ("optim:\n  epochs: two\n", [], "expected an integer"),
         ("tokens:\n  m: 0\n", [], "at least 1"),
-        ("tokens:\n  placement: middle\n", [], "placement"),
+        ("tokens:\n  placement: middle\n", [], "placement: prefix | system | user | user_end | assistant"),
         ("", ["optim.lr"], "key.sub=value"),
         ("", ["optim.lr=-1"], "positive"),
         ("", ["data.refusal=Sorry, not here."], "data.refusal must contain"),
@@ -96,7 +98,7 @@ def test_config_defaults_and_overrides(tmp_path):
 def test_bad_configs(tmp_path, text, overrides, message):
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):  # messages are literal text
         load_config(path, overrides)
 
 

@@ -21,8 +21,11 @@ def _logits(cm, heads, prompts, policies, targets):
     return logits[labels != -100]
 
 
-def test_cached_heads_give_the_values_of_a_fresh_prefill(tiny_backbone, tiny_tokens, minors):
-    tiny_tokens.placement = "user_end"
+@pytest.mark.parametrize("placement", ["user_end", "assistant"])
+def test_cached_heads_give_the_values_of_a_fresh_prefill(tiny_backbone, tiny_tokens, minors, placement):
+    """With ``assistant`` placement the empty-policy row has only its target after the head: its first
+    logit comes from the head's stored last state."""
+    tiny_tokens.placement = placement
     perturb(tiny_tokens, seed=3)
     cm = ControlledModel(tiny_backbone, tiny_tokens)
     cache = HeadCache(cm, 2**30)
@@ -136,9 +139,15 @@ def test_base_states_give_the_base_models_logits(tiny_backbone, tiny_tokens, sha
         BaseStates(cm, -1)
 
 
-def test_training_with_and_without_the_cache_agrees(tiny_backbone, tmp_path):
+@pytest.mark.parametrize("placement", ["user_end", "assistant"])
+def test_training_with_and_without_the_cache_agrees(tiny_backbone, tmp_path, placement):
     """Two epochs through the cache end where two epochs of fresh prefills end (float rounding)."""
-    overrides = ["optim.epochs=2", "tokens.placement=user_end", "tokens.deep=true", "optim.refusal_path_kl=1"]
+    overrides = [
+        "optim.epochs=2",
+        f"tokens.placement={placement}",
+        "tokens.deep=true",
+        "optim.refusal_path_kl=1",
+    ]
     runs = {}
     for mb in (64, 0):
         config = load_config("configs/tiny-test.yaml", [*overrides, f"optim.cache_mb={mb}"])

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .policy import REFUSAL_TEMPLATE_RULE, usable_refusal_template
+from .tokens import PLACEMENTS
 
 
 class ConfigError(ValueError):
@@ -41,7 +42,7 @@ class DataConfig:
 class TokensConfig:
     m: int = 5  # control tokens per category
     init: str = "description"  # description | text | vocab
-    placement: str = "prefix"  # prefix | system | user | user_end
+    placement: str = "prefix"  # prefix | system | user | user_end | assistant
     norm_cap: float = 0.0  # >0: after each step, cap every vector's norm at this × the largest vocab-row norm
     deep: bool = False  # also learn an offset per control token and decoder layer (P-tuning v2 style)
 
@@ -141,8 +142,8 @@ class TrainConfig:
                 f"data.refusal {REFUSAL_TEMPLATE_RULE}",
             ),
             (
-                self.tokens.placement in ("prefix", "system", "user", "user_end"),
-                "tokens.placement: prefix | system | user | user_end",
+                self.tokens.placement in PLACEMENTS,
+                f"tokens.placement: {' | '.join(PLACEMENTS)}",
             ),
             (self.tokens.norm_cap >= 0, "tokens.norm_cap must be >= 0 (0: off)"),
             (self.sampling.max_order >= 1, "sampling.max_order must be at least 1"),

@@ -6,9 +6,12 @@ Every row of a batch may carry a different policy. A row is laid out as
     chat-templated prompt] [optional target tokens]
 
 The placement point is the very start (``prefix``), the start of the system turn (``system``), the
-start of the last user message (``user``) or its end (``user_end``). Only with ``user_end`` can the
-control tokens themselves attend to the request, which helps small models tell categories apart;
-the first three keep a policy's prefix cacheable across requests.
+start of the last user message (``user``), its end (``user_end``) or the start of the assistant's
+turn, after the generation header (``assistant``). Only the last two let the control tokens
+themselves attend to the request, which helps small models tell categories apart; with
+``assistant`` the last control token is the position that decides the first response token, so the
+tokens' own (learned) queries read the request there. The first three keep a policy's prefix
+cacheable across requests.
 
 Control tokens are spliced into the embedded sequence with ``masked_scatter``, so gradients flow
 to them and nowhere else. Deep tokens also add their per-layer offsets at the same positions while
@@ -24,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -62,21 +66,25 @@ class EncodedBatch:
 class PromptHeads:
     """The KV cache of each row's prompt up to its control tokens, computed once without gradients.
 
-    With ``user_end`` or ``system`` placement most of a row (the system turn, the request) comes
-    before the control tokens and so does not depend on them. Training runs that part once, under
-    ``no_grad``, and back-propagates only through the short tail (tokens, template rest, response),
-    and the teacher pass on the same rows reuses it.
+    With ``user_end``, ``assistant`` or ``system`` placement most of a row (the system turn, the
+    request) comes before the control tokens and so does not depend on them. Training runs that
+    part once, under ``no_grad``, and back-propagates only through the short tail (tokens, template
+    rest, response), and the teacher pass on the same rows reuses it.
     """
 
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (B, heads, Lh, head_dim)
     mask: torch.Tensor  # (B, Lh), left-padded
     lengths: torch.Tensor  # (B,) real head tokens per row
+    # (B, d): the final hidden state at each head's last token. With ``assistant`` placement and an
+    # empty policy that position predicts the first response token, and no tail position does.
+    last_states: torch.Tensor | None = None
 
     def rows(self, index: Sequence[int]) -> PromptHeads:
         """The heads of a subset of rows (for the teacher pass on the negatives)."""
         idx = torch.as_tensor(list(index), device=self.mask.device)
         kv = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.keys_values]
-        return PromptHeads(kv, self.mask.index_select(0, idx), self.lengths.index_select(0, idx))
+        last = self.last_states.index_select(0, idx) if self.last_states is not None else None
+        return PromptHeads(kv, self.mask.index_select(0, idx), self.lengths.index_select(0, idx), last)
 
 
 class ControlledModel:
@@ -166,6 +174,8 @@ class ControlledModel:
     def _text_before_placement(self, prompt: Prompt, full: str) -> str:
         if self.placement == "prefix":
             return ""
+        if self.placement == "assistant":  # the whole templated prompt comes first
+            return full
         messages = [dict(m) for m in _messages(prompt)]
         if self.placement in ("user", "user_end"):
             users = [i for i, m in enumerate(messages) if m["role"] == "user"]
@@ -300,7 +310,7 @@ class ControlledModel:
             use_cache=True,
         )
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return PromptHeads(kv, mask, mask.sum(-1))
+        return PromptHeads(kv, mask, mask.sum(-1), out.last_hidden_state[:, -1])
 
     def response_logits(
         self,
@@ -438,8 +448,14 @@ class ControlledModel:
                 past_key_values=DynamicCache(heads.keys_values, config=self.model.config),
                 use_cache=True,
             )
+        hidden = out.last_hidden_state
+        if min(starts) < 0:  # a row whose tail is only its target: target[0] is predicted by the head's end
+            if heads.last_states is None:
+                raise ValueError("these heads carry no last states; a row has nothing after its head")
+            hidden = torch.cat([heads.last_states.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
+            starts = [s + 1 for s in starts]
         first = min(starts)
-        return out.last_hidden_state[:, first:], [s - first for s in starts]
+        return hidden[:, first:], [s - first for s in starts]
 
     def forward(self, prompts: Sequence[Prompt], policies: Sequence[Any]) -> torch.Tensor:
         """Full-sequence logits ``(B, L, V)`` (left-padded) for prompts under per-row policies."""
@@ -499,25 +515,45 @@ class ControlledModel:
         (control tokens, rest of the template) is left-padded after its head; the padding between
         the two is masked and position ids continue from the head, so a row's tokens are those of
         :meth:`decode_steps` up to float rounding.
+
+        A row with an empty tail (the empty policy with ``assistant`` placement) decodes its first
+        token from the head's stored last state (``heads.last_states``).
         """
         if max_new_tokens < 1:
             return
         from transformers import DynamicCache
 
-        embeds, mask, ctrl, deep, _ = self._tail_batch(prompts, policies, left_pad=True)
-        positions = heads.lengths.unsqueeze(1) + (mask.cumsum(-1) - 1).clamp(min=0)
+        embeds, mask, ctrl, deep, lengths = self._tail_batch(prompts, policies, left_pad=True)
+        # padding columns (and so the last column of an empty tail) get the head's last position
+        positions = heads.lengths.unsqueeze(1) + mask.cumsum(-1) - 1
         full_mask = torch.cat([heads.mask, mask], dim=1)
-        with steering(self.model, ctrl, deep):
-            out = self.model(
-                inputs_embeds=embeds,
-                attention_mask=full_mask,
-                position_ids=positions,
-                past_key_values=DynamicCache(heads.keys_values, config=self.model.config),
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        cache = DynamicCache(heads.keys_values, config=self.model.config)
+        logits = None
+        if mask.shape[1]:
+            with steering(self.model, ctrl, deep):
+                out = self.model(
+                    inputs_embeds=embeds,
+                    attention_mask=full_mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            logits, cache = out.logits, out.past_key_values
+        else:
+            positions = heads.lengths.unsqueeze(1) - 1
+        empty = [i for i, n in enumerate(lengths) if n == 0]
+        if empty:
+            if heads.last_states is None:
+                raise ValueError("these heads carry no last states; a row has nothing after its head")
+            from_head = self.states_to_logits(heads.last_states[empty]).unsqueeze(1)
+            if logits is None:
+                logits = from_head
+            else:
+                logits[empty] = from_head.to(logits.dtype)
+        first = SimpleNamespace(logits=logits, past_key_values=cache)
         yield from self._decode(
-            out, full_mask, positions[:, -1:], max_new_tokens, do_sample, temperature, top_p, generator
+            first, full_mask, positions[:, -1:], max_new_tokens, do_sample, temperature, top_p, generator
         )
 
     def _decode(

@@ -27,7 +27,7 @@ from .policy import Category, CategoryRegistry, Policy
 FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.safetensors"
 MANIFEST_FILE = "mosaic.json"
-PLACEMENTS = ("prefix", "system", "user", "user_end")
+PLACEMENTS = ("prefix", "system", "user", "user_end", "assistant")
 
 
 class ArtifactError(ValueError):

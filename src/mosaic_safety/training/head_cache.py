@@ -1,6 +1,6 @@
 """Prompt heads kept across training steps and epochs.
 
-With ``user_end`` (or ``system``) placement, a row's prompt up to its control tokens (the system
+With ``user_end``, ``assistant`` (or ``system``) placement, a row's prompt up to its control tokens (the system
 turn and the request) does not depend on the tokens, so its key/value cache is the same every time
 the prompt is drawn. A run draws the same few hundred prompts every epoch, and on SmolLM2 that
 prefill is about a quarter of a training step (``bench/step_caches.py``). This cache runs each
@@ -32,6 +32,7 @@ class HeadCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._entries: dict[str, torch.Tensor] = {}  # (layers, 2, kv_heads, length, head_dim)
+        self._last: dict[str, torch.Tensor] = {}  # (d,): final hidden state at the head's last token
         self.hits = 0
         self.misses = 0
 
@@ -50,7 +51,7 @@ class HeadCache:
         if self.max_bytes == 0:
             return self.model.prefill_heads(prompts)
         keys = [self._key(p) for p in prompts]
-        fresh: dict[str, torch.Tensor] = {}
+        fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         todo = list(dict.fromkeys(k for k, p in zip(keys, prompts) if k not in self._entries))
         if todo:
             by_key = {k: p for k, p in zip(keys, prompts)}
@@ -58,11 +59,11 @@ class HeadCache:
             if computed is None:
                 return None
             for i, key in enumerate(todo):
-                fresh[key] = _unpadded(computed, i)
-                self._store(key, fresh[key])
+                fresh[key] = (_unpadded(computed, i), computed.last_states[i].clone())
+                self._store(key, *fresh[key])
         self.misses += sum(k in fresh for k in keys)
         self.hits += sum(k not in fresh for k in keys)
-        return _assemble([fresh.get(k, self._entries.get(k)) for k in keys])
+        return _assemble([fresh.get(k) or (self._entries[k], self._last[k]) for k in keys])
 
     def warm(
         self, prompts: Sequence[Prompt], batch_size: int = 32, progress: Callable[[int], None] | None = None
@@ -94,10 +95,11 @@ class HeadCache:
     def _head_length(self, prompt: Prompt) -> int:
         return len(self.model.split_prompt(prompt)[0])
 
-    def _store(self, key: str, entry: torch.Tensor) -> None:
-        size = entry.numel() * entry.element_size()
+    def _store(self, key: str, entry: torch.Tensor, last: torch.Tensor) -> None:
+        size = (entry.numel() + last.numel()) * entry.element_size()
         if self.bytes + size <= self.max_bytes:
             self._entries[key] = entry
+            self._last[key] = last
             self.bytes += size
 
 
@@ -109,9 +111,9 @@ def _unpadded(heads: PromptHeads, row: int) -> torch.Tensor:
     ).clone()
 
 
-def _assemble(entries: list[torch.Tensor | None]) -> PromptHeads:
+def _assemble(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> PromptHeads:
     """Left-pad per-prompt entries into one batch; padded keys and values are zeros (masked)."""
-    assert all(e is not None for e in entries)
+    entries = [entry for entry, _ in pairs]
     first = entries[0]
     layers, _, kv_heads, _, head_dim = first.shape
     lengths = [e.shape[3] for e in entries]
@@ -122,4 +124,4 @@ def _assemble(entries: list[torch.Tensor | None]) -> PromptHeads:
         out[:, :, i, :, width - length :] = entry
         mask[i, width - length :] = 1
     keys_values = [(out[layer, 0], out[layer, 1]) for layer in range(layers)]
-    return PromptHeads(keys_values, mask, mask.sum(-1))
+    return PromptHeads(keys_values, mask, mask.sum(-1), torch.stack([last for _, last in pairs]))
