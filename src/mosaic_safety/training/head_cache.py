@@ -1,8 +1,8 @@
 """Prompt heads kept across training steps and epochs.
 
-With ``user_end``, ``assistant`` (or ``system``) placement, a row's prompt up to its control tokens (the system
-turn and the request) does not depend on the tokens, so its key/value cache is the same every time
-the prompt is drawn. A run draws the same few hundred prompts every epoch, and on SmolLM2 that
+With ``user_end``, ``assistant`` (or ``system``) placement, a row's prompt up to its control
+tokens (the system turn and the request) does not depend on the tokens, so its key/value cache is
+the same every time the prompt is drawn. A run draws the same few hundred prompts every epoch, and on SmolLM2 that
 prefill is about a quarter of a training step (``bench/step_caches.py``). This cache runs each
 prompt's head once, keeps its keys and values (without padding) up to a byte budget, and builds
 each batch's left-padded :class:`PromptHeads` from them. Prompts past the budget are recomputed
