@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -404,14 +405,26 @@ def test_resume_trains_longer_and_starts_fresh_without_a_checkpoint(
     starts afresh (and says so)."""
     from safetensors.torch import load_file
 
-    from mosaic_safety.methods.artifact import WEIGHTS_FILE
+    from mosaic_safety.methods.artifact import MANIFEST_FILE, WEIGHTS_FILE
 
     first, _, _, _ = trained
     monkeypatch.setenv("MOSAIC_CACHE", str(first.parent / "cache"))
     short = tmp_path / "short"
     config = load_config(ROOT / "configs" / "tiny-dsa.yaml", ["method_options.adapter_epochs=1"])
     dsa.train(config, short, backbone=tiny_backbone)
+    # the first session's times, as its checkpoint records them, set to values no tiny run reaches
+    ckpt_manifest = short / "checkpoints" / "epoch-1" / MANIFEST_FILE
+    data = json.loads(ckpt_manifest.read_text())
+    assert data["training"]["seconds"] >= data["training"]["adapter_seconds"] >= 0
+    data["training"].update(seconds=1000.0, adapter_seconds=500.0, guard_seconds=7.0)
+    ckpt_manifest.write_text(json.dumps(data))
+    started = time.time()
     _resumed_dsa(short, tiny_backbone)  # the recipe's 2 epochs
+    # the artifact records the whole run's times beside the whole run's steps
+    times = json.loads((short / MANIFEST_FILE).read_text())["training"]
+    assert 1000.0 <= times["seconds"] <= 1000.1 + time.time() - started  # recorded to 0.1 s
+    assert 500.0 <= times["adapter_seconds"] <= 500.1 + time.time() - started
+    assert times["guard_seconds"] == 7.0  # the guardrail was trained by the first session only
     reference, longer = load_file(str(first / WEIGHTS_FILE)), load_file(str(short / WEIGHTS_FILE))
     assert all(torch.equal(longer[k], reference[k]) for k in reference)
     stages = _resumed_dsa(tmp_path / "empty", tiny_backbone)

@@ -13,6 +13,7 @@ import stat
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -457,8 +458,15 @@ def test_resume_continues_an_adapter_run(tmp_path, tiny_backbone, monkeypatch, n
         )
     assert (run / WEIGHTS_FILE).read_bytes() == before
 
+    # the first session's training time, as its checkpoint records it, set to a value no tiny run reaches
+    ckpt_manifest = run / "checkpoints" / "epoch-1" / MANIFEST_FILE
+    data = json.loads(ckpt_manifest.read_text())
+    assert data["training"]["seconds"] > 0
+    data["training"]["seconds"] = 1000.0
+    ckpt_manifest.write_text(json.dumps(data))
     secrets = read_secrets(run) if name == "magic_token" else None
     events: list[tuple[str, dict]] = []
+    started = time.time()
     summary = module.train(
         _config(name, "optim.epochs=2"),
         run,
@@ -468,6 +476,9 @@ def test_resume_continues_an_adapter_run(tmp_path, tiny_backbone, monkeypatch, n
     )
     start = next(d for k, d in events if k == "start")
     assert start["done_steps"] == summary["steps"] // 2 > 0
+    # the artifact records the whole run's time beside the whole run's steps
+    assert 1000.0 <= summary["seconds"] <= 1000.1 + time.time() - started  # recorded to 0.1 s
+    assert json.loads((run / MANIFEST_FILE).read_text())["training"]["seconds"] == summary["seconds"]
     assert any(k == "stage" and "resumed from epoch-1" in d["name"] for k, d in events)
     resumed = load_file(str(run / WEIGHTS_FILE))
     assert any(not torch.equal(resumed[k], after_one[k]) for k in resumed)

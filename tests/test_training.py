@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from math import comb
 
 import pytest
@@ -219,10 +220,22 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_backbone, reci
     full.train(tmp_path / "full")
     half = Trainer(tiny_config(tmp_path, "optim.epochs=1", *recipe), backbone=tiny_backbone)
     half.train(tmp_path / "run")
+    # the first session's training time, as its checkpoint records it, set to a value no tiny run reaches
+    manifest = tmp_path / "run" / "checkpoints" / "epoch-1" / "mosaic.json"
+    data = json.loads(manifest.read_text())
+    assert data["training"]["seconds"] > 0
+    data["training"]["seconds"] = 1000.0
+    manifest.write_text(json.dumps(data))
     # same recipe with 2 epochs, resumed from the epoch-1 checkpoint of the 1-epoch run
     resumed = Trainer(tiny_config(tmp_path, "optim.epochs=2", *recipe), backbone=tiny_backbone)
+    started = time.time()
     result = resumed.train(tmp_path / "run", resume=True)
     assert result.steps == full.sampler.steps_per_epoch(4) * 2
+    # the artifact records the whole run's time beside the whole run's steps
+    assert 1000.0 <= result.seconds <= 1000.0 + time.time() - started
+    assert json.loads((tmp_path / "run" / "mosaic.json").read_text())["training"]["seconds"] == round(
+        result.seconds, 1
+    )
     learned = resumed.tokens.named_tensors()
     assert any(k.startswith("deep.") for k in learned) == bool(recipe)
     for key, tensor in full.tokens.named_tensors().items():  # blocks, and deep offsets with their Adam state

@@ -368,6 +368,13 @@ def train_dsa(
         gate_dsr = float(fired[val_y].float().mean())
         gate_or = float(fired[~val_y].float().mean())
     guard_seconds = time.time() - t1
+    # a resumed run records its whole time beside its whole steps: the sessions before this one count
+    prior_seconds, prior_adapter = 0.0, 0.0
+    if start is not None:
+        done = start[1]["training"]
+        prior_seconds = float(done.get("seconds", 0.0))  # older checkpoints lack these: 0
+        prior_adapter = float(done.get("adapter_seconds", 0.0))
+        guard_seconds = float(done.get("guard_seconds", guard_seconds))  # trained by the first session
     report(
         "stage",
         {
@@ -455,6 +462,9 @@ def train_dsa(
                     "steps": step,
                     "config": config.to_dict(),
                     "guard_loss": guard_loss,
+                    "seconds": round(prior_seconds + time.time() - t_start, 1),
+                    "adapter_seconds": round(prior_adapter + time.time() - t2, 1),
+                    "guard_seconds": round(guard_seconds, 1),
                 },
             },
         )
@@ -463,8 +473,8 @@ def train_dsa(
         adapter.train()
         report("epoch", {"epoch": epoch + 1, "step": step})
     adapter.eval()
-    adapter_seconds = time.time() - t2
-    seconds = time.time() - t_start
+    adapter_seconds = prior_adapter + time.time() - t2
+    seconds = prior_seconds + time.time() - t_start
     training = {
         "config": config.to_dict(),
         "suite": suite.name,

@@ -258,6 +258,8 @@ class Trainer:
         self, config: TrainConfig, backbone: Backbone | None = None, reporter: Reporter | None = None
     ):
         self.config = config
+        self._prior_seconds = 0.0  # a resumed run's training time before this session
+        self._t0 = time.time()  # this session's training start (set again by ``train``)
         self.report = reporter or (lambda kind, data: None)
         self.backbone, self.suite, self.categories = load_inputs(config, backbone, self.report)
         registry = self.suite.registry
@@ -506,6 +508,8 @@ class Trainer:
         cfg = self.config
         budgets = budget_rows(self.sampler)
         self.report("budgets", {"budgets": budgets})
+        # a resumed run records its whole training time beside its whole step count
+        self._prior_seconds = 0.0
         start_epoch, step = self._resume(out) if resume else (0, 0)
         self.prepare(start_epoch)
         steps_per_epoch = self.sampler.steps_per_epoch(cfg.optim.batch_size)
@@ -514,6 +518,7 @@ class Trainer:
         writer = _tensorboard(out) if cfg.log.tensorboard else None
         log = (out / "train_log.jsonl").open("a", encoding="utf-8")
         t0, last = time.time(), float("nan")
+        self._t0 = t0
         try:
             for epoch in range(start_epoch, cfg.optim.epochs):
                 window: list[dict[str, float]] = []
@@ -553,7 +558,7 @@ class Trainer:
             log.close()
             if writer is not None:
                 writer.close()
-        seconds = time.time() - t0
+        seconds = self._prior_seconds + time.time() - t0
         training: dict[str, Any] = {
             "steps": step,
             "seconds": round(seconds, 1),
@@ -582,13 +587,17 @@ class Trainer:
         return self.tokens.save(out, self.backbone.describe(), extra)
 
     # -- checkpoints --------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        """The run's training seconds so far, sessions before a ``--resume`` included."""
+        return round(self._prior_seconds + time.time() - self._t0, 1)
+
     def _checkpoint(self, out: Path, epoch: int, step: int, validation: dict[str, Any] | None = None) -> None:
         ckpt = checkpoint_dir(out, epoch)
         metrics: dict[str, Any] = {"validation": validation} if validation else {}
         if self.confusion is not None and self.confusion_probe is not None:
             # what the next epoch draws by, read back on --resume if the probe is the same
             metrics["confusion"] = {"settings": self.confusion_probe.settings, "off_target": self.confusion}
-        self.save(ckpt, {"epoch": epoch, "steps": step}, metrics)
+        self.save(ckpt, {"epoch": epoch, "steps": step, "seconds": self._elapsed()}, metrics)
         save_optimizer_state(ckpt, self.optimizer, self._checkpointed(), epoch, step)
 
     def _measure_confusion(self, epoch: int) -> Confusion:
@@ -645,7 +654,9 @@ class Trainer:
         if ckpt is None:
             self.report("stage", {"name": "no checkpoint to resume from; starting fresh"})
             return 0, 0
-        check_same_recipe(ckpt, read_manifest(ckpt)["training"]["config"], self.config.to_dict())
+        training = read_manifest(ckpt)["training"]
+        check_same_recipe(ckpt, training["config"], self.config.to_dict())
+        self._prior_seconds = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
         saved = ControlTokens.load(ckpt, self.backbone.describe()).named_tensors()
         with torch.no_grad():
             for name, param in self._checkpointed():
