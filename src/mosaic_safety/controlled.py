@@ -524,8 +524,6 @@ class ControlledModel:
         from transformers import DynamicCache
 
         embeds, mask, ctrl, deep, lengths = self._tail_batch(prompts, policies, left_pad=True)
-        # padding columns (and so the last column of an empty tail) get the head's last position
-        positions = heads.lengths.unsqueeze(1) + mask.cumsum(-1) - 1
         full_mask = torch.cat([heads.mask, mask], dim=1)
         cache = DynamicCache(heads.keys_values, config=self.model.config)
         logits = None
@@ -534,14 +532,14 @@ class ControlledModel:
                 out = self.model(
                     inputs_embeds=embeds,
                     attention_mask=full_mask,
-                    position_ids=positions,
+                    position_ids=heads.lengths.unsqueeze(1) + (mask.cumsum(-1) - 1).clamp(min=0),
                     past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )
             logits, cache = out.logits, out.past_key_values
-        else:
-            positions = heads.lengths.unsqueeze(1) - 1
+        # each row's last position so far: the end of its tail, or of its head where the tail is empty
+        last = heads.lengths + torch.tensor(lengths, device=self.device) - 1
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
             if heads.last_states is None:
@@ -553,7 +551,7 @@ class ControlledModel:
                 logits[empty] = from_head.to(logits.dtype)
         first = SimpleNamespace(logits=logits, past_key_values=cache)
         yield from self._decode(
-            first, full_mask, positions[:, -1:], max_new_tokens, do_sample, temperature, top_p, generator
+            first, full_mask, last.unsqueeze(1), max_new_tokens, do_sample, temperature, top_p, generator
         )
 
     def _decode(

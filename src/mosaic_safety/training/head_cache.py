@@ -2,11 +2,12 @@
 
 With ``user_end``, ``assistant`` (or ``system``) placement, a row's prompt up to its control
 tokens (the system turn and the request) does not depend on the tokens, so its key/value cache is
-the same every time the prompt is drawn. A run draws the same few hundred prompts every epoch, and on SmolLM2 that
-prefill is about a quarter of a training step (``bench/step_caches.py``). This cache runs each
-prompt's head once, keeps its keys and values (without padding) up to a byte budget, and builds
-each batch's left-padded :class:`PromptHeads` from them. Prompts past the budget are recomputed
-every time, so a large model on a small device only loses the saving, never fails.
+the same every time the prompt is drawn. A run draws the same few hundred prompts every epoch, and
+on SmolLM2 that prefill is about a quarter of a training step (``bench/step_caches.py``). This
+cache runs each prompt's head once, keeps its keys and values (without padding) and its last final
+state up to a byte budget, and builds each batch's left-padded :class:`PromptHeads` from them.
+Prompts past the budget are recomputed every time, so a large model on a small device only loses
+the saving, never fails.
 
 The values equal a fresh prefill's up to float rounding: a head's keys and values at its real
 positions do not depend on the padding around it (position ids come from the mask), and padded
@@ -31,8 +32,9 @@ class HeadCache:
         self.model = model
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: dict[str, torch.Tensor] = {}  # (layers, 2, kv_heads, length, head_dim)
-        self._last: dict[str, torch.Tensor] = {}  # (d,): final hidden state at the head's last token
+        # per prompt: keys and values (layers, 2, kv_heads, length, head_dim) and the final hidden
+        # state at the head's last token (d,)
+        self._entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -60,10 +62,10 @@ class HeadCache:
                 return None
             for i, key in enumerate(todo):
                 fresh[key] = (_unpadded(computed, i), computed.last_states[i].clone())
-                self._store(key, *fresh[key])
+                self._store(key, fresh[key])
         self.misses += sum(k in fresh for k in keys)
         self.hits += sum(k not in fresh for k in keys)
-        return _assemble([fresh.get(k) or (self._entries[k], self._last[k]) for k in keys])
+        return _assemble([fresh.get(k) or self._entries[k] for k in keys])
 
     def warm(
         self, prompts: Sequence[Prompt], batch_size: int = 32, progress: Callable[[int], None] | None = None
@@ -95,11 +97,10 @@ class HeadCache:
     def _head_length(self, prompt: Prompt) -> int:
         return len(self.model.split_prompt(prompt)[0])
 
-    def _store(self, key: str, entry: torch.Tensor, last: torch.Tensor) -> None:
-        size = (entry.numel() + last.numel()) * entry.element_size()
+    def _store(self, key: str, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in entry)
         if self.bytes + size <= self.max_bytes:
             self._entries[key] = entry
-            self._last[key] = last
             self.bytes += size
 
 
