@@ -88,6 +88,9 @@ class OptimConfig:
     positive_credit: str = "all"
     schedule: str = "constant"  # constant | cosine (decay to 10% of lr over the run) | linear
     warmup_steps: int = 0  # linear warm-up from 0 before the schedule
+    # >0: decay of a moving average of the learned tensors, used for validation, checkpoints and
+    # the artifact (training/weight_average.py); 0: off, the tensors as the last step left them
+    ema: float = 0.0
     seed: int = 0
     cache_mb: int = (
         4096  # size of each step cache (prompt heads, base-model states) kept across steps; 0: off
@@ -187,6 +190,11 @@ class TrainConfig:
                 f"optim.schedule {self.optim.schedule!r}: choose constant | cosine | linear",
             ),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+            (0 <= self.optim.ema < 1, "optim.ema must be in [0, 1) (0: off)"),
+            (
+                self.optim.ema == 0 or self.method == "mosaic",
+                f"optim.ema averages the control tokens; method {self.method!r} does not support it",
+            ),
             (self.optim.cache_mb >= 0, "optim.cache_mb must be >= 0 (0: off)"),
             (
                 self.select.mode in ("last", "per_category"),

@@ -19,6 +19,7 @@ from ..config import TrainConfig
 from ..tokens import ArtifactError
 
 OPTIMIZER_FILE = "optimizer.safetensors"
+LIVE = "live"  # key suffix of a trained tensor stored beside Adam's state (``save_optimizer_state``)
 STATE_FILE = "trainer_state.json"
 
 Named = Sequence[tuple[str, torch.nn.Parameter]]
@@ -29,11 +30,20 @@ def checkpoint_dir(out: Path, epoch: int) -> Path:
 
 
 def save_optimizer_state(
-    ckpt: Path, optimizer: torch.optim.Optimizer, named: Named, epoch: int, step: int
+    ckpt: Path,
+    optimizer: torch.optim.Optimizer,
+    named: Named,
+    epoch: int,
+    step: int,
+    live: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Adam's moments and step count per named parameter, then the position (written last: it
-    marks the checkpoint complete)."""
-    state = {}
+    marks the checkpoint complete).
+
+    ``live``: the tensors the optimiser is training, per name, when the checkpoint's artifact holds
+    something else (their moving average, ``optim.ema``); ``--resume`` continues from these.
+    """
+    state = {f"{name}.{LIVE}": t.detach().cpu().contiguous() for name, t in (live or {}).items()}
     for name, param in named:
         s = optimizer.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
@@ -68,6 +78,21 @@ def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, named: Na
                 "exp_avg_sq": state[f"{name}.exp_avg_sq"].to(param.device),
             }
     return epoch, step
+
+
+def load_live_tensors(ckpt: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The live tensors ``save_optimizer_state`` stored for ``names``; an error if any is missing."""
+    try:
+        state = load_file(str(ckpt / OPTIMIZER_FILE))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({exc})") from exc
+    missing = [n for n in names if f"{n}.{LIVE}" not in state]
+    if missing:
+        raise ArtifactError(
+            f"{ckpt}: the checkpoint lacks the live tensors of {', '.join(missing)} that a run with "
+            "optim.ema resumes from (incomplete or not written by such a run)"
+        )
+    return {n: state[f"{n}.{LIVE}"] for n in names}
 
 
 def check_same_recipe(

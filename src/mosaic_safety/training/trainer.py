@@ -14,7 +14,8 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +34,7 @@ from .checkpoint import (
     check_same_recipe,
     checkpoint_dir,
     latest_checkpoint,
+    load_live_tensors,
     load_optimizer_state,
     save_optimizer_state,
 )
@@ -49,6 +51,7 @@ from .sampler import Confusion, OrderSampler, TrainItem
 from .schedule import lr_at, set_lr
 from .selection import ValidationProbe, best_epochs, stored_record, take_epochs
 from .teacher import BaseResponseCache
+from .weight_average import WeightAverage
 
 Reporter = Callable[[str, dict[str, Any]], None]
 """Receives progress events: ('stage', {...}), ('step', {...}), ('epoch', {...})."""
@@ -278,6 +281,14 @@ class Trainer:
         self.trainable_blocks = [self.tokens.blocks[n] for n in trainable]  # the norm cap's rows
         self.trainable = [p for n in trainable for p in self.tokens.category_parameters(n)]
         self.optimizer = torch.optim.Adam(self._param_groups(trainable), lr=config.optim.lr)
+        trained = set(trainable)
+        self.average = (
+            WeightAverage(
+                [(n, p) for n, p in self._checkpointed() if _category_of(n) in trained], config.optim.ema
+            )
+            if config.optim.ema > 0
+            else None
+        )
         self.max_norm = config.tokens.norm_cap * vocab_max_norm(self.backbone.model.get_input_embeddings())
         self.head_cache = HeadCache(self.model, config.optim.cache_mb * 2**20)
         self.base_states = BaseStates(self.model, config.optim.cache_mb * 2**20)
@@ -531,6 +542,8 @@ class Trainer:
                     optimizer_step(loss, self.optimizer, self.trainable, cfg.optim.grad_clip)
                     if self.max_norm > 0:
                         cap_norms(self.trainable_blocks, self.max_norm)
+                    if self.average is not None:
+                        self.average.update()
                     step += 1
                     last = stats["loss"]
                     window.append(stats)
@@ -542,17 +555,20 @@ class Trainer:
                             for k, v in avg.items():
                                 writer.add_scalar(f"train/{k}", v, step)
                         window = []
-                validation = self._validate(epoch + 1) if self.probe is not None else None
-                if validation is not None:
-                    log.write(json.dumps({"epoch": epoch + 1, "step": step, "validation": validation}) + "\n")
-                    log.flush()
-                if self.confusion_probe is not None:
-                    self.confusion = self._measure_confusion(epoch + 1)
-                    log.write(
-                        json.dumps({"epoch": epoch + 1, "step": step, "confusion": self.confusion}) + "\n"
-                    )
-                    log.flush()
-                self._checkpoint(out, epoch + 1, step, validation)
+                with self._averaged() as live:  # what the epoch ships: the average, if kept
+                    validation = self._validate(epoch + 1) if self.probe is not None else None
+                    if validation is not None:
+                        log.write(
+                            json.dumps({"epoch": epoch + 1, "step": step, "validation": validation}) + "\n"
+                        )
+                        log.flush()
+                    if self.confusion_probe is not None:
+                        self.confusion = self._measure_confusion(epoch + 1)
+                        log.write(
+                            json.dumps({"epoch": epoch + 1, "step": step, "confusion": self.confusion}) + "\n"
+                        )
+                        log.flush()
+                    self._checkpoint(out, epoch + 1, step, validation, live)
                 self.report("epoch", {"epoch": epoch + 1, "step": step})
         finally:
             log.close()
@@ -570,8 +586,24 @@ class Trainer:
             chosen, history = self._select(out)
             training["selected_epochs"] = chosen
             metrics["validation"] = {"settings": self.probe.settings, "scores": history}
+        elif self.average is not None:  # the last step's average; selection already took averages
+            with torch.no_grad():
+                for name, p in self.average.named:
+                    p.copy_(self.average.shadow[name])
         artifact = self.save(out, training, metrics)
         return TrainResult(artifact, step, seconds, last, budgets, training, metrics)
+
+    @contextmanager
+    def _averaged(self) -> Iterator[dict[str, torch.Tensor] | None]:
+        """The tokens hold their moving average inside (``optim.ema``), the live ones again after.
+
+        Yields the live tensors by name (None without an average), for the checkpoint to resume from.
+        """
+        if self.average is None:
+            yield None
+            return
+        with self.average.applied() as live:
+            yield live
 
     def save(self, out: Path, training: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
         extra = {
@@ -591,14 +623,21 @@ class Trainer:
         """The run's training seconds so far, sessions before a ``--resume`` included."""
         return round(self._prior_seconds + time.time() - self._t0, 1)
 
-    def _checkpoint(self, out: Path, epoch: int, step: int, validation: dict[str, Any] | None = None) -> None:
+    def _checkpoint(
+        self,
+        out: Path,
+        epoch: int,
+        step: int,
+        validation: dict[str, Any] | None = None,
+        live: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         ckpt = checkpoint_dir(out, epoch)
         metrics: dict[str, Any] = {"validation": validation} if validation else {}
         if self.confusion is not None and self.confusion_probe is not None:
             # what the next epoch draws by, read back on --resume if the probe is the same
             metrics["confusion"] = {"settings": self.confusion_probe.settings, "off_target": self.confusion}
         self.save(ckpt, {"epoch": epoch, "steps": step, "seconds": self._elapsed()}, metrics)
-        save_optimizer_state(ckpt, self.optimizer, self._checkpointed(), epoch, step)
+        save_optimizer_state(ckpt, self.optimizer, self._checkpointed(), epoch, step, live)
 
     def _measure_confusion(self, epoch: int) -> Confusion:
         """Each trained category's refusal rate on the other categories' training prompts."""
@@ -662,6 +701,13 @@ class Trainer:
             for name, param in self._checkpointed():
                 param.copy_(saved[_artifact_key(name)].to(param.device))
         epoch, step = load_optimizer_state(ckpt, self.optimizer, self._checkpointed())
+        if self.average is not None:  # the checkpoint's tokens are the average; Adam trains the live ones
+            names = [name for name, _ in self.average.named]
+            live = load_live_tensors(ckpt, names)
+            self.average.restore({n: saved[_artifact_key(n)] for n in names}, step)
+            with torch.no_grad():
+                for name, param in self.average.named:
+                    param.copy_(live[name].to(param.device))
         if self.confusion_probe is not None:
             record = stored_record(ckpt, self.confusion_probe.settings, "confusion")
             # the epoch's tokens are loaded, so a checkpoint without a measure from this probe
@@ -669,6 +715,11 @@ class Trainer:
             self.confusion = record["off_target"] if record else self._measure_confusion(epoch)
         self.report("stage", {"name": f"resumed from {ckpt.name} (step {step})"})
         return epoch, step
+
+
+def _category_of(name: str) -> str:
+    """The category a checkpointed tensor name belongs to (``addiction``, ``deep.addiction``)."""
+    return name.removeprefix("deep.")
 
 
 def _artifact_key(name: str) -> str:
