@@ -14,8 +14,8 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -555,7 +555,9 @@ class Trainer:
                             for k, v in avg.items():
                                 writer.add_scalar(f"train/{k}", v, step)
                         window = []
-                with self._averaged() as live:  # what the epoch ships: the average, if kept
+                # what the epoch ships: the average, if kept (``live``: the tensors Adam trains)
+                averaged = self.average.applied() if self.average is not None else nullcontext()
+                with averaged as live:
                     validation = self._validate(epoch + 1) if self.probe is not None else None
                     if validation is not None:
                         log.write(
@@ -587,23 +589,9 @@ class Trainer:
             training["selected_epochs"] = chosen
             metrics["validation"] = {"settings": self.probe.settings, "scores": history}
         elif self.average is not None:  # the last step's average; selection already took averages
-            with torch.no_grad():
-                for name, p in self.average.named:
-                    p.copy_(self.average.shadow[name])
+            self.average.apply()
         artifact = self.save(out, training, metrics)
         return TrainResult(artifact, step, seconds, last, budgets, training, metrics)
-
-    @contextmanager
-    def _averaged(self) -> Iterator[dict[str, torch.Tensor] | None]:
-        """The tokens hold their moving average inside (``optim.ema``), the live ones again after.
-
-        Yields the live tensors by name (None without an average), for the checkpoint to resume from.
-        """
-        if self.average is None:
-            yield None
-            return
-        with self.average.applied() as live:
-            yield live
 
     def save(self, out: Path, training: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
         extra = {

@@ -1,8 +1,8 @@
 """An exponential moving average of the learned tensors (``optim.ema``).
 
 Why: at a constant learning rate the control tokens of a SmolLM2 run do not settle. A category's
-own-category refusal on validation prompts swings between epochs (66% after epoch 6, 0% after
-epoch 7 in one run; docs/experiments.md), so an end-of-epoch snapshot is a random point on that
+validation score swings between epochs (0.66 after epoch 6, 0.00 after epoch 7 for one
+category of one run; docs/experiments.md), so an end-of-epoch snapshot is a random point on that
 path, and choosing an epoch per category picks among noisy points. The average of the recent path
 is a steadier point. Validation, the hard-negative measure, the checkpoints' tokens and the
 artifact all use the average; the optimiser keeps training the live tensors, which a checkpoint
@@ -47,13 +47,17 @@ class WeightAverage:
             self.shadow[name].lerp_(p.detach(), 1 - d)
         self.updates += 1
 
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Put the average into the parameters (the live tensors are overwritten)."""
+        for name, p in self.named:
+            p.copy_(self.shadow[name])
+
     @contextmanager
     def applied(self) -> Iterator[dict[str, torch.Tensor]]:
         """Inside: the parameters hold the average. Yields the live tensors, restored on exit."""
         live = {name: p.detach().clone() for name, p in self.named}
-        with torch.no_grad():
-            for name, p in self.named:
-                p.copy_(self.shadow[name])
+        self.apply()
         try:
             yield live
         finally:
