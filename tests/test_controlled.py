@@ -199,6 +199,22 @@ def test_response_logits_need_a_target_per_row(tiny_backbone, tiny_tokens):
         cm.response_logits(["hi"], [Policy(())], [[]])
 
 
+def test_heads_without_last_states_refuse_a_row_with_nothing_after_them(tiny_backbone, tiny_tokens):
+    """With ``assistant`` placement an empty policy leaves nothing after the head: its end state must be kept."""
+    import dataclasses
+
+    tiny_tokens.placement = "assistant"
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    heads = cm.prefill_heads(["hi"])
+    assert heads is not None and heads.last_states is not None
+    with torch.no_grad():
+        kept, _ = cm.response_logits(["hi"], [Policy(())], [[5, 2]], heads)
+        plain, _ = cm.response_logits(["hi"], [Policy(())], [[5, 2]])
+    assert (kept - plain).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="no last states"):
+        cm.response_logits(["hi"], [Policy(())], [[5, 2]], dataclasses.replace(heads, last_states=None))
+
+
 @pytest.fixture
 def deep_tokens(tiny_backbone, minors):
     """Deep tokens with random offsets (one layer after the first of the 2-layer tiny model)."""

@@ -86,6 +86,12 @@ class PromptHeads:
         last = self.last_states.index_select(0, idx) if self.last_states is not None else None
         return PromptHeads(kv, self.mask.index_select(0, idx), self.lengths.index_select(0, idx), last)
 
+    def required_last_states(self) -> torch.Tensor:
+        """``last_states``, for a row with nothing after its head: only the head's end predicts its next token."""
+        if self.last_states is None:
+            raise ValueError("these heads carry no last states; a row has nothing after its head")
+        return self.last_states
+
 
 class ControlledModel:
     """A frozen backbone plus control tokens, applying one policy per row."""
@@ -450,9 +456,8 @@ class ControlledModel:
             )
         hidden = out.last_hidden_state
         if min(starts) < 0:  # a row whose tail is only its target: target[0] is predicted by the head's end
-            if heads.last_states is None:
-                raise ValueError("these heads carry no last states; a row has nothing after its head")
-            hidden = torch.cat([heads.last_states.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
+            last_states = heads.required_last_states()
+            hidden = torch.cat([last_states.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
             starts = [s + 1 for s in starts]
         first = min(starts)
         return hidden[:, first:], [s - first for s in starts]
@@ -542,9 +547,7 @@ class ControlledModel:
         last = heads.lengths + torch.tensor(lengths, device=self.device) - 1
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
-            if heads.last_states is None:
-                raise ValueError("these heads carry no last states; a row has nothing after its head")
-            from_head = self.states_to_logits(heads.last_states[empty]).unsqueeze(1)
+            from_head = self.states_to_logits(heads.required_last_states()[empty]).unsqueeze(1)
             if logits is None:
                 logits = from_head
             else:
