@@ -10,6 +10,7 @@ import torch
 
 from mosaic_safety.config import ConfigError, load_config
 from mosaic_safety.policy import Policy
+from mosaic_safety.tokens import ArtifactError
 from mosaic_safety.training.hard_negatives import confusion_from_rates
 from mosaic_safety.training.sampler import OrderSampler
 
@@ -80,6 +81,7 @@ def tiny_config(tmp_path, *overrides):
             "sampling.hard_negatives=0.5 sampling.inactive_share=0",
             "with sampling.inactive_share=0 there are none",
         ),
+        ("sampling.hard_negatives=0.5 sampling.hard_negatives_per_group=0", "must be at least 1"),
     ],
 )
 def test_hard_negative_settings_are_checked(tmp_path, override, message):
@@ -153,13 +155,30 @@ def test_resume_continues_the_steered_draw(tmp_path, tiny_backbone, stored):
         assert torch.allclose(tensor, resumed.tokens.named_tensors()[key], atol=1e-5), key
 
 
-def test_resume_with_another_probe_size_measures_again(tmp_path, tiny_backbone):
-    """A measure taken with other ``select.*`` settings is not what this run's probe would say."""
+def test_resume_with_another_refusal_prefix_measures_again(tmp_path, tiny_backbone):
+    """A measure taken with another ``select.prefix_tokens`` is not what this run's probe would say."""
     steered_trainer(tmp_path, tiny_backbone, "optim.epochs=1").train(tmp_path / "run")
     events = []
-    resumed = steered_trainer(tmp_path, tiny_backbone, "optim.epochs=2", "select.per_group=3", events=events)
+    resumed = steered_trainer(
+        tmp_path, tiny_backbone, "optim.epochs=2", "select.prefix_tokens=2", events=events
+    )
     resumed.train(tmp_path / "run", resume=True)
     assert [d["epoch"] for k, d in events if k == "confusion"] == [1, 2]
     saved = json.loads((tmp_path / "run" / "checkpoints" / "epoch-2" / "mosaic.json").read_text())["metrics"]
     assert saved["confusion"]["settings"] == resumed.confusion_probe.settings
-    assert saved["confusion"]["settings"]["per_group"] == 3
+    assert saved["confusion"]["settings"]["prefix_tokens"] == 2
+
+
+def test_probe_size_is_part_of_the_recipe_and_the_validation_size_is_not(tmp_path, tiny_backbone):
+    """``sampling.hard_negatives_per_group`` steers training, so a resume must keep it; a larger
+    validation sample (``select.per_group``) only changes which epochs are shipped and leaves the
+    stored measure alone."""
+    steered_trainer(tmp_path, tiny_backbone, "optim.epochs=1").train(tmp_path / "run")
+    other = steered_trainer(tmp_path, tiny_backbone, "optim.epochs=2", "sampling.hard_negatives_per_group=3")
+    assert other.confusion_probe.settings["per_group"] == 3
+    with pytest.raises(ArtifactError, match="different config"):
+        other.train(tmp_path / "run", resume=True)
+    events = []
+    resumed = steered_trainer(tmp_path, tiny_backbone, "optim.epochs=2", "select.per_group=3", events=events)
+    resumed.train(tmp_path / "run", resume=True)
+    assert [d["epoch"] for k, d in events if k == "confusion"] == [2]  # epoch 1's stored measure is reused

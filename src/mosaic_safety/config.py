@@ -57,9 +57,11 @@ class SamplingConfig:
     boundary_share: float = 0.25  # share of the remaining (neutral) negatives that are boundary items
     paired: bool = False  # each positive also as a negative under a same-order policy without its category
     # share of the inactive-category negatives drawn towards the categories the policy's tokens
-    # over-refused after the last epoch (a probe on select.per_group training prompts per category,
-    # counting openings of select.prefix_tokens refusal tokens); 0: uniform, as in the paper
+    # over-refused after the last epoch (a probe on hard_negatives_per_group training prompts per
+    # category, counting openings of select.prefix_tokens refusal tokens); 0: uniform, as in the paper
     hard_negatives: float = 0.0
+    # the probe's sample size: part of the recipe (it steers training), unlike select.per_group
+    hard_negatives_per_group: int = 20
 
 
 @dataclass
@@ -155,6 +157,10 @@ class TrainConfig:
             (0 <= self.sampling.inactive_share <= 1, "sampling.inactive_share must be in [0, 1]"),
             (0 <= self.sampling.boundary_share <= 1, "sampling.boundary_share must be in [0, 1]"),
             (0 <= self.sampling.hard_negatives <= 1, "sampling.hard_negatives must be in [0, 1] (0: off)"),
+            (
+                self.sampling.hard_negatives_per_group >= 1,
+                "sampling.hard_negatives_per_group must be at least 1",
+            ),
             (
                 self.sampling.hard_negatives == 0 or self.method == "mosaic",
                 f"sampling.hard_negatives steers negatives by the control tokens' own over-refusal; method "

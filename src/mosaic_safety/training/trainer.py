@@ -324,7 +324,7 @@ class Trainer:
                 self.pools["prompts"],
                 trainable,
                 self._refusals,
-                select.per_group,
+                config.sampling.hard_negatives_per_group,
                 select.prefix_tokens,
                 config.optim.seed,
                 config.eval.batch_size,
@@ -699,7 +699,7 @@ class Trainer:
         if self.confusion_probe is not None:
             record = stored_record(ckpt, self.confusion_probe.settings, "confusion")
             # the epoch's tokens are loaded, so a checkpoint without a measure from this probe
-            # (none stored, or select.per_group / prefix_tokens changed since) is measured now
+            # (none stored: an older run; or select.prefix_tokens changed since) is measured now
             self.confusion = record["off_target"] if record else self._measure_confusion(epoch)
         self.report("stage", {"name": f"resumed from {ckpt.name} (step {step})"})
         return epoch, step
