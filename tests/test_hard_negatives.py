@@ -173,12 +173,22 @@ def test_probe_size_is_part_of_the_recipe_and_the_validation_size_is_not(tmp_pat
     """``sampling.hard_negatives_per_group`` steers training, so a resume must keep it; a larger
     validation sample (``select.per_group``) only changes which epochs are shipped and leaves the
     stored measure alone."""
-    steered_trainer(tmp_path, tiny_backbone, "optim.epochs=1").train(tmp_path / "run")
+    select = ("select.mode=per_category", "select.per_group=2")
+    steered_trainer(tmp_path, tiny_backbone, "optim.epochs=1", *select).train(tmp_path / "run")
     other = steered_trainer(tmp_path, tiny_backbone, "optim.epochs=2", "sampling.hard_negatives_per_group=3")
     assert other.confusion_probe.settings["per_group"] == 3
     with pytest.raises(ArtifactError, match="different config"):
         other.train(tmp_path / "run", resume=True)
     events = []
-    resumed = steered_trainer(tmp_path, tiny_backbone, "optim.epochs=2", "select.per_group=3", events=events)
+    resumed = steered_trainer(
+        tmp_path,
+        tiny_backbone,
+        "optim.epochs=2",
+        "select.mode=per_category",
+        "select.per_group=3",
+        events=events,
+    )
     resumed.train(tmp_path / "run", resume=True)
     assert [d["epoch"] for k, d in events if k == "confusion"] == [2]  # epoch 1's stored measure is reused
+    # epoch 2 validated as it ends; epoch 1, scored on 2 prompts, is scored again on 3 for the choice
+    assert [d["epoch"] for k, d in events if k == "validation"] == [2, 1]
