@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -301,3 +303,37 @@ def test_hard_negatives_through_the_cli(trained):
     assert [r["epoch"] for r in logged if "confusion" in r] == [1, 2]
     bad = mosaic(*cmd, "method=lora_sft", "-o", str(root / "x"), cache=root / "cache", check=False)
     assert bad.returncode != 0 and "has no control tokens" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ctrl_c_during_training_says_what_was_kept_and_resume_continues(tmp_path):
+    """A real SIGINT once epoch 1 is checkpointed: one line naming the checkpoint, exit 130, no
+    traceback; the same command with --resume then finishes the run from there."""
+    art, cache = tmp_path / "art", tmp_path / "cache"
+    env = {**os.environ, "MOSAIC_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "mosaic_safety.cli", "train", "--config", "configs/tiny-test.yaml"]
+    command += ["--output", str(art)]
+    proc = subprocess.Popen(
+        [*command, "optim.epochs=100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    state = art / "checkpoints" / "epoch-1" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    last = max(int(p.name.split("-")[1]) for p in (art / "checkpoints").glob("epoch-*"))
+    assert f"interrupted: epoch-{last} is the last checkpoint" in stderr
+    assert "--resume" in stderr and not (art / "mosaic.json").exists()
+
+    resumed = mosaic(*command[3:], "--resume", f"optim.epochs={last + 1}", cache=cache)
+    assert f"resumed from epoch-{last}" in resumed.stderr
+    assert (art / "mosaic.json").exists()
+    assert json.loads((art / "mosaic.json").read_text())["training"]["steps"] > 0

@@ -228,26 +228,56 @@ def train(
         if module is not None:
             _train_other_method(module, cfg, target, resume)
             return
-        with _progress() as progress:
-            display = TrainDisplay(progress)
-            trainer = Trainer(cfg, reporter=display)
+        trained = False
+        try:
+            with _progress() as progress:
+                display = TrainDisplay(progress)
+                trainer = Trainer(cfg, reporter=display)
+                console.print(
+                    f"[cyan]•[/] model {trainer.backbone.name} (d={trainer.backbone.hidden_size}), "
+                    f"categories {', '.join(trainer.categories)}, {cfg.tokens.m} tokens each, "
+                    f"placement {cfg.tokens.placement}",
+                    highlight=False,
+                )
+                result = trainer.train(target, resume=resume, overwrite=overwrite)
+                trained = True
+                console.print(
+                    f"[green]✓[/] trained {result.steps} steps in {result.seconds:.0f}s; artifact: {target}",
+                    highlight=False,
+                )
+                if cfg.eval.max_new_tokens > 0:
+                    table = _closing_table(trainer, progress)
+                    (target / "eval_table.json").write_text(json.dumps(table, indent=2) + "\n")
+                    trainer.save(target, result.training, metrics={**result.metrics, "refusal_table": table})
+        except KeyboardInterrupt:
             console.print(
-                f"[cyan]•[/] model {trainer.backbone.name} (d={trainer.backbone.hidden_size}), "
-                f"categories {', '.join(trainer.categories)}, {cfg.tokens.m} tokens each, "
-                f"placement {cfg.tokens.placement}",
-                highlight=False,
+                f"[bold yellow]interrupted:[/] {interrupted_training(target, trained)}", highlight=False
             )
-            result = trainer.train(target, resume=resume, overwrite=overwrite)
-            console.print(
-                f"[green]✓[/] trained {result.steps} steps in {result.seconds:.0f}s; artifact: {target}",
-                highlight=False,
-            )
-            if cfg.eval.max_new_tokens > 0:
-                table = _closing_table(trainer, progress)
-                (target / "eval_table.json").write_text(json.dumps(table, indent=2) + "\n")
-                trainer.save(target, result.training, metrics={**result.metrics, "refusal_table": table})
+            raise typer.Exit(130) from None
         if cfg.eval.max_new_tokens > 0:
             print_table(table, trainer.categories)
+
+
+def interrupted_training(target: Path, trained: bool) -> str:
+    """What a Ctrl-C during ``mosaic train`` kept, and how to go on: the user's next step, not a traceback."""
+    from .training.checkpoint import latest_checkpoint
+
+    if trained:
+        return (
+            f"training had finished and the artifact is in {target}; only the closing table was cut "
+            f"short (`mosaic eval --artifact {target}` measures it)"
+        )
+    kept = "base-model answers generated so far are cached and reused"
+    last = latest_checkpoint(target)
+    if last is None:
+        return (
+            f"no epoch had finished, so no checkpoint was written; run the same command with --resume "
+            f"to start over in {target} ({kept})"
+        )
+    return (
+        f"{last.name} is the last checkpoint in {target / 'checkpoints'}; run the same command with "
+        f"--resume to continue from it ({kept})"
+    )
 
 
 def _train_other_method(module: Any, cfg: Any, target: Path, resume: bool) -> None:
