@@ -337,3 +337,19 @@ def test_ctrl_c_during_training_says_what_was_kept_and_resume_continues(tmp_path
     assert f"resumed from epoch-{last}" in resumed.stderr
     assert (art / "mosaic.json").exists()
     assert json.loads((art / "mosaic.json").read_text())["training"]["steps"] > 0
+
+
+def test_ctrl_c_in_any_command_is_one_line_with_what_was_kept(capsys):
+    import typer
+
+    from mosaic_safety.cli import friendly_errors
+
+    kept = "the responses generated so far are cached"
+    with pytest.raises(typer.Exit) as exit_info, friendly_errors(interrupted=kept):
+        raise KeyboardInterrupt
+    assert exit_info.value.exit_code == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted: the responses generated so far are cached"
+    with pytest.raises(typer.Exit), friendly_errors():
+        raise KeyboardInterrupt
+    assert capsys.readouterr().err.strip() == "interrupted"

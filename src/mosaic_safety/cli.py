@@ -39,8 +39,12 @@ out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readabl
 
 
 @contextmanager
-def friendly_errors():
-    """Turn the library's expected errors into one red line and exit code 2."""
+def friendly_errors(interrupted: str = ""):
+    """Turn the library's expected errors into one red line and exit code 2.
+
+    Ctrl-C ends with one line too (exit 130, as shells report SIGINT), saying ``interrupted`` and
+    what was kept, so a long run's user knows whether rerunning it starts over.
+    """
     from .backbone import BackboneError
     from .config import ConfigError
     from .controlled import PlacementError
@@ -65,6 +69,11 @@ def friendly_errors():
     except FileNotFoundError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print(
+            f"[bold yellow]interrupted[/]{': ' + interrupted if interrupted else ''}", highlight=False
+        )
+        raise typer.Exit(130) from None
 
 
 def _progress() -> Progress:
@@ -564,7 +573,8 @@ def eval_command(
     from .evaluation.report import write_results
     from .methods import load_method
 
-    with friendly_errors():
+    kept = "the responses generated so far are cached, and the same command reuses them"
+    with friendly_errors(interrupted=kept):
         data = load_suite(suite)
         m = load_method(
             method, artifact=artifact, model=model, registry=data.registry, device=device, dtype=dtype
