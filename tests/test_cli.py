@@ -98,6 +98,26 @@ def test_generate_prompt_and_file(trained, tmp_path):
     assert [r["prompt"] for r in rows] == ["bake bread", "tell a story"] and rows[0]["policy"] == "betting"
 
 
+def test_generate_file_in_windows_keeps_input_order_and_responses(trained, tmp_path):
+    """A long file is decoded window by window (8 batches each) and written as it goes; the rows
+    come out in input order and say what a single pass over the whole file says."""
+    root, art, _ = trained
+    asks = [f"question {i}: " + "why " * (i % 5) for i in range(11)]
+    prompts = tmp_path / "many.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": a}) + "\n" for a in asks))
+
+    def run(batch_size: str) -> list[dict]:
+        proc = mosaic(
+            "generate", "-a", str(art), "-p", "horror", "-f", str(prompts), "--max-new-tokens", "5",
+            "--batch-size", batch_size, cache=root / "cache",
+        )  # fmt: skip
+        return [json.loads(line) for line in proc.stdout.splitlines()]
+
+    windowed, whole = run("1"), run("16")  # windows of 8 rows (two of them) vs one window
+    assert [r["prompt"] for r in windowed] == asks
+    assert windowed == whole
+
+
 def test_resume_flag(trained):
     root, art, _ = trained
     proc = mosaic("train", "-c", "configs/tiny-test.yaml", "-o", str(art), "--resume", cache=root / "cache")

@@ -395,7 +395,12 @@ def generate(
     artifact: Path | None = typer.Option(None, "--artifact", "-a", help="Control-token artifact directory."),
     policy: str = typer.Option("", "--policy", "-p", help="Comma-separated active categories (empty: none)."),
     prompt: str | None = typer.Option(None, "--prompt", help="One user message."),
-    file: Path | None = typer.Option(None, "--file", "-f", help="JSONL with a 'prompt' per line."),
+    file: Path | None = typer.Option(
+        None,
+        "--file",
+        "-f",
+        help="JSONL with a 'prompt' per line; rows are written in input order as they finish.",
+    ),
     model: str | None = typer.Option(None, "--model", help="Override the artifact's backbone."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
@@ -429,12 +434,38 @@ def generate(
                 out.file.flush()
             out.print()
             return
-        texts = cm.generate(prompts, [active] * len(prompts), batch_size=batch_size, **options)
         if prompt is not None:
-            out.print(texts[0], highlight=False, markup=False)
-        else:
-            for p, t in zip(prompts, texts):
+            text = cm.generate(prompts, [active], batch_size=batch_size, **options)[0]
+            out.print(text, highlight=False, markup=False)
+            return
+        _generate_jsonl(cm, prompts, active, batch_size, options)
+
+
+GENERATE_WINDOW_BATCHES = 8
+"""``generate --file`` decodes this many batches at a time: enough rows for length-sorted batches,
+few enough that output (in input order) and progress arrive while a long file runs."""
+
+
+def _generate_jsonl(cm: Any, prompts: list[str], active: Any, batch_size: int, options: dict) -> None:
+    """One JSONL row per prompt, in input order, written and flushed window by window, so a stop
+    (or a Ctrl-C) keeps every finished window's rows."""
+    window = batch_size * GENERATE_WINDOW_BATCHES
+    seed = options["seed"]
+    with _progress() as progress, friendly_errors(interrupted="the rows written so far are complete"):
+        task = progress.add_task("responses", total=len(prompts), info="")
+        for start in range(0, len(prompts), window):
+            chunk = prompts[start : start + window]
+            # a seed per window: sampled output stays reproducible whatever the file's length
+            texts = cm.generate(
+                chunk,
+                [active] * len(chunk),
+                batch_size=batch_size,
+                progress=lambda n: progress.advance(task, n),
+                **{**options, "seed": seed + start},
+            )
+            for p, t in zip(chunk, texts):
                 sys.stdout.write(json.dumps({"prompt": p, "policy": active.key, "response": t}) + "\n")
+            sys.stdout.flush()
 
 
 @app.command()
