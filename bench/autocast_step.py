@@ -17,6 +17,8 @@ import argparse
 import statistics
 import time
 
+from step_batches import one_batch_per_order
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -34,13 +36,7 @@ def main() -> None:
 
     config = load_config(args.config, args.overrides)
     trainer = Trainer(config)
-    batches = {}
-    for batch in trainer.sampler.epoch_batches(0, config.optim.batch_size):
-        order = batch[0].policy.order
-        if len(batch) == config.optim.batch_size and order not in batches:
-            batches[order] = batch
-    batches = [batches[k] for k in sorted(batches)]
-    trainer.teacher.fill(trainer.teacher.missing([i.prompt for b in batches for i in b if not i.positive]))
+    batches = one_batch_per_order(trainer)
 
     def step(batch: list, mode: str) -> None:
         with training_autocast(trainer.model.device, mode):

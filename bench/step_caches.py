@@ -16,6 +16,8 @@ import argparse
 import statistics
 import time
 
+from step_batches import one_batch_per_order
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -35,12 +37,7 @@ def main() -> None:
 
     config = load_config(args.config, args.overrides)
     trainer = Trainer(config)
-    by_order: dict[int, list] = {}
-    for batch in trainer.sampler.epoch_batches(0, config.optim.batch_size):
-        if len(batch) == config.optim.batch_size:
-            by_order.setdefault(batch[0].policy.order, batch)
-    batches = [by_order[o] for o in sorted(by_order)]
-    trainer.teacher.fill(trainer.teacher.missing([i.prompt for b in batches for i in b if not i.positive]))
+    batches = one_batch_per_order(trainer)
 
     budget = config.optim.cache_mb * 2**20 or 2**32
     caches = {
@@ -73,12 +70,13 @@ def main() -> None:
                     times[name].append(seconds)
     a, b = statistics.median(times["cached"]), statistics.median(times["fresh"])
     print(
-        f"{len(batches)} batches of {config.optim.batch_size} rows (orders {sorted(by_order)}), "
+        f"{len(batches)} batches of {config.optim.batch_size} rows (orders {[b[0].policy.order for b in batches]}), "
         f"placement {config.tokens.placement}, m {config.tokens.m}, deep {config.tokens.deep}"
     )
     heads, states = caches["cached"]
     print(
-        f"heads: {len(heads)} prompts, {heads.bytes / 2**20:.1f} MiB ({heads.bytes / len(heads) / 2**20:.2f} each)"
+        f"heads: {len(heads)} prompts, {heads.bytes / 2**20:.1f} MiB"
+        + (f" ({heads.bytes / len(heads) / 2**20:.2f} each)" if len(heads) else " (none at this placement)")
     )
     print(f"base states: {len(states)} (prompt, target) pairs, {states.bytes / 2**20:.2f} MiB")
     print(f"loss cached {losses['cached']:.6f} / fresh {losses['fresh']:.6f}")

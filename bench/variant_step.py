@@ -18,6 +18,8 @@ import statistics
 import time
 from typing import Any
 
+from step_batches import one_batch_per_order
+
 
 def warm_trainer(config_path: str, overrides: list[str]) -> tuple[Any, list[list[Any]]]:
     """A trainer with its step caches warm on one full batch per order (what later epochs find)."""
@@ -30,13 +32,7 @@ def warm_trainer(config_path: str, overrides: list[str]) -> tuple[Any, list[list
 
     config = load_config(config_path, overrides)
     trainer = Trainer(config)
-    by_order: dict[int, list] = {}
-    for batch in trainer.sampler.epoch_batches(0, config.optim.batch_size):
-        if len(batch) == config.optim.batch_size:
-            by_order.setdefault(batch[0].policy.order, batch)
-    batches = [by_order[o] for o in sorted(by_order)]
-    negatives = [i.prompt for b in batches for i in b if not i.positive]
-    trainer.teacher.fill(trainer.teacher.missing(negatives))
+    batches = one_batch_per_order(trainer)
     budget = config.optim.cache_mb * 2**20 or 2**32
     trainer.head_cache = HeadCache(trainer.model, budget)
     trainer.base_states = BaseStates(trainer.model, budget)
