@@ -455,7 +455,7 @@ def _generate_jsonl(cm: Any, prompts: list[str], active: Any, batch_size: int, o
         task = progress.add_task("responses", total=len(prompts), info="")
         for start in range(0, len(prompts), window):
             chunk = prompts[start : start + window]
-            # a seed per window: sampled output stays reproducible whatever the file's length
+            # one seed per window (the seed, offset by the window's first row): sampling is reproducible
             texts = cm.generate(
                 chunk,
                 [active] * len(chunk),
