@@ -2,9 +2,10 @@
 
 Each variant is the config with its own overrides (``--a``, ``--b``), built into its own trainer
 (the backbone is loaded once per variant). Both take one batch of each policy order from their own
-sampler, warm their prompt heads and base-model states on them (what every epoch after the first
-sees), then run real steps (loss, backward, Adam) alternating between the variants, so machine
-noise hits both alike. Compare the ratio of medians, not absolute times.
+sampler and warm their step caches on them as the variant configures them (what every epoch after
+the first sees; ``optim.cache_mb=0`` times a variant without caches). Then real steps (loss,
+backward, Adam) alternate between the variants, so machine noise hits both alike. Compare the
+ratio of medians, not absolute times.
 
     python bench/variant_step.py --a tokens.placement=user_end --b tokens.placement=assistant
     python bench/variant_step.py --a tokens.m=10 --b tokens.m=20 --rounds 5
@@ -22,20 +23,15 @@ from step_batches import one_batch_per_order
 
 
 def warm_trainer(config_path: str, overrides: list[str]) -> tuple[Any, list[list[Any]]]:
-    """A trainer with its step caches warm on one full batch per order (what later epochs find)."""
+    """A trainer with its own step caches (as the variant configures them, ``optim.cache_mb``) warm
+    on one full batch per order: what every epoch after the first finds."""
     import torch
 
     from mosaic_safety.config import load_config
-    from mosaic_safety.training.base_states import BaseStates
-    from mosaic_safety.training.head_cache import HeadCache
     from mosaic_safety.training.trainer import Trainer
 
-    config = load_config(config_path, overrides)
-    trainer = Trainer(config)
+    trainer = Trainer(load_config(config_path, overrides))
     batches = one_batch_per_order(trainer)
-    budget = config.optim.cache_mb * 2**20 or 2**32
-    trainer.head_cache = HeadCache(trainer.model, budget)
-    trainer.base_states = BaseStates(trainer.model, budget)
     with torch.no_grad():
         for batch in batches:
             trainer.loss(batch)

@@ -373,3 +373,14 @@ def test_ctrl_c_in_any_command_is_one_line_with_what_was_kept(capsys):
     with pytest.raises(typer.Exit), friendly_errors():
         raise KeyboardInterrupt
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_interrupted_training_names_what_the_run_kept(trained, tmp_path):
+    """The Ctrl-C line for each stage a run can be stopped in: before any epoch, after one, and
+    after training while the closing table was still being made."""
+    from mosaic_safety.cli import interrupted_training
+
+    _, art, _ = trained
+    assert "no epoch had finished" in interrupted_training(tmp_path / "empty", trained=False)
+    assert interrupted_training(art, trained=False).startswith("epoch-2 is the last checkpoint")
+    assert "only the closing table was cut short" in interrupted_training(art, trained=True)

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,12 @@ out = Console(width=None if sys.stdout.isatty() else 120)  # tables stay readabl
 
 
 @contextmanager
-def friendly_errors(interrupted: str = ""):
+def friendly_errors(interrupted: str | Callable[[], str] = ""):
     """Turn the library's expected errors into one red line and exit code 2.
 
     Ctrl-C ends with one line too (exit 130, as shells report SIGINT), saying ``interrupted`` and
-    what was kept, so a long run's user knows whether rerunning it starts over.
+    what was kept, so a long run's user knows whether rerunning it starts over. ``interrupted`` is
+    that text, or a function that tells it at the moment of the stop.
     """
     from .backbone import BackboneError
     from .config import ConfigError
@@ -70,9 +72,8 @@ def friendly_errors(interrupted: str = ""):
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print(
-            f"[bold yellow]interrupted[/]{': ' + interrupted if interrupted else ''}", highlight=False
-        )
+        kept = interrupted() if callable(interrupted) else interrupted
+        console.print(f"[bold yellow]interrupted[/]{': ' + kept if kept else ''}", highlight=False)
         raise typer.Exit(130) from None
 
 
@@ -238,31 +239,26 @@ def train(
             _train_other_method(module, cfg, target, resume)
             return
         trained = False
-        try:
-            with _progress() as progress:
-                display = TrainDisplay(progress)
-                trainer = Trainer(cfg, reporter=display)
-                console.print(
-                    f"[cyan]•[/] model {trainer.backbone.name} (d={trainer.backbone.hidden_size}), "
-                    f"categories {', '.join(trainer.categories)}, {cfg.tokens.m} tokens each, "
-                    f"placement {cfg.tokens.placement}",
-                    highlight=False,
-                )
-                result = trainer.train(target, resume=resume, overwrite=overwrite)
-                trained = True
-                console.print(
-                    f"[green]✓[/] trained {result.steps} steps in {result.seconds:.0f}s; artifact: {target}",
-                    highlight=False,
-                )
-                if cfg.eval.max_new_tokens > 0:
-                    table = _closing_table(trainer, progress)
-                    (target / "eval_table.json").write_text(json.dumps(table, indent=2) + "\n")
-                    trainer.save(target, result.training, metrics={**result.metrics, "refusal_table": table})
-        except KeyboardInterrupt:
+        # the message is made at the stop: what was kept depends on how far the run got
+        with friendly_errors(lambda: interrupted_training(target, trained)), _progress() as progress:
+            display = TrainDisplay(progress)
+            trainer = Trainer(cfg, reporter=display)
             console.print(
-                f"[bold yellow]interrupted:[/] {interrupted_training(target, trained)}", highlight=False
+                f"[cyan]•[/] model {trainer.backbone.name} (d={trainer.backbone.hidden_size}), "
+                f"categories {', '.join(trainer.categories)}, {cfg.tokens.m} tokens each, "
+                f"placement {cfg.tokens.placement}",
+                highlight=False,
             )
-            raise typer.Exit(130) from None
+            result = trainer.train(target, resume=resume, overwrite=overwrite)
+            trained = True
+            console.print(
+                f"[green]✓[/] trained {result.steps} steps in {result.seconds:.0f}s; artifact: {target}",
+                highlight=False,
+            )
+            if cfg.eval.max_new_tokens > 0:
+                table = _closing_table(trainer, progress)
+                (target / "eval_table.json").write_text(json.dumps(table, indent=2) + "\n")
+                trainer.save(target, result.training, metrics={**result.metrics, "refusal_table": table})
         if cfg.eval.max_new_tokens > 0:
             print_table(table, trainer.categories)
 
