@@ -81,6 +81,18 @@ def test_fingerprint_tracks_weights(tiny_backbone, tiny_tokens, tmp_path, minors
     )
 
 
+def test_fingerprint_tracks_dtype(tiny_backbone, minors):
+    """Cached evaluations of an fp32 backbone must not answer for the same weights in bf16."""
+    import copy
+
+    from mosaic_safety.backbone import from_model
+
+    bf16 = from_model(
+        copy.deepcopy(tiny_backbone.model).to(torch.bfloat16), tiny_backbone.tokenizer, tiny_backbone.name
+    )
+    assert base_method(bf16, minors).fingerprint() != base_method(tiny_backbone, minors).fingerprint()
+
+
 def test_load_method_errors(tiny_backbone, tmp_path, mosaic_artifact):
     with pytest.raises(MethodError, match="unknown method 'lora'.*lora_sft"):
         load_method("lora", backbone=tiny_backbone)

@@ -176,6 +176,23 @@ def test_teacher_cache_generates_once(tmp_path, tiny_backbone):
     assert other.missing(prompts) == sorted(prompts)
 
 
+def test_teacher_cache_keys_on_dtype(tmp_path):
+    """bf16 and fp32 greedy answers differ, though the fingerprint (by design) does not."""
+    import copy
+
+    from mosaic_safety.backbone import from_model
+    from mosaic_safety.tiny import build_backbone
+
+    fp32 = build_backbone()
+    bf16 = from_model(copy.deepcopy(fp32.model).to(torch.bfloat16), fp32.tokenizer, fp32.name)
+    assert bf16.fingerprint == fp32.fingerprint and bf16.output_key != fp32.output_key
+    BaseResponseCache(ControlledModel(fp32), tmp_path, max_new_tokens=4).fill(["one", "two"])
+    assert BaseResponseCache(ControlledModel(bf16), tmp_path, max_new_tokens=4).missing(["one", "two"]) == [
+        "one",
+        "two",
+    ]
+
+
 def tiny_config(tmp_path, *overrides):
     return load_config("configs/tiny-test.yaml", [f"output={tmp_path / 'run'}", *overrides])
 

@@ -101,6 +101,16 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    @property
+    def output_key(self) -> str:
+        """What decides the text this backbone generates, for keys of cached generations.
+
+        The fingerprint is the same for a checkpoint loaded in float32 or bfloat16 (artifacts move
+        between them), but their greedy answers differ, so caches of generated text key on the
+        dtype and the device type as well (as the DSA state cache does).
+        """
+        return f"{self.fingerprint}:{str(self.dtype).removeprefix('torch.')}:{self.device.type}"
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

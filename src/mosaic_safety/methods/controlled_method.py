@@ -54,7 +54,7 @@ class ControlledMethod(Method):
         return self.model.backbone
 
     def fingerprint(self) -> str:
-        return digest(self.name, self.model.backbone.describe()["fingerprint"], self.identity)
+        return digest(self.name, self.model.backbone.output_key, self.identity)
 
     def _inputs(
         self, prompts: Sequence[str], policies: Sequence[Policy]

@@ -139,7 +139,7 @@ class DSAMethod(Method):
     def fingerprint(self) -> str:
         return digest(
             self.name,
-            self.backbone.fingerprint,
+            self.backbone.output_key,
             self.options.to_dict(),
             self.categories,
             self.threshold,

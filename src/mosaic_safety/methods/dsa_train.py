@@ -138,8 +138,7 @@ def cached_extract(
     key = digest(
         "dsa-states/1",
         backbone.describe(),
-        str(backbone.dtype),
-        backbone.device.type,
+        backbone.output_key,
         str(backbone.tokenizer.chat_template),
         guard_layer,
         how,

@@ -3,7 +3,8 @@
 On a negative, the controlled model must answer as the base model would. The target sequence is
 the base model's greedy response (generated once without control tokens); the KL term is then
 taken position by position along it. Generation is the slow part of data preparation, so answers
-are cached in a JSONL file keyed by model fingerprint, chat template, prompt and decoding settings:
+are cached in a JSONL file keyed by model fingerprint (with the dtype and device type it runs in),
+chat template, prompt and decoding settings:
 a second run, or another recipe on the same model, reuses them.
 """
 
@@ -21,8 +22,8 @@ from ..policy import Policy
 from .head_cache import HeadCache
 
 
-def response_key(fingerprint: str, template: str, prompt: str, max_new_tokens: int) -> str:
-    raw = json.dumps([fingerprint, template, prompt, "greedy", max_new_tokens])
+def response_key(output_key: str, template: str, prompt: str, max_new_tokens: int) -> str:
+    raw = json.dumps([output_key, template, prompt, "greedy", max_new_tokens])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
@@ -44,7 +45,7 @@ class BaseResponseCache:
         fingerprint = model.backbone.fingerprint
         self.path = Path(cache_dir) / f"responses-{fingerprint}.jsonl"
         self._template = hashlib.sha256(str(model.tokenizer.chat_template).encode()).hexdigest()[:12]
-        self._fingerprint = fingerprint
+        self._output_key = model.backbone.output_key
         self._store: dict[str, list[int]] = {}
         if self.path.exists():
             with self.path.open(encoding="utf-8") as f:
@@ -56,7 +57,7 @@ class BaseResponseCache:
                         continue  # a line cut short by a crash: regenerate that entry
 
     def key(self, prompt: str) -> str:
-        return response_key(self._fingerprint, self._template, prompt, self.max_new_tokens)
+        return response_key(self._output_key, self._template, prompt, self.max_new_tokens)
 
     def missing(self, prompts: Sequence[str]) -> list[str]:
         return sorted({p for p in prompts if self.key(p) not in self._store})
