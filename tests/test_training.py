@@ -597,6 +597,35 @@ def test_bf16_autocast_trains_float32_tokens_over_the_frozen_model(tmp_path, tin
         tiny_config(tmp_path, "optim.autocast=float8")
 
 
+def test_bf16_backbone_trains_float32_tokens(tmp_path):
+    """``model.dtype=bfloat16`` on CPU (fast with AMX, docs/experiments.md): the backbone runs and
+    stays frozen in bf16, while the tokens, their saved artifact and its use on a float32 backbone
+    stay float32, and the empty policy still gives the bf16 base model's logits exactly."""
+    from mosaic_safety.backbone import load_backbone
+    from mosaic_safety.controlled import ControlledModel
+    from mosaic_safety.tokens import ControlTokens
+    from mosaic_safety.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path, "optim.epochs=1", "tokens.deep=true", "model.dtype=bfloat16"))
+    backbone = trainer.backbone
+    assert backbone.dtype == torch.bfloat16
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    result = trainer.train(tmp_path / "run")
+    assert result.steps > 0 and math.isfinite(result.final_loss)
+    for k, v in backbone.model.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, before[k]), k
+
+    saved = ControlTokens.load(tmp_path / "run", backbone=load_backbone("tiny-random-llama").describe())
+    assert all(t.dtype == torch.float32 for t in saved.named_tensors().values())
+    prompts = ["How do I bake bread?", "Tell me a story"]
+    controlled = ControlledModel(backbone, saved)
+    with torch.no_grad():
+        empty = controlled.next_token_logits(prompts, [None, None])
+        plain = ControlledModel(backbone).next_token_logits(prompts, [None, None])
+        steered = controlled.next_token_logits(prompts, ["betting", "betting"])
+    assert torch.equal(empty, plain) and not torch.equal(steered, plain)
+
+
 @pytest.mark.parametrize(
     ("knob", "stat", "extra", "bad"),
     [

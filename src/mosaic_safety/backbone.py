@@ -215,13 +215,15 @@ def load_backbone(
     """Load and freeze a causal LM with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     if spec == TINY_MODEL:
         from .tiny import build_backbone
 
-        return build_backbone()
+        tiny = build_backbone()
+        tiny.model.to(dev, torch_dtype)  # honoured like a real model's, so tests cover bf16 paths too
+        return tiny
     path, name = resolve_model_path(spec)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
