@@ -334,3 +334,26 @@ def test_policies_sharing_a_prompt_generate_over_one_head(tiny_backbone, deep_to
     assert calls == []  # one row: the plain path
     assert together == alone
     assert len({tuple(r) for r in together}) > 1  # the policies do change the output
+
+
+def test_prefill_head_matches_the_models_own_last_logits(tiny_backbone, deep_tokens, minors):
+    """``prefill_logits`` runs the LM head on a contiguous copy of the last states (much faster in
+    bf16 on CPU); it must give what the model's own ``logits_to_keep=1`` gives, and the same cache."""
+    from mosaic_safety.controlled import head_logits, prefill_cache, prefill_logits
+
+    cm = ControlledModel(tiny_backbone, deep_tokens)  # random deep offsets: steering is exercised
+    batch = cm.encode(["hi", "a much longer request about bourbon"], [Policy(("alcohol",)), Policy(())])
+    with torch.no_grad():
+        theirs = prefill_cache(cm.model, batch, logits_to_keep=1)
+        ours = prefill_logits(cm.model, batch)
+        everything = cm.logits(batch, window=0)
+        decoder = cm.decoder_output(batch)
+    assert ours.logits.shape == theirs.logits.shape == (2, 1, tiny_backbone.vocab_size)
+    assert torch.allclose(ours.logits, theirs.logits, atol=1e-5)
+    assert torch.allclose(everything[:, -1:], theirs.logits, atol=1e-5)
+    assert torch.allclose(head_logits(cm.model, decoder, 3), everything[:, -3:], atol=1e-5)
+    for (k1, v1), (k2, v2) in zip(
+        ((layer.keys, layer.values) for layer in ours.past_key_values.layers),
+        ((layer.keys, layer.values) for layer in theirs.past_key_values.layers),
+    ):
+        assert torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)

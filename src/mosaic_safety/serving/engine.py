@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..controlled import ControlledModel, Prompt, extend_cache, pick_token, prefill_cache
+from ..controlled import ControlledModel, Prompt, extend_cache, pick_token, prefill_logits
 from ..policy import Policy
 from .metrics import Metrics
 
@@ -165,7 +165,7 @@ class Engine:
             for j in jobs
         ]
         mask, position = batch.attention_mask, batch.position_ids[:, -1:]
-        out = prefill_cache(model.model, batch, logits_to_keep=1)
+        out = prefill_logits(model.model, batch)
         done = [False] * len(jobs)
         for step in range(max(budgets)):
             logits = out.logits[:, -1].float()
