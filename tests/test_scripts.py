@@ -316,3 +316,46 @@ def test_separability_reads_states_under_a_trained_policy(tmp_path, capsys, tiny
     assert "alcohol+base" in out and "addiction+base" not in out  # only the policy's own detector
     with pytest.raises(SystemExit, match="not"):  # the same cache for another policy is refused
         sep.main([*args[:5], "sex", *args[6:], "--cache", str(tmp_path / "p.pt")])
+
+
+def test_compete_gate_answers_as_the_base_model_where_another_category_wins():
+    gate = _script("compete_gate")
+    margins = torch.tensor([[2.0, 2.0, -1.0], [3.0, 1.5, 5.0]])  # categories a, b over three prompts
+    under = [torch.tensor([True, True, True]), torch.tensor([True, False, True])]
+    base = torch.tensor([False, False, True])
+    # a fires on prompts 0 and 1; b's margin beats a's on 0 by 1 (kept with delta 1) and on 2
+    assert gate.compete(margins, under, base, 0, delta=0.0).tolist() == [False, True, True]
+    assert gate.compete(margins, under, base, 0, delta=1.0).tolist() == [True, True, True]
+    assert gate.compete(margins, under, base, 1, delta=0.0).tolist() == [True, False, True]
+
+
+def test_compete_gate_rates_are_exact_and_pass_at_the_targets():
+    gate = _script("compete_gate")
+    labels = ["a"] * 10 + ["b"] * 10 + ["neutral"] * 10
+    own_9 = [True] * 9 + [False]  # 9 of 10: exactly the 90% target
+    a = torch.tensor(own_9 + [True] + [False] * 9 + [True] + [False] * 9)
+    b = torch.tensor([True, True] + [False] * 8 + own_9[:8] + [False] * 2 + [False] * 10)
+    table = gate.policy_rates([a, b], ["a", "b"], labels)
+    assert table["rates"]["a"] == {"a": 0.9, "b": 0.1, "neutral": 0.1}
+    assert table["rates"]["b"] == {"a": 0.2, "b": 0.8, "neutral": 0.0}
+    assert table["checks"]["target_mean"] == pytest.approx(0.85)
+    assert table["checks"]["other_mean"] == pytest.approx(0.15)
+    assert gate.passing(table["rates"], ["a", "b"]) == ["a"]  # b: 80% own, 20% other
+
+
+def test_compete_gate_end_to_end_on_a_tiny_artifact(tmp_path, capsys):
+    from mosaic_safety.config import load_config
+    from mosaic_safety.training.trainer import Trainer
+
+    config = load_config("configs/tiny-test.yaml", [f"output={tmp_path}", "optim.epochs=1"])
+    Trainer(config).train(tmp_path)
+    _script("compete_gate").main(
+        [str(tmp_path), "--per-group", "3", "--deltas", "0", "--max-new-tokens", "2"]
+    )
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if ": own" in line] == [
+        "plain",
+        "compete d=0",
+        "gate only",
+    ]
+    assert out.count("  alcohol ") == 3  # one row per rule for each of the artifact's categories
