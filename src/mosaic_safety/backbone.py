@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .logits import logits_mismatch
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 ALIASES: dict[str, tuple[str, str]] = {
@@ -129,7 +131,30 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 def from_model(model: Any, tokenizer: Any, name: str = "in-memory") -> Backbone:
     """Wrap an already-loaded model (e.g. built in a test) as a frozen backbone."""
     _prepare_tokenizer(tokenizer)
-    return Backbone(freeze(model), tokenizer, name, embedding_fingerprint(model))
+    freeze(model)
+    check_logits_path(model, tokenizer, name)
+    return Backbone(model, tokenizer, name, embedding_fingerprint(model))
+
+
+# a short text whose tokens probe the logits path at load
+PROBE_TEXT = "Hello! Can you tell me how a frozen model computes its logits?"
+
+
+def check_logits_path(model: Any, tokenizer: Any, name: str) -> None:
+    """Fail at load where ``output_logits`` does not reproduce the model's own logits.
+
+    mosaic-safety applies the LM head itself (``logits.py``); an architecture that changes the
+    head's output in a way not known there would otherwise train and generate against a
+    distribution that is not the base model's, silently.
+    """
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:16] or [tokenizer.eos_token_id]
+    mismatch = logits_mismatch(model, ids)
+    if mismatch is not None:
+        raise BackboneError(
+            f"model {name!r} ({type(model).__name__}): its forward changes the LM head's output in a way "
+            f"mosaic-safety does not reproduce (largest relative difference {mismatch:.2g}); known are "
+            "Gemma's final_logit_softcapping, Cohere's logit_scale and Granite's logits_scaling"
+        )
 
 
 def _prepare_tokenizer(tokenizer: Any) -> None:
@@ -230,5 +255,4 @@ def load_backbone(
     except OSError as exc:
         raise BackboneError(f"could not load model {spec!r} from {path}: {exc}") from exc
     model.to(dev)
-    _prepare_tokenizer(tokenizer)
-    return Backbone(freeze(model), tokenizer, name, embedding_fingerprint(model))
+    return from_model(model, tokenizer, name)

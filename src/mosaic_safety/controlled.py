@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .backbone import Backbone
+from .logits import output_logits
 from .policy import CategoryRegistry, Policy
 from .tokens import ControlTokens
 
@@ -114,7 +115,7 @@ class ControlledModel:
                     f"control tokens have hidden size {tokens.hidden_size}, the model {backbone.hidden_size}"
                 )
             tokens.to(backbone.device)
-            layers = len(decoder_layers(backbone.model))
+            layers = len(decoder_layers(backbone.model)) if tokens.deep_layers else 0
             if tokens.deep_layers and tokens.deep_layers != layers - 1:
                 raise ValueError(
                     f"deep control tokens for a {tokens.deep_layers + 1}-layer model, "
@@ -364,7 +365,7 @@ class ControlledModel:
 
     def states_to_logits(self, states: torch.Tensor) -> torch.Tensor:
         """The LM head applied to final hidden states (from :meth:`response_states`)."""
-        return self.model.get_output_embeddings()(states)
+        return output_logits(self.model, states)
 
     def _hidden(self, batch: EncodedBatch) -> torch.Tensor:
         """Final hidden states of the last ``batch.window`` positions (what :meth:`logits` maps)."""
@@ -713,7 +714,7 @@ def head_logits(lm: Any, decoder_out: Any, window: int = 1) -> torch.Tensor:
     weight for every row: in bf16 that copy took 4.7 s of a 7.5 s, 48-row generation of SmolLM2.
     """
     states = decoder_out.last_hidden_state
-    return lm.get_output_embeddings()((states[:, -window:] if window else states).contiguous())
+    return output_logits(lm, (states[:, -window:] if window else states).contiguous())
 
 
 def prefill_logits(lm: Any, batch: EncodedBatch) -> SimpleNamespace:
@@ -723,9 +724,11 @@ def prefill_logits(lm: Any, batch: EncodedBatch) -> SimpleNamespace:
 
 
 def decoder_layers(module: Any) -> Any:
-    """The decoder layers of a causal LM or of its bare decoder."""
+    """The decoder layers of a causal LM or of its bare decoder (``layers``; GPT-2 style ``h``)."""
     decoder = module.get_decoder() if hasattr(module, "get_decoder") else module
     layers = getattr(decoder, "layers", None)
+    if layers is None:
+        layers = getattr(decoder, "h", None)
     if layers is None:
         raise ValueError(f"{type(module).__name__}: no decoder layers found for deep control tokens")
     return layers

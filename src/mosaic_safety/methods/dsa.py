@@ -26,7 +26,16 @@ from typing import Any
 import torch
 
 from ..backbone import Backbone
-from ..controlled import ControlledModel, EncodedBatch, extend_cache, length_batches, prefill_cache, until_eos
+from ..controlled import (
+    ControlledModel,
+    EncodedBatch,
+    decoder_layers,
+    extend_cache,
+    length_batches,
+    prefill_cache,
+    until_eos,
+)
+from ..logits import output_logits
 from ..policy import CategoryRegistry, Policy
 from ..tokens import ArtifactError
 from .artifact import WEIGHTS_FILE, load_method_artifact
@@ -60,7 +69,7 @@ def run_backbone(
         if not full:
             raise _Stop
 
-    handle = decoder.layers[guard_layer - 1].register_forward_hook(hook)
+    handle = decoder_layers(decoder)[guard_layer - 1].register_forward_hook(hook)
     out = None
     try:
         out = decoder(**inputs)
@@ -215,13 +224,13 @@ class DSAMethod(Method):
 
         Rows with alpha = 0 skip the adapter: their logits are computed exactly as the base model's.
         """
-        head = self.backbone.model.get_output_embeddings()
-        logits = head(hidden).float()
+        lm = self.backbone.model
+        logits = output_logits(lm, hidden).float()
         rows = torch.nonzero(alpha > 0).flatten()
         if len(rows):
             h = hidden[rows]
             cat = category[rows].view(-1, *([1] * (h.dim() - 2))).expand(h.shape[:-1])
-            adapted = head(self.adapter(h, cat).to(hidden.dtype)).float()
+            adapted = output_logits(lm, self.adapter(h, cat).to(hidden.dtype)).float()
             a = alpha[rows].float().view(-1, *([1] * (adapted.dim() - 1)))
             logits[rows] = (1 - a) * logits[rows] + a * adapted
         return logits

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from ..backbone import Backbone, cache_root, load_backbone
 from ..controlled import ControlledModel
 from ..evaluation.table import held_out_groups
+from ..logits import output_logits
 from ..policy import CategoryRegistry, Policy
 from ..tokens import ArtifactError
 from ..training.checkpoint import (
@@ -383,7 +384,7 @@ def train_dsa(
     )
 
     # -- alignment adapter ----------------------------------------------------------------------
-    head = backbone.model.get_output_embeddings()
+    lm = backbone.model
     adapter.to(device).train()
     opt = torch.optim.Adam(adapter.parameters(), lr=options.adapter_lr)
     named = list(adapter.named_parameters())
@@ -414,8 +415,8 @@ def train_dsa(
             cat = torch.tensor(
                 [owner[i] if owner[i] >= 0 else rng.randrange(k_cats) for i in idx], device=device
             )
-            adapted = head(
-                adapter(h.to(backbone.dtype), cat[:, None].expand(labels.shape)).to(backbone.dtype)
+            adapted = output_logits(
+                lm, adapter(h.to(backbone.dtype), cat[:, None].expand(labels.shape)).to(backbone.dtype)
             )
             ce = response_cross_entropy(adapted, labels)
             per_row = ce.clone()
@@ -423,7 +424,7 @@ def train_dsa(
             kl_mean = 0.0
             if bool(neg.any()) and options.kl_weight > 0:
                 with torch.no_grad():
-                    base = head(h[neg].to(backbone.dtype))
+                    base = output_logits(lm, h[neg].to(backbone.dtype))
                 kl = response_kl(adapted[neg], base, labels[neg])
                 per_row[neg] = per_row[neg] + options.kl_weight * kl
                 kl_mean = float(kl.detach().mean())

@@ -1,0 +1,53 @@
+"""A causal LM's logits from its final hidden states, as the model's own forward computes them.
+
+mosaic-safety applies the LM head itself: on contiguous states (the model's ``logits_to_keep``
+slices them with a stride, which is slow on CPU), on the target positions of a training batch, and
+on DSA's mixed states. Some architectures change the head's output in their forward: Gemma 2 and 3
+soft-cap it (``final_logit_softcapping``), Cohere multiplies it by ``logit_scale``, Granite divides
+it by ``logits_scaling``. Without the same step the empty policy would not give the base model's
+distribution. Greedy text would survive, because each of these maps is monotonic, but sampling,
+the KL objective and every reported probability would not.
+
+:func:`logits_mismatch` compares this path with the model's own forward on a few tokens. The
+backbone runs it once at load (``backbone.py``), so an architecture with a step not known here
+fails with a clear message instead of training against the wrong distribution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# the largest difference, relative to the largest logit, that counts as the same logits: the two
+# paths run the same operations on the same states, so in any dtype they agree to float rounding
+RELATIVE_TOLERANCE = 1e-4
+
+
+def output_logits(lm: Any, states: torch.Tensor) -> torch.Tensor:
+    """The LM head of ``lm`` on final hidden states ``(..., d)``, with its architecture's final step."""
+    logits = lm.get_output_embeddings()(states)
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    scaling = getattr(config, "logits_scaling", None)  # Granite
+    if scaling is not None and scaling != 1:
+        logits = logits / scaling
+    scale = getattr(config, "logit_scale", None)  # Cohere
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 and 3
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def logits_mismatch(lm: Any, ids: list[int]) -> float | None:
+    """``None`` where :func:`output_logits` gives ``lm``'s own logits for ``ids``; else the largest
+    difference (relative to the largest logit)."""
+    input_ids = torch.tensor([ids], device=lm.device)
+    reference = lm(input_ids=input_ids).logits.float()
+    ours = output_logits(lm, lm.get_decoder()(input_ids=input_ids).last_hidden_state).float()
+    if ours.shape != reference.shape:
+        return float("inf")
+    difference = float((ours - reference).abs().max()) / (1.0 + float(reference.abs().max()))
+    return None if difference <= RELATIVE_TOLERANCE else difference

@@ -1,0 +1,119 @@
+"""The controlled model's invariants on tiny random models of other architectures than Llama.
+
+Users bring Qwen, Gemma, Mistral, Phi, Granite, Cohere, OLMo, GPT-NeoX or GPT-2 backbones. Some
+post-process the LM head's output in their forward (Gemma soft-caps it, Granite and Cohere scale
+it), GPT-2 keeps its blocks in ``h``, and each builds its own caches. Each must give the base
+model's logits and greedy text under the empty policy, keep rows independent, and train through
+shared prompt heads with the full forward's values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from test_controlled import PROMPTS, assert_rows_independent, base_greedy, base_logits, perturb
+from tiny import build_model, build_tokenizer
+
+from mosaic_safety.backbone import BackboneError, from_model, load_backbone
+from mosaic_safety.controlled import ControlledModel
+from mosaic_safety.policy import Policy
+from mosaic_safety.tokens import ControlTokens
+
+# (config class, model class, what this architecture needs or changes)
+ARCHITECTURES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 2.0}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 2.0}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 32, "n_layer": 2, "n_head": 4}),
+}
+
+
+def build(arch: str, tokenizer):
+    config_name, model_name, extra = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.3,
+        **extra,
+    )
+    model = getattr(transformers, model_name)(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architecture_keeps_the_invariants(arch, tokenizer, minors):
+    backbone = from_model(build(arch, tokenizer), tokenizer, name=f"tiny-{arch}")
+    tokens = ControlTokens.initialise(
+        minors, backbone.model.get_input_embeddings(), tokenizer, m=3, placement="user_end", deep_layers=1
+    )
+    cm = ControlledModel(backbone, tokens)
+
+    # the empty policy: the base model's logits, and the same greedy text
+    with torch.no_grad():
+        logits = cm.forward(PROMPTS, [None] * len(PROMPTS))
+    for i, prompt in enumerate(PROMPTS):
+        ref = base_logits(backbone, prompt)
+        assert (logits[i, -ref.shape[0] :] - ref).abs().max().item() <= 1e-5
+    eos = tokenizer.eos_token_id
+    for prompt, row in zip(PROMPTS, cm.generate_ids(PROMPTS, [""] * len(PROMPTS), max_new_tokens=5)):
+        expected = base_greedy(backbone, prompt, 5)
+        assert row == (expected[: expected.index(eos)] if eos in expected else expected)
+
+    # active policies: rows independent of their batch, and training through shared prompt heads
+    perturb(tokens, seed=1)
+    with torch.no_grad():
+        for offsets in tokens.deep.values():
+            offsets.add_(torch.randn_like(offsets))
+    assert_rows_independent(cm, minors)
+    policies = [minors.policy("alcohol"), minors.policy("horror,sex"), Policy(())]
+    targets = [[5, 6, 7], [9, 2], [11, 12]]
+    full, labels = cm.response_logits(PROMPTS, policies, targets)
+    shared, _ = cm.response_logits(PROMPTS, policies, targets, cm.prefill_heads(PROMPTS))
+    assert (full - shared)[labels != -100].abs().max().item() <= 1e-5
+    assert (full[0] - full[2]).abs().max().item() > 1e-3  # the tokens matter on this architecture
+
+
+def test_a_logits_step_not_known_fails_at_load(tokenizer, tmp_path):
+    """A forward that changes the head's output in an unknown way is refused, not used silently."""
+
+    class ShiftedLlama(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits + 1.0
+            return out
+
+    model = build_model(tokenizer)
+    shifted = ShiftedLlama(model.config)
+    shifted.load_state_dict(model.state_dict())
+    with pytest.raises(BackboneError, match="does not reproduce"):
+        from_model(shifted, tokenizer)
+
+    # a known step wrongly configured for its architecture is caught the same way, through a real load
+    model.config.final_logit_softcapping = 2.0  # Llama's forward has no soft-capping
+    model.save_pretrained(tmp_path / "capped")
+    tokenizer.save_pretrained(tmp_path / "capped")
+    with pytest.raises(BackboneError, match=r"capped.*LlamaForCausalLM.*does not reproduce"):
+        load_backbone(str(tmp_path / "capped"))
