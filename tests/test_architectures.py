@@ -16,7 +16,7 @@ from test_controlled import PROMPTS, assert_rows_independent, base_greedy, base_
 from tiny import build_model, build_tokenizer
 
 from mosaic_safety.backbone import BackboneError, from_model, load_backbone
-from mosaic_safety.controlled import ControlledModel
+from mosaic_safety.controlled import ControlledModel, PlacementError
 from mosaic_safety.policy import Policy
 from mosaic_safety.tokens import ControlTokens
 
@@ -117,3 +117,28 @@ def test_a_logits_step_not_known_fails_at_load(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "capped")
     with pytest.raises(BackboneError, match=r"capped.*LlamaForCausalLM.*does not reproduce"):
         load_backbone(str(tmp_path / "capped"))
+
+
+GEMMA2_LIKE = (  # Gemma 2's template refuses a system message
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DROPS_SYSTEM = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [GEMMA2_LIKE, DROPS_SYSTEM], ids=["raises", "drops"])
+def test_system_placement_without_a_system_turn_is_a_clear_error(template, minors):
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = template
+    backbone = from_model(build_model(tokenizer), tokenizer)
+    tokens = ControlTokens.initialise(minors, backbone.model.get_input_embeddings(), tokenizer, m=2)
+    with pytest.raises(PlacementError, match="no system turn"):
+        ControlledModel(backbone, tokens, placement="system").split_prompt("hi")
+    head, rest = ControlledModel(backbone, tokens, placement="user_end").split_prompt("hi")
+    assert head and rest  # the other placements work with the same template

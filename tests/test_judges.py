@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import uvicorn
 from fastapi import Body, FastAPI, HTTPException, Request
 
@@ -437,6 +438,15 @@ def test_hf_judge_on_the_tiny_model(tiny_backbone):
     # left-padded batches give the same margins as one-by-one
     single = HFJudge(tiny_backbone, batch_size=1).margins(prompts, responses)
     assert single == pytest.approx(judge.last_margins, abs=1e-4)
+    # and they are the judge model's own next-token logits (its plain forward, one unpadded row)
+    for prompt, response, margin in zip(prompts, responses, single):
+        ids = tiny_backbone.tokenizer(
+            judge.render(prompt, response), return_tensors="pt", add_special_tokens=False
+        )
+        with torch.no_grad():
+            last = tiny_backbone.model(input_ids=ids["input_ids"]).logits[0, -1].float()
+        expected = torch.logsumexp(last[judge.no_ids], -1) - torch.logsumexp(last[judge.yes_ids], -1)
+        assert margin == pytest.approx(float(expected), abs=1e-4)
     # the margin threshold moves the decision
     lowest = min(judge.last_margins)
     assert HFJudge(tiny_backbone, margin=lowest - 1)(prompts, responses) == [True] * 3

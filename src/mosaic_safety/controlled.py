@@ -31,6 +31,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 
 from .backbone import Backbone
 from .logits import output_logits
@@ -197,13 +198,19 @@ class ControlledModel:
                 messages[0]["content"] = _SENTINEL + messages[0]["content"]
             else:  # templates that inject a default system prompt: insert before its text
                 messages.insert(0, {"role": "system", "content": _SENTINEL})
-        marked = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        no_system = (
+            "placement 'system': this chat template has no system turn to host the control tokens; "
+            "use placement 'prefix', 'user' or 'user_end'"
+        )
+        try:
+            marked = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:  # Gemma 2's template raises "System role not supported"
+            raise PlacementError(f"{no_system} (the template says: {exc})") from exc
+        if _SENTINEL not in marked:  # a template that drops system messages
+            raise PlacementError(no_system)
         before = marked[: marked.index(_SENTINEL)]
         if not full.startswith(before):
-            raise PlacementError(
-                "placement 'system': this chat template has no system turn to host the control tokens; "
-                "add a system message or use placement 'prefix' or 'user'"
-            )
+            raise PlacementError(no_system)
         return before
 
     def encode(

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..controlled import head_logits
 from .judges import JudgeError
 from .llm_judge import judge_messages
 
@@ -94,7 +95,11 @@ class HFJudge:
                 padding_side="left",
                 add_special_tokens=False,
             ).to(model.device)
-            logits = model(**batch).logits[:, -1, :].float().cpu()
+            # the LM head at the last position only: over every position it would hold a
+            # (batch, length, vocab) tensor, 0.5 GB for 8 judge prompts on SmolLM2's vocabulary
+            position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            states = model.get_decoder()(**batch, position_ids=position_ids)
+            logits = head_logits(model, states, 1)[:, -1, :].float().cpu()
             diff = torch.logsumexp(logits[:, no], -1) - torch.logsumexp(logits[:, yes], -1)
             for i, d in zip(idx, diff.tolist()):
                 out[i] = d
