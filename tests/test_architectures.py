@@ -111,6 +111,15 @@ def test_a_logits_step_not_known_fails_at_load(tokenizer, tmp_path):
     with pytest.raises(BackboneError, match="does not reproduce"):
         from_model(shifted, tokenizer)
 
+    class NoDecoderLlama(transformers.LlamaForCausalLM):  # get_decoder() falls back to the model itself
+        def get_decoder(self):
+            return self
+
+    odd = NoDecoderLlama(model.config)
+    odd.load_state_dict(model.state_dict())
+    with pytest.raises(BackboneError, match="not supported: its decoder"):
+        from_model(odd, tokenizer)
+
     # a known step wrongly configured for its architecture is caught the same way, through a real load
     model.config.final_logit_softcapping = 2.0  # Llama's forward has no soft-capping
     model.save_pretrained(tmp_path / "capped")

@@ -41,13 +41,22 @@ def output_logits(lm: Any, states: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logits_mismatch(lm: Any, ids: list[int]) -> float | None:
-    """``None`` where :func:`output_logits` gives ``lm``'s own logits for ``ids``; else the largest
-    difference (relative to the largest logit)."""
+def logits_mismatch(lm: Any, ids: list[int]) -> str | None:
+    """``None`` where :func:`output_logits` gives ``lm``'s own logits for ``ids``; else what differs."""
     input_ids = torch.tensor([ids], device=lm.device)
     reference = lm(input_ids=input_ids).logits.float()
-    ours = output_logits(lm, lm.get_decoder()(input_ids=input_ids).last_hidden_state).float()
+    states = getattr(lm.get_decoder()(input_ids=input_ids), "last_hidden_state", None)
+    if states is None:
+        return "its decoder (get_decoder()) gives no final hidden states to apply the LM head to"
+    ours = output_logits(lm, states).float()
     if ours.shape != reference.shape:
-        return float("inf")
+        shapes = f"{tuple(ours.shape)} against its forward's {tuple(reference.shape)}"
+        return f"the LM head on its final states gives logits of shape {shapes}"
     difference = float((ours - reference).abs().max()) / (1.0 + float(reference.abs().max()))
-    return None if difference <= RELATIVE_TOLERANCE else difference
+    if difference <= RELATIVE_TOLERANCE:
+        return None
+    return (
+        f"its forward changes the LM head's output in a way mosaic-safety does not reproduce (largest "
+        f"relative difference {difference:.2g}); known are Gemma's final_logit_softcapping, Cohere's "
+        "logit_scale and Granite's logits_scaling"
+    )
