@@ -33,6 +33,10 @@ ARCHITECTURES = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 32, "n_layer": 2, "n_head": 4}),
+    # windows shorter than the prompts: keys leave the window (Gemma 2 attends eagerly, the others by SDPA)
+    "gemma2-window": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "sliding_window": 3}),
+    "gemma3-window": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 3}),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 3}),
 }
 
 
@@ -94,6 +98,15 @@ def test_architecture_keeps_the_invariants(arch, tokenizer, minors):
     shared, _ = cm.response_logits(PROMPTS, policies, targets, cm.prefill_heads(PROMPTS))
     assert (full - shared)[labels != -100].abs().max().item() <= 1e-5
     assert (full[0] - full[2]).abs().max().item() > 1e-3  # the tokens matter on this architecture
+
+    # generation that runs each prompt's head once for several policies gives the plain path's text
+    asked = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    under = [policies[0], policies[1], policies[2], policies[0]]
+    for sampled in (False, True):  # the same seeded draws follow the logits closely: sampling shows more
+        options = {"max_new_tokens": 12, "do_sample": sampled, "temperature": 2.0, "seed": 0}
+        assert cm.generate_ids(asked, under, **options) == cm.generate_ids(
+            asked, under, **options, share_heads=False
+        )
 
 
 def test_a_logits_step_not_known_fails_at_load(tokenizer, tmp_path):
