@@ -547,7 +547,7 @@ class ControlledModel:
 
         embeds, mask, ctrl, deep, lengths = self._tail_batch(prompts, policies, left_pad=True)
         full_mask = torch.cat([heads.mask, mask], dim=1)
-        cache = DynamicCache(heads.keys_values, config=self.model.config)
+        cache = DynamicCache(heads.keys_values)
         logits = None
         if mask.shape[1]:
             with steering(self.model, ctrl, deep):
