@@ -19,6 +19,8 @@ from mosaic_safety.backbone import BackboneError, from_model, load_backbone
 from mosaic_safety.controlled import ControlledModel, PlacementError
 from mosaic_safety.policy import Policy
 from mosaic_safety.tokens import ControlTokens
+from mosaic_safety.training.head_cache import HeadCache
+from mosaic_safety.training.teacher import BaseResponseCache
 
 # (config class, model class, what this architecture needs or changes)
 ARCHITECTURES = {
@@ -164,3 +166,21 @@ def test_system_placement_without_a_system_turn_is_a_clear_error(template, minor
         ControlledModel(backbone, tokens, placement="system").split_prompt("hi")
     head, rest = ControlledModel(backbone, tokens, placement="user_end").split_prompt("hi")
     assert head and rest  # the other placements work with the same template
+
+
+@pytest.mark.parametrize("arch", ["gemma2-window", "mistral-window"])
+def test_base_answers_on_a_windowed_model_are_the_plain_answers(arch, tokenizer, tmp_path):
+    """The teacher's answers, with training's kept prompt heads at hand, are the plain greedy ones.
+
+    With ``user`` placement each row's tail holds its request, so tails differ in length: decoding
+    over shared heads would leave padding between head and tail, which Gemma 2's window counts.
+    """
+    cm = ControlledModel(from_model(build(arch, tokenizer), tokenizer), placement="user")
+    prompts = [*PROMPTS, "hi", "another request about a scary story"]
+    plain = BaseResponseCache(cm, tmp_path / "plain", max_new_tokens=12, batch_size=5)
+    heads = HeadCache(cm, 2**30)
+    heads.warm(prompts)
+    over = BaseResponseCache(cm, tmp_path / "over", max_new_tokens=12, batch_size=5, heads=heads)
+    assert plain.fill(prompts) == over.fill(prompts) == len(prompts)
+    assert [over.get(p) for p in prompts] == [plain.get(p) for p in prompts]
+    assert heads.hits == 0  # greedy text rarely shows a small shift; the plain path was taken

@@ -85,8 +85,13 @@ class BaseResponseCache:
         return len(todo)
 
     def _generate(self, chunk: list[str]) -> list[list[int]]:
-        """Greedy answers for one chunk, over the kept prompt heads when there are any."""
-        heads = self.heads.heads(chunk) if self.heads is not None else None
+        """Greedy answers for one chunk, over the kept prompt heads when there are any.
+
+        Not on sliding-window models: decoding over shared heads can leave padding between a
+        row's head and its tail, which some windows count (``ControlledModel.windowed``).
+        """
+        shared = self.heads is not None and not self.model.windowed
+        heads = self.heads.heads(chunk) if shared else None
         if heads is None:
             return self.model.generate_ids(
                 chunk, [None] * len(chunk), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
