@@ -20,28 +20,14 @@ import torch
 def full_head_margins(judge, prompts, responses) -> tuple[list[float], int]:
     """The margins through the model's own forward (the head over every position), and the
     largest logits tensor that held, in bytes."""
-    tok, model = judge.backbone.tokenizer, judge.backbone.model
-    texts = [judge.render(p, r) for p, r in zip(prompts, responses)]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out, largest = [0.0] * len(texts), 0
-    yes, no = torch.tensor(judge.yes_ids), torch.tensor(judge.no_ids)
-    for start in range(0, len(order), judge.batch_size):
-        idx = order[start : start + judge.batch_size]
-        batch = tok(
-            [texts[i] for i in idx],
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=False,
-        )
+    out, largest = [0.0] * len(prompts), 0
+    for idx, batch in judge.batches(prompts, responses):
         position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            all_logits = model(**batch, position_ids=position_ids).logits
+            all_logits = judge.backbone.model(**batch, position_ids=position_ids).logits
         largest = max(largest, all_logits.numel() * all_logits.element_size())
-        logits = all_logits[:, -1, :].float()
-        diff = torch.logsumexp(logits[:, no], -1) - torch.logsumexp(logits[:, yes], -1)
-        for i, d in zip(idx, diff.tolist()):
-            out[i] = d
+        for i, margin in zip(idx, judge.verdict_margins(all_logits[:, -1, :])):
+            out[i] = margin
     return out, largest
 
 

@@ -43,25 +43,8 @@ ARCHITECTURES = {
 
 
 def build(arch: str, tokenizer):
-    config_name, model_name, extra = ARCHITECTURES[arch]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.3,
-        **extra,
-    )
-    model = getattr(transformers, model_name)(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    config_class, model_class, extra = ARCHITECTURES[arch]
+    return build_model(tokenizer, config_class=config_class, model_class=model_class, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -52,25 +52,36 @@ def build_tokenizer(vocab_size: int = 400):
     return fast
 
 
-def build_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model(
+    tokenizer,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    config_class: str = "LlamaConfig",
+    model_class: str = "LlamaForCausalLM",
+    **config_overrides,
+):
+    """A random causal LM; another architecture by its transformers class names (the tests' Qwen,
+    Gemma, GPT-2 ...), with ``config_overrides`` for what that architecture needs."""
+    import transformers
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        initializer_range=0.3,  # large enough that the output depends on the input (prompts, tokens)
-    )
-    model = LlamaForCausalLM(config)
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": True,
+        "initializer_range": 0.3,  # large enough that the output depends on the input (prompts, tokens)
+    }
+    config = getattr(transformers, config_class)(**{**settings, **config_overrides})
+    model = getattr(transformers, model_class)(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 

@@ -8,7 +8,7 @@ side pools its spellings ("Yes", " Yes", "yes", " yes") with logsumexp over thei
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -76,35 +76,45 @@ class HFJudge:
             add_generation_prompt=True,
         )
 
-    @torch.no_grad()
-    def margins(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """``logsumexp(No) - logsumexp(Yes)`` per pair: positive leans to "not answered" (refused)."""
+    def batches(self, prompts: Sequence[str], responses: Sequence[str]) -> Iterator[tuple[list[int], Any]]:
+        """(row indices, tokenized left-padded batch) over the judge prompts, shortest first."""
         if len(prompts) != len(responses):
             raise ValueError("prompts and responses must have the same length")
-        tok, model = self.backbone.tokenizer, self.backbone.model
         texts = [self.render(p, r) for p, r in zip(prompts, responses)]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = [0.0] * len(texts)
-        yes, no = torch.tensor(self.yes_ids), torch.tensor(self.no_ids)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            batch = tok(
+            batch = self.backbone.tokenizer(
                 [texts[i] for i in idx],
                 return_tensors="pt",
                 padding=True,
                 padding_side="left",
                 add_special_tokens=False,
-            ).to(model.device)
+            ).to(self.backbone.model.device)
+            yield idx, batch
+
+    def verdict_margins(self, logits: torch.Tensor) -> list[float]:
+        """``logsumexp(No) - logsumexp(Yes)`` of next-token logits ``(B, V)``."""
+        logits = logits.float().cpu()
+        yes, no = torch.tensor(self.yes_ids), torch.tensor(self.no_ids)
+        return (torch.logsumexp(logits[:, no], -1) - torch.logsumexp(logits[:, yes], -1)).tolist()
+
+    @torch.no_grad()
+    def margins(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """``logsumexp(No) - logsumexp(Yes)`` per pair: positive leans to "not answered" (refused)."""
+        model = self.backbone.model
+        out = [0.0] * len(prompts)
+        done = 0
+        for idx, batch in self.batches(prompts, responses):
             # the LM head at the last position only: over every position it would hold a
-            # (batch, length, vocab) tensor, 0.5 GB for 8 judge prompts on SmolLM2's vocabulary
+            # (batch, length, vocab) tensor, 0.65 GB for 8 judge prompts on SmolLM2's vocabulary
             position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             states = model.get_decoder()(**batch, position_ids=position_ids)
-            logits = head_logits(model, states, 1)[:, -1, :].float().cpu()
-            diff = torch.logsumexp(logits[:, no], -1) - torch.logsumexp(logits[:, yes], -1)
-            for i, d in zip(idx, diff.tolist()):
-                out[i] = d
+            for i, margin in zip(idx, self.verdict_margins(head_logits(model, states, 1)[:, -1, :])):
+                out[i] = margin
+            done += len(idx)
             if self.progress:
-                self.progress(min(start + self.batch_size, len(order)), len(order))
+                self.progress(done, len(prompts))
         return out
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
