@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mosaic_safety.config import load_config
+from mosaic_safety.config import ConfigError, load_config
 from mosaic_safety.controlled import ControlledModel
 from mosaic_safety.training.losses import response_cross_entropy, response_kl
 from mosaic_safety.training.sampler import OrderSampler
@@ -690,3 +690,30 @@ def test_own_credit_sends_a_positives_gradient_to_its_own_category_only(tmp_path
     assert reached == {positive.category} | set(negative.policy.categories)
     with pytest.raises(ConfigError, match="positive_credit"):
         tiny_config(tmp_path, "optim.positive_credit=some")
+
+
+def test_target_tokens_train_on_the_first_tokens_only(tmp_path, tiny_backbone):
+    from mosaic_safety.training.trainer import Trainer
+
+    recipe = ("tokens.deep=true", "optim.refusal_path_kl=1")
+    whole = Trainer(tiny_config(tmp_path, *recipe), backbone=tiny_backbone)
+    cut = Trainer(tiny_config(tmp_path, *recipe, "optim.target_tokens=2"), backbone=tiny_backbone)
+    for trainer in (whole, cut):
+        trainer.prepare()
+    batch = trainer.sampler.epoch_items(0)[:8]
+    assert {item.positive for item in batch} == {True, False}
+    long, short = whole._targets(batch), cut._targets(batch)
+    assert max(map(len, long)) > 2
+    assert short == [t[:2] for t in long]
+    # the loss is that of the whole recipe on the cut targets: the positives' CE over two tokens
+    positives = [item for item in batch if item.positive]
+    logits, labels = cut.model.response_logits(
+        [i.prompt for i in positives],
+        [i.policy for i in positives],
+        [t[:2] for t in whole._targets(positives)],
+    )
+    expected = response_cross_entropy(logits, labels).mean()
+    assert cut.loss(positives)[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert cut.loss(positives)[0].item() != pytest.approx(whole.loss(positives)[0].item(), rel=1e-3)
+    with pytest.raises(ConfigError, match="target_tokens"):
+        tiny_config(tmp_path, "optim.target_tokens=-1")

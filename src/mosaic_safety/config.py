@@ -77,6 +77,9 @@ class OptimConfig:
     batch_size: int = 8
     kl_weight: float = 1.0  # lambda of CE + lambda * KL(p_base || p_ctrl) on negatives
     first_token_weight: float = 1.0  # weight of the first response token (the refusal decision); 1 = paper
+    # >0: train on the first k tokens of every target only (refusal, base answer, refusal path), a
+    # cheaper step centred on the refuse-or-answer decision; 0: whole targets (the paper)
+    target_tokens: int = 0
     reverse_kl: float = 0.0  # weight of KL(p_ctrl || p_base) along the base answer on negatives
     refusal_path_kl: float = 0.0  # weight of KL(base || controlled) along the refusal template on negatives
     greedy_margin: float = 0.0  # weight of a hinge keeping the base answer greedy on negatives (0: off)
@@ -172,6 +175,7 @@ class TrainConfig:
                 "sampling.inactive_share=0 there are none",
             ),
             (self.optim.lr > 0, "optim.lr must be positive"),
+            (self.optim.target_tokens >= 0, "optim.target_tokens must be >= 0 (0: whole targets)"),
             (self.optim.epochs >= 1, "optim.epochs must be at least 1"),
             (self.optim.batch_size >= 1, "optim.batch_size must be at least 1"),
             (self.optim.kl_weight >= 0, "optim.kl_weight must be >= 0"),

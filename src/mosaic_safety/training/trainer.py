@@ -405,8 +405,15 @@ class Trainer:
     def _targets(self, items: list[TrainItem]) -> list[list[int]]:
         out = []
         for item in items:
-            out.append(self._refusals[item.category] if item.positive else self.teacher.get(item.prompt))
+            out.append(
+                self._cut(self._refusals[item.category] if item.positive else self.teacher.get(item.prompt))
+            )
         return out
+
+    def _cut(self, target: list[int]) -> list[int]:
+        """The part of a target the loss sees: all of it, or its first ``optim.target_tokens``."""
+        k = self.config.optim.target_tokens
+        return target[:k] if k > 0 else target
 
     def loss(self, items: list[TrainItem], share_heads: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean over rows of CE (positives) and CE + lambda * KL (negatives).
@@ -490,7 +497,9 @@ class Trainer:
         """
         prompts = [item.prompt for item in negatives]
         policies = [item.policy for item in negatives]
-        targets = [self._refusals[q.categories[j % len(q.categories)]] for j, q in enumerate(policies)]
+        targets = [
+            self._cut(self._refusals[q.categories[j % len(q.categories)]]) for j, q in enumerate(policies)
+        ]
         logits, labels = self.model.response_logits(prompts, policies, targets, heads)
         return response_kl(logits, self.base_states.logits(prompts, targets, heads), labels)
 
