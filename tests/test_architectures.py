@@ -167,3 +167,18 @@ def test_base_answers_on_a_windowed_model_are_the_plain_answers(arch, tokenizer,
     assert plain.fill(prompts) == over.fill(prompts) == len(prompts)
     assert [over.get(p) for p in prompts] == [plain.get(p) for p in prompts]
     assert heads.hits == 0  # greedy text rarely shows a small shift; the plain path was taken
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "granite", "cohere"])
+def test_known_logits_steps_pass_the_load_check_in_bfloat16(arch, tokenizer):
+    """The check compares the same operations in the model's dtype, so bf16 is no false alarm."""
+    model = build(arch, tokenizer).to(torch.bfloat16)
+    backbone = from_model(model, tokenizer)
+    cm = ControlledModel(backbone)
+    with torch.no_grad():
+        ours = cm.forward(PROMPTS[:1], [None])[0]
+    ref = base_logits(backbone, PROMPTS[0])
+    assert ours.dtype == torch.bfloat16
+    # one bf16 step at these magnitudes at most (kernels may differ between the two paths on some
+    # CPUs); a missing cap or scale moves these logits by 0.3 to 5
+    torch.testing.assert_close(ours[-ref.shape[0] :], ref, rtol=0, atol=0.05)
