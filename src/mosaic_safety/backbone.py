@@ -147,7 +147,7 @@ def check_logits_path(model: Any, tokenizer: Any, name: str) -> None:
     head's output in a way not known there would otherwise train and generate against a
     distribution that is not the base model's, silently.
     """
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:16] or [tokenizer.eos_token_id]
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:16] or [tokenizer.eos_token_id or 0]
     mismatch = logits_mismatch(model, ids)
     if mismatch is not None:
         raise BackboneError(f"model {name!r} ({type(model).__name__}) is not supported: {mismatch}")

@@ -138,21 +138,35 @@ class ControlledModel:
         return self.backbone.tokenizer
 
     @property
-    def windowed(self) -> bool:
-        """Whether some layers attend within a sliding window.
-
-        Decoding over shared heads left-pads each row's tail after its head, so a row has padding
-        between its prompt and its control tokens. Full attention masks it out, and so does SDPA's
-        sliding-window mask, but Gemma 2's eager attention counts the window in cache slots, padding
-        included, and its logits moved by 0.3 on a tiny model. Generation for such models takes the
-        plain path. Training is not affected: its tails are right-padded, so no row has padding
-        between its head and its tail.
-        """
+    def sliding_window(self) -> int | None:
+        """The attention window of the model's sliding-window layers; ``None`` where every layer
+        attends to the whole sequence."""
         config = self.model.config.get_text_config()
-        if getattr(config, "sliding_window", None) is None:
-            return False
+        window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None)
-        return layer_types is None or "sliding_attention" in layer_types
+        if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+            return None
+        return int(window)
+
+    def heads_share_exactly(self, span: int) -> bool:
+        """Whether decoding over shared heads gives the plain path's values for rows that span
+        ``span`` positions, padding included.
+
+        Decoding over shared heads left-pads each row's tail after its head, so a row can have
+        padding between its prompt and its control tokens. Where no key ever leaves an attention
+        window, that padding is simply masked out. Past the window it can count: on a tiny Gemma 2
+        (eager attention) with a 3-token window the first logits moved by 0.3. Training's tails are
+        right-padded, so training never has padding inside a row and shares heads whatever the window.
+        """
+        window = self.sliding_window
+        return window is None or span <= window
+
+    def shared_span(self, prompts: Sequence[Prompt], policies: Sequence[Policy], new_tokens: int) -> int:
+        """Positions a batch decoded over shared heads spans: the longest head, the longest tail
+        (control tokens and the rest of the prompt) and the new tokens."""
+        splits = [self.split_prompt(p) for p in prompts]
+        tails = [len(rest) + self._block(q).shape[0] for (_, rest), q in zip(splits, policies)]
+        return max(len(head) for head, _ in splits) + max(tails) + new_tokens
 
     @property
     def device(self) -> torch.device:
@@ -613,8 +627,9 @@ class ControlledModel:
         """Generated token ids per prompt (EOS excluded). Batches are formed from similar lengths.
 
         A batch that asks about one prompt under several policies runs that prompt's head once
-        (:meth:`decode_steps_over_heads`) unless ``share_heads`` is off or the model has
-        sliding-window layers (:attr:`windowed`); batches of distinct prompts take the plain path.
+        (:meth:`decode_steps_over_heads`) unless ``share_heads`` is off or the batch would reach
+        past a sliding window (:meth:`heads_share_exactly`); batches of distinct prompts take the
+        plain path.
         """
         if len(prompts) != len(policies):
             raise ValueError("prompts and policies must have the same length")
@@ -631,7 +646,13 @@ class ControlledModel:
         for idx in length_batches(lengths, batch_size, keys):
             distinct = list(dict.fromkeys(keys[i] for i in idx))
             heads = None
-            if share_heads and not self.windowed and len(distinct) < len(idx):
+            if (
+                share_heads
+                and len(distinct) < len(idx)
+                and self.heads_share_exactly(
+                    self.shared_span([prompts[i] for i in idx], [resolved[i] for i in idx], max_new_tokens)
+                )
+            ):
                 first: dict[str, int] = {}
                 for i in idx:
                     first.setdefault(keys[i], i)

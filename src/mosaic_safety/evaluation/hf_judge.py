@@ -109,7 +109,7 @@ class HFJudge:
             # the LM head at the last position only: over every position it would hold a
             # (batch, length, vocab) tensor, 0.65 GB for 8 judge prompts on SmolLM2's vocabulary
             position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            states = model.get_decoder()(**batch, position_ids=position_ids)
+            states = model.get_decoder()(**batch, position_ids=position_ids, use_cache=False)
             for i, margin in zip(idx, self.verdict_margins(head_logits(model, states, 1)[:, -1, :])):
                 out[i] = margin
             done += len(idx)

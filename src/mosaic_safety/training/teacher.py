@@ -87,10 +87,11 @@ class BaseResponseCache:
     def _generate(self, chunk: list[str]) -> list[list[int]]:
         """Greedy answers for one chunk, over the kept prompt heads when there are any.
 
-        Not on sliding-window models: decoding over shared heads can leave padding between a
-        row's head and its tail, which some windows count (``ControlledModel.windowed``).
+        Not where the chunk would reach past a sliding window: decoding over shared heads can
+        leave padding between a row's head and its tail (``ControlledModel.heads_share_exactly``).
         """
-        shared = self.heads is not None and not self.model.windowed
+        span = self.model.shared_span(chunk, [Policy(())] * len(chunk), self.max_new_tokens)
+        shared = self.heads is not None and self.model.heads_share_exactly(span)
         heads = self.heads.heads(chunk) if shared else None
         if heads is None:
             return self.model.generate_ids(

@@ -411,7 +411,8 @@ class Trainer:
         return out
 
     def _cut(self, target: list[int]) -> list[int]:
-        """The part of a target the loss sees: all of it, or its first ``optim.target_tokens``."""
+        """The part of a target the loss sees: all of it, or its first ``optim.target_tokens``
+        (a cut target has no EOS: the step trains the opening, not where the answer stops)."""
         k = self.config.optim.target_tokens
         return target[:k] if k > 0 else target
 
