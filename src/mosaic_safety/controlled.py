@@ -165,7 +165,7 @@ class ControlledModel:
         """Positions a batch decoded over shared heads spans: the longest head, the longest tail
         (control tokens and the rest of the prompt) and the new tokens."""
         splits = [self.split_prompt(p) for p in prompts]
-        tails = [len(rest) + self._block(q).shape[0] for (_, rest), q in zip(splits, policies)]
+        tails = [len(rest) + self.block_length(q) for (_, rest), q in zip(splits, policies)]
         return max(len(head) for head, _ in splits) + max(tails) + new_tokens
 
     @property
@@ -306,6 +306,10 @@ class ControlledModel:
         if not blocks:
             return embeds
         return embeds.masked_scatter(ctrl_mask.unsqueeze(-1), torch.cat(blocks).to(embeds.dtype))
+
+    def block_length(self, policy: Policy) -> int:
+        """Control positions ``policy`` adds to a prompt (its block checked like any other)."""
+        return int(self._block(policy).shape[0])
 
     def _block(self, policy: Policy, credit: str | None = None) -> torch.Tensor:
         if not policy:
@@ -636,7 +640,7 @@ class ControlledModel:
         resolved = [self.policy(p) for p in policies]
         keys = [p if isinstance(p, str) else repr(p) for p in prompts]
         lengths = [
-            sum(map(len, self.split_prompt(p))) + self._block(q).shape[0] for p, q in zip(prompts, resolved)
+            sum(map(len, self.split_prompt(p))) + self.block_length(q) for p, q in zip(prompts, resolved)
         ]
         generator = None
         if do_sample:

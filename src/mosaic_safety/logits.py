@@ -29,7 +29,7 @@ RELATIVE_TOLERANCE = 1e-4
 def output_logits(lm: Any, states: torch.Tensor) -> torch.Tensor:
     """The LM head of ``lm`` on final hidden states ``(..., d)``, with its architecture's final step."""
     logits = lm.get_output_embeddings()(states)
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    config = lm.config.get_text_config()  # a multimodal model's language settings
     scaling = getattr(config, "logits_scaling", None)  # Granite
     if scaling is not None and scaling != 1:
         logits = logits / scaling

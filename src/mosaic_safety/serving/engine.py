@@ -112,7 +112,7 @@ class Engine:
         """Positions the prompt occupies (templated text + control vectors)."""
         with self.lock:
             head, tail = self.model.split_prompt(prompt)
-            return len(head) + len(tail) + self.model._block(policy).shape[0]
+            return len(head) + len(tail) + self.model.block_length(policy)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.model.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -90,9 +90,11 @@ class BaseResponseCache:
         Not where the chunk would reach past a sliding window: decoding over shared heads can
         leave padding between a row's head and its tail (``ControlledModel.heads_share_exactly``).
         """
-        span = self.model.shared_span(chunk, [Policy(())] * len(chunk), self.max_new_tokens)
-        shared = self.heads is not None and self.model.heads_share_exactly(span)
-        heads = self.heads.heads(chunk) if shared else None
+        heads = None
+        if self.heads is not None and self.model.heads_share_exactly(
+            self.model.shared_span(chunk, [Policy(())] * len(chunk), self.max_new_tokens)
+        ):
+            heads = self.heads.heads(chunk)
         if heads is None:
             return self.model.generate_ids(
                 chunk, [None] * len(chunk), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
