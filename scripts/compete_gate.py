@@ -31,6 +31,7 @@ import torch
 from mosaic_safety import ControlledModel, ControlTokens, Policy, load_backbone, load_suite
 from mosaic_safety.evaluation.judges import AnyJudge, PhraseJudge, TemplateJudge
 from mosaic_safety.evaluation.table import held_out_groups, table_checks
+from mosaic_safety.logits import margin_over_rivals
 from mosaic_safety.tokens import read_manifest
 
 
@@ -43,10 +44,8 @@ def refusal_margins(
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        logits = model.next_token_logits(chunk, [policy] * len(chunk)).float()
-        rest = logits.clone()
-        rest[:, token] = float("-inf")
-        out.append(logits[:, token] - rest.max(-1).values)
+        logits = model.next_token_logits(chunk, [policy] * len(chunk))
+        out.append(margin_over_rivals(logits, torch.full(logits.shape[:-1], token, device=logits.device)))
     return torch.cat(out).cpu()
 
 

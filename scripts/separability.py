@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from mosaic_safety import ControlledModel, ControlTokens, Policy, build_judge, load_backbone, load_suite
+from mosaic_safety.logits import margin_over_rivals
 
 
 @torch.no_grad()
@@ -96,9 +97,7 @@ def head_margin(model: ControlledModel, final: torch.Tensor, token: int) -> torc
     the score by which greedy decoding opens a refusal (it does where the margin is positive)."""
     with torch.no_grad():
         logits = model.states_to_logits(final.to(model.device, model.backbone.dtype)).float().cpu()
-    rest = logits.clone()
-    rest[:, token] = float("-inf")
-    return logits[:, token] - rest.max(-1).values
+    return margin_over_rivals(logits, torch.full(logits.shape[:-1], token))
 
 
 def detector_fires(

@@ -359,3 +359,18 @@ def test_compete_gate_end_to_end_on_a_tiny_artifact(tmp_path, capsys):
         "gate only",
     ]
     assert out.count("  alcohol ") == 3  # one row per rule for each of the artifact's categories
+
+
+def test_compete_gate_margins_follow_the_policys_greedy_first_token(tiny_backbone, tiny_tokens):
+    from mosaic_safety.controlled import ControlledModel
+    from mosaic_safety.policy import Policy
+
+    gate = _script("compete_gate")
+    model = ControlledModel(tiny_backbone, tiny_tokens)
+    prompts = [f"question number {i} about the weather" for i in range(12)]
+    policy = Policy(("alcohol",))
+    with torch.no_grad():
+        greedy = model.next_token_logits(prompts, [policy] * len(prompts)).argmax(-1).cpu()
+    token = int(greedy.mode().values)
+    margins = gate.refusal_margins(model, prompts, policy, token, batch_size=5)  # batches of 5, 5, 2
+    assert margins.shape == (12,) and torch.equal(margins > 0, greedy == token)

@@ -42,6 +42,20 @@ def output_logits(lm: Any, states: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def margin_over_rivals(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How far ``logits`` ``(..., V)`` put each ``labels`` token ``(...)`` above every other token.
+
+    Greedy decoding picks the label exactly where this is positive, so it scores a decision (a
+    refusal's first token, a base answer kept) on the scale greedy text sees; the margin hinge and
+    the analysis scripts share it. Labels of -100 (ignored positions) are read as token 0.
+    """
+    z = logits.float()
+    index = labels.clamp(min=0).unsqueeze(-1)
+    target = z.gather(-1, index).squeeze(-1)
+    rival = z.scatter(-1, index, float("-inf")).amax(-1)
+    return target - rival
+
+
 @torch.no_grad()
 def logits_mismatch(lm: Any, ids: list[int]) -> str | None:
     """``None`` where :func:`output_logits` gives ``lm``'s own logits for ``ids``; else what differs."""

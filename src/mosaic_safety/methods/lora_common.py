@@ -38,6 +38,7 @@ from ..controlled import ControlledModel, Prompt
 from ..policy import CategoryRegistry, Policy, PolicyError
 from ..tokens import ArtifactError
 from ..training.checkpoint import (
+    TrainingClock,
     check_same_recipe,
     checkpoint_dir,
     latest_checkpoint,
@@ -310,8 +311,7 @@ class AdapterTrainer:
         self, config: TrainConfig, backbone: Backbone | None = None, reporter: Reporter | None = None
     ):
         self.config = config
-        self._prior_seconds = 0.0  # a resumed run's training time before this session
-        self._t0 = time.time()  # this session's training start (set again by ``train``)
+        self.clock = TrainingClock()
         self.report = reporter or (lambda kind, data: None)
         self.options = parse_options(self.name, config.method_options, self.schema)
         if config.init_artifact:
@@ -407,13 +407,14 @@ class AdapterTrainer:
         budgets = self.budgets()
         self.report("budgets", {"budgets": budgets})
         self.prepare()
-        self._prior_seconds = 0.0  # a resumed run records its whole training time beside its whole steps
+        self.clock = TrainingClock()  # ``_resume`` adds the earlier sessions' seconds
         start_epoch, step = self._resume(out) if resume else (0, 0)
         per_epoch = self.steps_per_epoch()
         total = per_epoch * cfg.optim.epochs
         self.report("start", {"total_steps": total, "done_steps": step, "steps_per_epoch": per_epoch})
         first, last = float("nan"), float("nan")  # first: this session's first step
-        t0 = self._t0 = time.time()
+        t0 = time.time()
+        self.clock.start()
         self.peft_model.train()  # LoRA dropout, if any; the shared backbone's modules are untouched
         try:
             with (out / "train_log.jsonl").open("a" if resume else "w", encoding="utf-8") as log:
@@ -432,13 +433,13 @@ class AdapterTrainer:
                         if step % cfg.log.every == 0 or step == total:
                             log_window(log, step, epoch + 1, window, t0)
                             window = []
-                    done = {"epoch": epoch + 1, "steps": step, "seconds": self._elapsed()}
+                    done = {"epoch": epoch + 1, "steps": step, "seconds": round(self.clock.seconds(), 1)}
                     self.save(out, done)  # usable after every epoch
                     self._checkpoint(out, epoch + 1, step)
                     self.report("epoch", {"epoch": epoch + 1, "step": step})
         finally:
             self.peft_model.eval()
-        seconds = self._prior_seconds + time.time() - t0
+        seconds = self.clock.seconds()
         summary = {
             "steps": step,
             "seconds": round(seconds, 1),
@@ -451,13 +452,9 @@ class AdapterTrainer:
         return summary
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _elapsed(self) -> float:
-        """The run's training seconds so far, sessions before a ``--resume`` included."""
-        return round(self._prior_seconds + time.time() - self._t0, 1)
-
     def _checkpoint(self, out: Path, epoch: int, step: int) -> None:
         ckpt = checkpoint_dir(out, epoch)
-        self.save(ckpt, {"epoch": epoch, "steps": step, "seconds": self._elapsed()})
+        self.save(ckpt, {"epoch": epoch, "steps": step, "seconds": round(self.clock.seconds(), 1)})
         save_optimizer_state(ckpt, self.optimizer, named_lora_parameters(self.peft_model), epoch, step)
 
     def _resume(self, out: Path) -> tuple[int, int]:
@@ -470,7 +467,7 @@ class AdapterTrainer:
         manifest, tensors, _ = load_method_artifact(ckpt, self.name, self.backbone.describe())
         training = manifest.get("training", {})
         check_same_recipe(ckpt, training.get("config", {}), self.config.to_dict())
-        self._prior_seconds = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
+        self.clock.prior = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
         set_peft_model_state_dict(self.peft_model, tensors)
         self.restore_secrets(ckpt)
         epoch, step = load_optimizer_state(ckpt, self.optimizer, named_lora_parameters(self.peft_model))

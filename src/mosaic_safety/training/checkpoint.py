@@ -8,6 +8,7 @@ themselves live in the checkpoint's artifact, written by each trainer's own ``sa
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,22 @@ LIVE = "live"  # key suffix of a trained tensor stored beside Adam's state (``sa
 STATE_FILE = "trainer_state.json"
 
 Named = Sequence[tuple[str, torch.nn.Parameter]]
+
+
+class TrainingClock:
+    """A run's training seconds, sessions before a ``--resume`` included: a resumed run records its
+    whole training time beside its whole step count, so its seconds per step stay comparable."""
+
+    def __init__(self) -> None:
+        self.prior = 0.0  # seconds of the sessions before this one, read from the resumed checkpoint
+        self.started = time.time()
+
+    def start(self) -> None:
+        """Start this session's count (after set-up, which is not training time)."""
+        self.started = time.time()
+
+    def seconds(self) -> float:
+        return self.prior + time.time() - self.started
 
 
 def checkpoint_dir(out: Path, epoch: int) -> Path:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..logits import margin_over_rivals
+
 
 def _row_mean(values: torch.Tensor, mask: torch.Tensor, first_weight: float = 1.0) -> torch.Tensor:
     weights = mask.to(values.dtype)
@@ -73,10 +75,7 @@ def response_margin(
     wherever the choice is safe and acts only where it is about to flip.
     """
     mask = labels != -100
-    z = logits.float()
-    target = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    rival = z.scatter(-1, labels.clamp(min=0).unsqueeze(-1), float("-inf")).amax(-1)
-    return _row_mean(F.relu(margin - (target - rival)), mask, first_weight)
+    return _row_mean(F.relu(margin - margin_over_rivals(logits, labels)), mask, first_weight)
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

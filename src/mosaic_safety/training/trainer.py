@@ -31,6 +31,7 @@ from ..tokens import ArtifactError, ControlTokens, read_manifest
 from .base_states import BaseStates
 from .checkpoint import (
     STATE_FILE,
+    TrainingClock,
     check_same_recipe,
     checkpoint_dir,
     latest_checkpoint,
@@ -261,8 +262,7 @@ class Trainer:
         self, config: TrainConfig, backbone: Backbone | None = None, reporter: Reporter | None = None
     ):
         self.config = config
-        self._prior_seconds = 0.0  # a resumed run's training time before this session
-        self._t0 = time.time()  # this session's training start (set again by ``train``)
+        self.clock = TrainingClock()
         self.report = reporter or (lambda kind, data: None)
         self.backbone, self.suite, self.categories = load_inputs(config, backbone, self.report)
         registry = self.suite.registry
@@ -529,8 +529,7 @@ class Trainer:
         cfg = self.config
         budgets = budget_rows(self.sampler)
         self.report("budgets", {"budgets": budgets})
-        # a resumed run records its whole training time beside its whole step count
-        self._prior_seconds = 0.0
+        self.clock = TrainingClock()  # ``_resume`` adds the earlier sessions' seconds
         start_epoch, step = self._resume(out) if resume else (0, 0)
         self.prepare(start_epoch)
         steps_per_epoch = self.sampler.steps_per_epoch(cfg.optim.batch_size)
@@ -539,7 +538,7 @@ class Trainer:
         writer = _tensorboard(out) if cfg.log.tensorboard else None
         log = (out / "train_log.jsonl").open("a", encoding="utf-8")
         t0, last = time.time(), float("nan")
-        self._t0 = t0
+        self.clock.start()
         try:
             for epoch in range(start_epoch, cfg.optim.epochs):
                 window: list[dict[str, float]] = []
@@ -586,7 +585,7 @@ class Trainer:
             log.close()
             if writer is not None:
                 writer.close()
-        seconds = self._prior_seconds + time.time() - t0
+        seconds = self.clock.seconds()
         training: dict[str, Any] = {
             "steps": step,
             "seconds": round(seconds, 1),
@@ -617,10 +616,6 @@ class Trainer:
         return self.tokens.save(out, self.backbone.describe(), extra)
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _elapsed(self) -> float:
-        """The run's training seconds so far, sessions before a ``--resume`` included."""
-        return round(self._prior_seconds + time.time() - self._t0, 1)
-
     def _checkpoint(
         self,
         out: Path,
@@ -634,7 +629,7 @@ class Trainer:
         if self.confusion is not None and self.confusion_probe is not None:
             # what the next epoch draws by, read back on --resume if the probe is the same
             metrics["confusion"] = {"settings": self.confusion_probe.settings, "off_target": self.confusion}
-        self.save(ckpt, {"epoch": epoch, "steps": step, "seconds": self._elapsed()}, metrics)
+        self.save(ckpt, {"epoch": epoch, "steps": step, "seconds": round(self.clock.seconds(), 1)}, metrics)
         save_optimizer_state(ckpt, self.optimizer, self._checkpointed(), epoch, step, live)
 
     def _measure_confusion(self, epoch: int) -> Confusion:
@@ -693,7 +688,7 @@ class Trainer:
             return 0, 0
         training = read_manifest(ckpt)["training"]
         check_same_recipe(ckpt, training["config"], self.config.to_dict())
-        self._prior_seconds = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
+        self.clock.prior = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
         saved = ControlTokens.load(ckpt, self.backbone.describe()).named_tensors()
         with torch.no_grad():
             for name, param in self._checkpointed():
