@@ -192,6 +192,78 @@ def test_teacher_cache_keys_on_dtype(tmp_path):
     assert BaseResponseCache(ControlledModel(bf16), tmp_path, max_new_tokens=4).missing(prompts) == prompts
 
 
+def test_teacher_cache_keys_on_every_weight_not_only_the_embeddings(tmp_path):
+    """A fine-tune that kept its embeddings (a merged LoRA) shares the fingerprint, not the answers."""
+    import copy
+
+    from mosaic_safety.backbone import from_model
+    from mosaic_safety.tiny import build_backbone
+
+    base = build_backbone()
+    tuned_model = copy.deepcopy(base.model)
+    with torch.no_grad():
+        tuned_model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    tuned = from_model(tuned_model, base.tokenizer, base.name)
+    assert tuned.fingerprint == base.fingerprint and tuned.output_key != base.output_key
+    prompts = ["one", "two"]
+    BaseResponseCache(ControlledModel(base), tmp_path, max_new_tokens=4).fill(prompts)
+    assert BaseResponseCache(ControlledModel(tuned), tmp_path, max_new_tokens=4).missing(prompts) == prompts
+
+
+def test_teacher_cache_keys_on_the_rendered_prompt(tmp_path):
+    """A template that writes the time renders a new prompt in a new process: a new base answer."""
+    from mosaic_safety.backbone import from_model
+    from mosaic_safety.tiny import CHATML, build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{{ strftime_now('%Y-%m-%d %H:%M:%S.%f') }}\n" + CHATML
+    backbone = from_model(build_model(tokenizer), tokenizer, "dated")
+    first = ControlledModel(backbone)
+    BaseResponseCache(first, tmp_path, max_new_tokens=4).fill(["one"])
+    assert BaseResponseCache(first, tmp_path, max_new_tokens=4).missing(["one"]) == []  # same rendering
+    later = ControlledModel(backbone)  # renders the prompt afresh, with a later time
+    assert later.render("one") != first.render("one")
+    assert BaseResponseCache(later, tmp_path, max_new_tokens=4).missing(["one"]) == ["one"]
+
+
+def test_teacher_keeps_the_stop_token_the_model_generated(tmp_path):
+    """Where the generation config lists several EOS ids (Llama 3), the target ends with the one
+    that stopped the answer, not with the tokenizer's."""
+    from mosaic_safety.backbone import from_model
+    from mosaic_safety.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer)
+    prompt = "What is 17 times 23?"
+    plain = ControlledModel(from_model(model, tokenizer, "t")).generate_ids([prompt], [None], max_new_tokens=8)[0]
+    stop = plain[3]
+    assert stop != tokenizer.eos_token_id and stop not in plain[:3]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    cache = BaseResponseCache(ControlledModel(from_model(model, tokenizer, "t")), tmp_path, max_new_tokens=8)
+    cache.fill([prompt])
+    assert cache.get(prompt) == plain[:4]
+
+
+def test_teacher_cache_regenerates_damaged_lines(tmp_path, tiny_backbone):
+    cm = ControlledModel(tiny_backbone)
+    cache = BaseResponseCache(cm, tmp_path, max_new_tokens=4)
+    cache.fill(["one", "two", "three", "four"])
+    good = {p: cache.get(p) for p in ("one", "two", "three", "four")}
+    lines = {json.loads(line)["key"]: line for line in cache.path.read_bytes().splitlines(keepends=True)}
+    four = lines[cache.key("four")]
+    damaged = [
+        b"\xff\xfe not text at all\n",  # undecodable bytes
+        b"[1, 2, 3]\n",  # JSON, not an object
+        json.dumps({"key": cache.key("two"), "ids": [[118, 345]]}).encode() + b"\n",  # ids not token ids
+        json.dumps({"key": cache.key("three"), "ids": "12"}).encode() + b"\n",
+        four[: len(four) // 2],  # "four" cut short by a crash
+    ]
+    cache.path.write_bytes(lines[cache.key("one")] + b"".join(damaged))
+    again = BaseResponseCache(cm, tmp_path, max_new_tokens=4)
+    assert again.missing(list(good)) == ["four", "three", "two"]
+    assert again.fill(list(good)) == 3 and {p: again.get(p) for p in good} == good
+
+
 def tiny_config(tmp_path, *overrides):
     return load_config("configs/tiny-test.yaml", [f"output={tmp_path / 'run'}", *overrides])
 

@@ -8,6 +8,7 @@ as a safetensors directory, because dequantising takes far longer than loading t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -78,6 +79,23 @@ def embedding_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of every parameter, sampled with a fixed stride, in the dtype it runs in.
+
+    The embedding fingerprint identifies a backbone for artifacts, but a fine-tuned copy that kept
+    its embeddings (a merged LoRA, SFT with frozen embeddings) shares it while answering differently.
+    Caches of generated text key on this one: a fine-tune moves nearly every element of the
+    matrices it touches, so a sample of each tensor sees it.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class Backbone:
     """A frozen causal LM, its tokenizer and the identity used to validate artifacts."""
@@ -109,9 +127,14 @@ class Backbone:
 
         The fingerprint is the same for a checkpoint loaded in float32 or bfloat16 (artifacts move
         between them), but their greedy answers differ, so caches of generated text key on the
-        dtype and the device type as well (as the DSA state cache does).
+        dtype and the device type as well (as the DSA state cache does), and on every weight, not
+        only the embeddings (:func:`weights_fingerprint`).
         """
-        return f"{self.fingerprint}:{str(self.dtype).removeprefix('torch.')}:{self.device.type}"
+        return f"{self.weights_key}:{str(self.dtype).removeprefix('torch.')}:{self.device.type}"
+
+    @functools.cached_property
+    def weights_key(self) -> str:
+        return weights_fingerprint(self.model)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -627,8 +627,10 @@ class ControlledModel:
         seed: int | None = None,
         progress: Any = None,
         share_heads: bool = True,
+        keep_eos: bool = False,
     ) -> list[list[int]]:
-        """Generated token ids per prompt (EOS excluded). Batches are formed from similar lengths.
+        """Generated token ids per prompt (the stop token only with ``keep_eos``: which of several
+        EOS ids ended a row is part of a training target). Batches are formed from similar lengths.
 
         A batch that asks about one prompt under several policies runs that prompt's head once
         (:meth:`decode_steps_over_heads`) unless ``share_heads`` is off or the batch would reach
@@ -675,7 +677,7 @@ class ControlledModel:
             if steps:
                 tokens = torch.stack(steps, dim=1).tolist()
                 for row, i in zip(tokens, idx):
-                    results[i] = until_eos(row, self.eos_ids)
+                    results[i] = until_eos(row, self.eos_ids, keep=keep_eos)
             if progress is not None:
                 progress(len(idx))
         return results
@@ -856,11 +858,12 @@ def extend_cache(
     return out, mask, position
 
 
-def until_eos(row: list[int], eos_ids: list[int]) -> list[int]:
-    """A generated row cut before its first EOS (finished rows are padded after it)."""
+def until_eos(row: list[int], eos_ids: list[int], keep: bool = False) -> list[int]:
+    """A generated row cut before its first EOS, or after it with ``keep`` (finished rows are
+    padded after it)."""
     for j, tok in enumerate(row):
         if tok in eos_ids:
-            return row[:j]
+            return row[: j + 1] if keep else row[:j]
     return row
 
 

@@ -3,9 +3,10 @@
 On a negative, the controlled model must answer as the base model would. The target sequence is
 the base model's greedy response (generated once without control tokens); the KL term is then
 taken position by position along it. Generation is the slow part of data preparation, so answers
-are cached in a JSONL file keyed by model fingerprint (with the dtype and device type it runs in),
-chat template, prompt and decoding settings:
-a second run, or another recipe on the same model, reuses them.
+are cached in a JSONL file keyed by what decides them: every weight of the model with the dtype and
+device type it runs in (``Backbone.output_key``), the prompt's token ids as the chat template
+renders them (a template that writes today's date renders a new prompt tomorrow), the stop tokens
+and the decoding settings. A second run, or another recipe on the same model, reuses them.
 """
 
 from __future__ import annotations
@@ -22,9 +23,28 @@ from ..policy import Policy
 from .head_cache import HeadCache
 
 
-def response_key(output_key: str, template: str, prompt: str, max_new_tokens: int) -> str:
-    raw = json.dumps([output_key, template, prompt, "greedy", max_new_tokens])
+def response_key(
+    output_key: str, prompt_ids: Sequence[int], eos_ids: Sequence[int], max_new_tokens: int
+) -> str:
+    raw = json.dumps([output_key, list(prompt_ids), list(eos_ids), "greedy", max_new_tokens])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _cached_row(line: str) -> tuple[str, list[int]] | None:
+    """A cache line's key and ids; ``None`` for anything else (a line cut short by a crash or by
+    another writer, a stray edit), which is then generated again instead of served as a target."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(row, dict):
+        return None
+    key, ids = row.get("key"), row.get("ids")
+    if not isinstance(key, str) or not isinstance(ids, list):
+        return None
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        return None
+    return key, ids
 
 
 class BaseResponseCache:
@@ -44,20 +64,19 @@ class BaseResponseCache:
         self.batch_size = batch_size
         fingerprint = model.backbone.fingerprint
         self.path = Path(cache_dir) / f"responses-{fingerprint}.jsonl"
-        self._template = hashlib.sha256(str(model.tokenizer.chat_template).encode()).hexdigest()[:12]
         self._output_key = model.backbone.output_key
         self._store: dict[str, list[int]] = {}
         if self.path.exists():
-            with self.path.open(encoding="utf-8") as f:
+            # undecodable bytes become U+FFFD, so a damaged line fails the checks, not the run
+            with self.path.open(encoding="utf-8", errors="replace") as f:
                 for line in f:
-                    try:
-                        row = json.loads(line)
-                        self._store[row["key"]] = row["ids"]
-                    except (json.JSONDecodeError, KeyError):
-                        continue  # a line cut short by a crash: regenerate that entry
+                    row = _cached_row(line)
+                    if row is not None:
+                        self._store[row[0]] = row[1]
 
     def key(self, prompt: str) -> str:
-        return response_key(self._output_key, self._template, prompt, self.max_new_tokens)
+        head, tail = self.model.split_prompt(prompt)
+        return response_key(self._output_key, head + tail, self.model.eos_ids, self.max_new_tokens)
 
     def missing(self, prompts: Sequence[str]) -> list[str]:
         return sorted({p for p in prompts if self.key(p) not in self._store})
@@ -70,13 +89,11 @@ class BaseResponseCache:
         # chunks of similar length: a left-padded batch runs its longest prompt's length for every row
         todo.sort(key=lambda p: (sum(map(len, self.model.split_prompt(p))), p))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        eos = self.model.tokenizer.eos_token_id
         with self.path.open("a", encoding="utf-8") as f:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
-                ids = self._generate(chunk)
+                ids = self._generate(chunk)  # a row that stopped by itself ends with its stop token
                 for prompt, row in zip(chunk, ids):
-                    row = row + [eos] if len(row) < self.max_new_tokens else row  # it stopped by itself
                     self._store[self.key(prompt)] = row
                     f.write(json.dumps({"key": self.key(prompt), "ids": row}) + "\n")
                 f.flush()  # each chunk survives an interruption
@@ -97,13 +114,17 @@ class BaseResponseCache:
             heads = self.heads.heads(chunk)
         if heads is None:
             return self.model.generate_ids(
-                chunk, [None] * len(chunk), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+                chunk,
+                [None] * len(chunk),
+                max_new_tokens=self.max_new_tokens,
+                batch_size=self.batch_size,
+                keep_eos=True,
             )
         steps = list(
             self.model.decode_steps_over_heads(chunk, [Policy(())] * len(chunk), heads, self.max_new_tokens)
         )
         rows = torch.stack(steps, dim=1).tolist()
-        return [until_eos(row, self.model.eos_ids) for row in rows]
+        return [until_eos(row, self.model.eos_ids, keep=True) for row in rows]
 
     def get(self, prompt: str) -> list[int]:
         try:
