@@ -93,6 +93,23 @@ def test_config_defaults_and_overrides(tmp_path):
         ('data:\n  refusal: " {display} "\n', [], "data.refusal must contain"),
         ("- a\n- b\n", [], "mapping of sections"),
         ("optim: [\n", [], "not valid YAML"),
+        ("optim:\n  lr: 0.05\noptim:\n  epochs: 8\n", [], "line 3: 'optim' appears twice"),
+        ("optim:\n  lr: 0.05\n  lr: 0.01\n", [], "line 3: 'lr' appears twice"),
+        ("model:\n  name: 0755\n", [], "model.name: expected text, got 493; quote it"),
+        ("data:\n  suite: off\n", [], "data.suite: expected text, got False"),
+        ("model:\n  name:\n", [], "model.name must name a model"),
+        ("", ["tokens.init=bogus"], "tokens.init 'bogus': choose description | text | vocab"),
+        ("", ["teacher.batch_size=0"], "teacher.batch_size must be at least 1"),
+        ("", ["eval.batch_size=0"], "eval.batch_size must be at least 1"),
+        ("", ["log.every=0"], "log.every must be at least 1"),
+        ("", ["data.limit_per_category=-3"], "data.limit_per_category must be >= 0"),
+        ("", ["sampling.cap=-5"], "sampling.cap must be >= 0"),
+        ("", ["optim.grad_clip=-1"], "optim.grad_clip must be >= 0"),
+        ("", ["eval.split=bogus"], "eval.split 'bogus': choose train | val | test"),
+        ("", ["eval.per_category=-1"], "eval.per_category must be >= 0"),
+        ("", ["eval.max_new_tokens=-1"], "eval.max_new_tokens must be >= 0"),
+        ("", ["optim.lr=.inf"], "optim.lr must be a finite number, got inf"),
+        ("", ["sampling.neg_ratio=.nan"], "sampling.neg_ratio must be a finite number, got nan"),
     ],
 )
 def test_bad_configs(tmp_path, text, overrides, message):
@@ -100,6 +117,26 @@ def test_bad_configs(tmp_path, text, overrides, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(message)):  # messages are literal text
         load_config(path, overrides)
+
+
+def test_text_settings_keep_what_was_typed(tmp_path):
+    """On the command line a text setting is the text typed: YAML would cut a refusal at `#`, turn
+    `Sorry: ...` into a mapping and 0755 into 493. Quotes still work; other settings stay YAML."""
+    path = tmp_path / "c.yaml"
+    path.write_text("init_artifact:\ndata:\n  refusal:\n")
+    cfg = load_config(
+        path,
+        [
+            "data.refusal=Sorry: no {display} here #1",
+            "model.name=0755",
+            "output='runs/quoted dir'",
+            "method_options={alpha: 2}",
+            "data.categories=[alcohol, sex]",
+        ],
+    )
+    assert cfg.data.refusal == "Sorry: no {display} here #1" and cfg.model.name == "0755"
+    assert cfg.output == "runs/quoted dir" and cfg.method_options == {"alpha": 2}
+    assert cfg.data.categories == ["alcohol", "sex"] and cfg.init_artifact == ""  # empty, not "None"
 
 
 def test_shipped_configs_load():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mosaic_safety.config import ConfigError, load_config
+from mosaic_safety.data.schema import DataError
 from mosaic_safety.controlled import ControlledModel
 from mosaic_safety.training.losses import response_cross_entropy, response_kl
 from mosaic_safety.training.sampler import OrderSampler
@@ -95,8 +96,25 @@ def test_incremental_subsets_contain_a_new_category():
 
 
 def test_sampler_errors():
-    with pytest.raises(ValueError, match="no training prompts for categories: b"):
+    with pytest.raises(DataError, match="no training prompts for categories: b"):
         OrderSampler(["a", "b"], {"a": ["x"], "b": []}, ["n"], [])
+
+
+def test_sampler_without_neutral_prompts_needs_every_negative_from_an_inactive_category():
+    prompts = {c: [f"{c} prompt {i}" for i in range(30)] for c in CATS}
+    for kw in ({"inactive_share": 0.5, "max_order": 2}, {"inactive_share": 1.0, "max_order": 5}):
+        with pytest.raises(DataError, match="no neutral or boundary prompts for the negatives"):
+            OrderSampler(CATS, prompts, [], [], **kw)
+    sampler = OrderSampler(CATS, prompts, [], [], inactive_share=1.0, max_order=4, per_subset=3)
+    items = [i for e in range(3) for i in sampler.epoch_items(e)]
+    assert all(i.positive or i.category not in ("neutral",) for i in items) and items
+    assert OrderSampler(CATS, prompts, [], [], neg_ratio=0.0).epoch_items(0)  # no negatives asked
+
+
+def test_negative_counts_round_halves_up():
+    # n(S) = 1 positive per subset; 0.5 negatives each is rounded to 1, 2.5 to 3 (round() gave 0 and 2)
+    assert [b.negatives_per_subset for b in make_sampler(per_subset=1, neg_ratio=0.5).budgets] == [1, 1, 1]
+    assert make_sampler(per_subset=1, neg_ratio=2.5).budgets[0].negatives_per_subset == 3
 
 
 def test_cross_entropy_matches_reference():

@@ -7,6 +7,7 @@ in a recipe that silently falls back to a default wastes an hour of training.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,8 +16,9 @@ from typing import Any
 
 import yaml
 
+from .data.schema import SPLITS
 from .policy import REFUSAL_TEMPLATE_RULE, usable_refusal_template
-from .tokens import PLACEMENTS
+from .tokens import INITS, PLACEMENTS
 
 
 class ConfigError(ValueError):
@@ -51,7 +53,9 @@ class TokensConfig:
 class SamplingConfig:
     max_order: int = 3  # train orders 1..max_order together
     per_subset: int = 100  # positives per subset, n(S) = min(per_subset, cap / C(K, r))
-    cap: int = 0  # per-order positive cap; 0: the order-1 total (K * per_subset), as in the paper
+    # per-order positive cap, at least one positive per subset; 0: the order-1 total (K * per_subset),
+    # as in the paper
+    cap: int = 0
     neg_ratio: float = 1.0  # negatives per positive
     inactive_share: float = 0.5  # share of negatives drawn from categories outside the policy
     boundary_share: float = 0.25  # share of the remaining (neutral) negatives that are boundary items
@@ -143,7 +147,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
+        for path, value in _numbers(self):  # first: nan fails every bound below with a wrong message
+            if not math.isfinite(value):
+                raise ConfigError(f"{path} must be a finite number, got {value}")
         checks = [
+            (bool(self.model.name.strip()), "model.name must name a model"),
             (self.tokens.m >= 1, "tokens.m must be at least 1"),
             (
                 not self.data.refusal or usable_refusal_template(self.data.refusal),
@@ -153,7 +161,13 @@ class TrainConfig:
                 self.tokens.placement in PLACEMENTS,
                 f"tokens.placement: {' | '.join(PLACEMENTS)}",
             ),
+            (
+                self.tokens.init in INITS,
+                f"tokens.init {self.tokens.init!r}: choose {' | '.join(INITS)}",
+            ),
             (self.tokens.norm_cap >= 0, "tokens.norm_cap must be >= 0 (0: off)"),
+            (self.data.limit_per_category >= 0, "data.limit_per_category must be >= 0 (0: all)"),
+            (self.sampling.cap >= 0, "sampling.cap must be >= 0 (0: the order-1 total)"),
             (self.sampling.max_order >= 1, "sampling.max_order must be at least 1"),
             (self.sampling.per_subset >= 1, "sampling.per_subset must be at least 1"),
             (self.sampling.neg_ratio >= 0, "sampling.neg_ratio must be >= 0"),
@@ -218,6 +232,13 @@ class TrainConfig:
             (self.select.per_group >= 1, "select.per_group must be at least 1"),
             (self.select.prefix_tokens >= 1, "select.prefix_tokens must be at least 1"),
             (self.teacher.max_new_tokens >= 1, "teacher.max_new_tokens must be at least 1"),
+            (self.teacher.batch_size >= 1, "teacher.batch_size must be at least 1"),
+            (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0: off)"),
+            (self.log.every >= 1, "log.every must be at least 1"),
+            (self.eval.split in SPLITS, f"eval.split {self.eval.split!r}: choose {' | '.join(SPLITS)}"),
+            (self.eval.per_category >= 0, "eval.per_category must be >= 0 (0: all)"),
+            (self.eval.max_new_tokens >= 0, "eval.max_new_tokens must be >= 0 (0: no closing table)"),
+            (self.eval.batch_size >= 1, "eval.batch_size must be at least 1"),
             (
                 self.method in ("mosaic", "lora_sft", "orpo", "magic_token", "dsa"),
                 f"method {self.method!r}: choose mosaic | lora_sft | orpo | magic_token | dsa",
@@ -227,6 +248,19 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+def _numbers(config: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float setting under its dotted path (for the finiteness check: YAML reads .inf and .nan)."""
+    out: list[tuple[str, float]] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _numbers(value, f"{path}.")
+        elif isinstance(value, float):
+            out.append((path, value))
+    return out
 
 
 def _coerce(value: Any, kind: Any, path: str) -> Any:
@@ -269,9 +303,12 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
     if kind is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return str(value)
+        if value is None:  # an empty YAML value (``init_artifact:``): the empty text, not "None"
+            return ""
+        if not isinstance(value, str):
+            # YAML reads 0755 as 493 and off as False: quoted, it stays the text that was meant
+            raise ConfigError(f"{path}: expected text, got {value!r}; quote it if it is meant as text")
+        return value
     return value
 
 
@@ -288,8 +325,31 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _field_kind(parts: list[str]) -> Any:
+    """The declared type of the setting at a dotted path (``None`` if there is none)."""
+    kind: Any = TrainConfig
+    for part in parts:
+        if not dataclasses.is_dataclass(kind):
+            return None
+        kind = typing.get_type_hints(kind).get(part)
+    return kind
+
+
+def _override_value(raw: str, kind: Any) -> Any:
+    """A value given on the command line: text settings take it as typed (``#`` and ``: `` are
+    part of a refusal, not YAML syntax) unless it is quoted; everything else is read as YAML."""
+    text = raw.strip()
+    quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+    if kind is str and not quoted:
+        return raw
+    try:
+        return yaml.safe_load(raw) if text else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    """Apply ``a.b=value`` strings to a nested dict (values read as YAML, except for text settings)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
@@ -300,11 +360,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            node[parts[-1]] = raw
+        node[parts[-1]] = _override_value(raw, _field_kind(parts))
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's loader keeps the last of two equal keys; in a recipe the first is then silently lost."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"line {line}: {key!r} appears twice in the same section")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -314,9 +385,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.exists():
             raise ConfigError(f"config file {p} not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: a config is a mapping of sections")
         data = loaded or {}

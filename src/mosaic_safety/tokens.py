@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 TOKENS_FILE = "tokens.safetensors"
 MANIFEST_FILE = "mosaic.json"
 PLACEMENTS = ("prefix", "system", "user", "user_end", "assistant")
+INITS = ("description", "text", "vocab")  # how fresh blocks start (``ControlTokens.initialise``)
 
 
 class ArtifactError(ValueError):
@@ -158,7 +159,7 @@ class ControlTokens(nn.Module):
             elif init == "vocab":
                 blocks[cat.name] = init_from_vocab(embedding, m, generator)
             else:
-                raise ValueError(f"unknown init {init!r}; choose 'description', 'text' or 'vocab'")
+                raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
         if deep_layers < 0:
             raise ValueError(f"deep_layers must be 0 or more, got {deep_layers}")
         deep = {n: torch.zeros(deep_layers, *b.shape) for n, b in blocks.items()} if deep_layers else None

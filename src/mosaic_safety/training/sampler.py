@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
+from ..data.schema import DataError
 from ..policy import NEUTRAL, Policy
 
 Confusion = dict[str, dict[str, float]]
@@ -82,9 +83,18 @@ class OrderSampler:
         self.categories = tuple(categories)
         missing = [c for c in self.categories if not prompts.get(c)]
         if missing:
-            raise ValueError(f"no training prompts for categories: {', '.join(missing)}")
-        if not neutral and not boundary and not (len(self.categories) > 1 and inactive_share > 0):
-            raise ValueError("no negative prompts: provide neutral or boundary prompts")
+            raise DataError(f"no training prompts for categories: {', '.join(missing)}")
+        # a negative falls back on neutral prompts unless it is drawn from an inactive category,
+        # which every draw is only at inactive_share 1, and none can be under all K categories
+        every_negative_inactive = inactive_share >= 1 and min(max_order, len(self.categories)) < len(
+            self.categories
+        )
+        if not neutral and not boundary and neg_ratio > 0 and not every_negative_inactive:
+            raise DataError(
+                "no neutral or boundary prompts for the negatives: provide some, or set "
+                "sampling.inactive_share=1 and sampling.max_order below the number of categories "
+                f"({len(self.categories)}) so that every negative comes from a category outside its policy"
+            )
         self.prompts = prompts
         self.neutral = neutral or boundary
         self.boundary = boundary
@@ -108,7 +118,7 @@ class OrderSampler:
     def _budget(self, order: int) -> OrderBudget:
         n_subsets = len(self.subsets[order])
         n_pos = max(1, min(self.per_subset, self.cap // n_subsets))
-        n_neg = round(self.neg_ratio * n_pos)
+        n_neg = math.floor(self.neg_ratio * n_pos + 0.5)  # halves up: round() would take 0.5 to 0
         if self.paired and self._twin_orders(order):
             n_neg += n_pos
         return OrderBudget(order, n_subsets, n_pos, n_neg)
