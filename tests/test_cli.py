@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -160,6 +161,33 @@ def test_fresh_train_into_an_earlier_run_is_refused(trained):
     assert "already holds a training run" in train_error("--method", "lora_sft")
     assert "this is a 'mosaic' artifact, not 'dsa'" in train_error("--method", "dsa", "--resume")
     assert (art / "tokens.safetensors").read_bytes() == before  # nothing lost
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_is_under_way(trained, tmp_path):
+    root, art, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(art, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def train(*flags: str, check: bool = False) -> subprocess.CompletedProcess:
+        cmd = ("train", "-c", "configs/tiny-test.yaml", "-o", str(out), "--overwrite", *flags)
+        return mosaic(*cmd, cache=root / "cache", check=check)
+
+    def files() -> dict:
+        return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    # a start that fails after the earlier run was moved aside: it comes back, byte for byte
+    assert "not found" in _error(train("model.name=/no/such/model"))
+    assert files() == before
+    # the earlier run as the base of an incremental run: replacing it would delete what it starts from
+    err = _error(train(f"init_artifact={out}", "data.categories=[sex]"))
+    assert "belongs to the run that --overwrite would replace" in err and files() == before
+    # a run that goes through replaces it, with nothing of the old run or the move left behind
+    train("optim.epochs=1", "eval.max_new_tokens=0", check=True)
+    after = files()
+    assert after != before and not [p for p in out.iterdir() if p.name.startswith(".replaced-run")]
+    assert json.loads((out / "mosaic.json").read_text())["training"]["config"]["optim"]["epochs"] == 1
+    assert not (out / "checkpoints" / "epoch-2").exists()  # the earlier run's second epoch is gone
 
 
 def _error(proc: subprocess.CompletedProcess) -> str:

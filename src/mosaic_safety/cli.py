@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +221,8 @@ def train(
     """Train control tokens (or a comparison method) on a frozen model; print the held-out refusal table."""
     from .config import ConfigError, load_config
     from .methods import method_module
-    from .training.trainer import Trainer, claim_output
+    from .training.run_dir import replacing_run
+    from .training.trainer import Trainer
 
     with friendly_errors():
         cfg = load_config(config, [*(overrides or []), *([f"method={method}"] if method else [])])
@@ -233,14 +234,16 @@ def train(
         module = None if cfg.method == "mosaic" else method_module(cfg.method)
         if resume and module is not None and not getattr(module, "RESUMABLE", False):
             raise ConfigError(f"--resume is not supported for {cfg.method}; it restarts from scratch")
-        if not resume:
-            claim_output(target, overwrite)  # before loading anything: fail fast on an occupied output
+        # before loading anything: an occupied output fails fast; one to --overwrite is moved aside and
+        # comes back if this run fails before writing anything of its own
+        fresh = nullcontext() if resume else replacing_run(target, overwrite, keep=cfg.init_artifact or None)
         if module is not None:
-            _train_other_method(module, cfg, target, resume)
+            with fresh:
+                _train_other_method(module, cfg, target, resume)
             return
         trained = False
         # the message is made at the stop: what was kept depends on how far the run got
-        with friendly_errors(lambda: interrupted_training(target, trained)), _progress() as progress:
+        with fresh, friendly_errors(lambda: interrupted_training(target, trained)), _progress() as progress:
             display = TrainDisplay(progress)
             trainer = Trainer(cfg, reporter=display)
             console.print(

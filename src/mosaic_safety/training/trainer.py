@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -48,6 +47,7 @@ from .losses import (
     response_margin,
     response_reverse_kl,
 )
+from .run_dir import claim_output
 from .sampler import Confusion, OrderSampler, TrainItem
 from .schedule import lr_at, set_lr
 from .selection import ValidationProbe, best_epochs, stored_record, take_epochs
@@ -219,42 +219,6 @@ def cap_norms(params: list[torch.nn.Parameter], max_norm: float) -> None:
     """
     for p in params:
         p.copy_(torch.renorm(p, 2, 0, max_norm))
-
-
-RUN_FILES = (
-    "mosaic.json",
-    "tokens.safetensors",
-    "train_log.jsonl",
-    "eval_table.json",
-    "checkpoints",
-    "tensorboard",
-    "weights.safetensors",  # comparison methods (methods/artifact.py)
-    "secrets.json",
-)
-"""What a training run of any method writes into its output directory."""
-
-
-def claim_output(out: Path, overwrite: bool = False) -> None:
-    """Make sure a fresh run does not mix with an earlier one in the same directory.
-
-    An earlier run's checkpoints would sit beside the new ones (``--resume`` takes the last epoch,
-    which could be the old run's) and its log would be appended to. So a fresh run refuses such a
-    directory unless told to replace it; files that are not a run's are never touched.
-    """
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if not found:
-        return
-    if not overwrite:
-        raise ArtifactError(
-            f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --output"
-        )
-    for name in found:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
 
 
 class Trainer:

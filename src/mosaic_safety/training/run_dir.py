@@ -1,0 +1,99 @@
+"""A training run's output directory: what a run writes there, and replacing an earlier run safely.
+
+An earlier run's checkpoints would sit beside a new run's (``--resume`` takes the last epoch, which
+could be the old run's) and its log would be appended to, so a fresh run refuses an occupied
+directory unless told to replace it. Replacing must not lose the earlier run to a start that fails
+(a mistyped model name, a suite that does not load): its files are moved aside first and come back
+unless the new run has written files of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..tokens import ArtifactError
+
+RUN_FILES = (
+    "mosaic.json",
+    "tokens.safetensors",
+    "train_log.jsonl",
+    "eval_table.json",
+    "checkpoints",
+    "tensorboard",
+    "weights.safetensors",  # comparison methods (methods/artifact.py)
+    "secrets.json",
+)
+"""What a training run of any method writes into its output directory."""
+
+
+def run_files(out: Path) -> list[str]:
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def claim_output(out: Path, overwrite: bool = False) -> None:
+    """Refuse a directory that holds a run unless ``overwrite``; then remove that run's files.
+
+    Files that are not a run's are never touched. The CLI moves the earlier run aside first
+    (:func:`replacing_run`), so by the time a trainer calls this there is nothing left to remove.
+    """
+    found = run_files(out)
+    if not found:
+        return
+    if not overwrite:
+        raise ArtifactError(
+            f"{out} already holds a training run ({', '.join(found)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --output"
+        )
+    for name in found:
+        _remove(out / name)
+
+
+@contextmanager
+def replacing_run(out: Path, overwrite: bool, keep: Path | None = None) -> Iterator[None]:
+    """Start a fresh run in ``out``, replacing an earlier one only once the new one is under way.
+
+    Without ``overwrite`` an occupied ``out`` is an error. With it, the earlier run's files move to
+    a hidden folder inside ``out``. If the block fails before the new run has written any run file,
+    they move back; otherwise (the new run got going, or it finished) they are deleted. ``keep`` is
+    a path the new run reads (an incremental run's base artifact): replacing a run that holds it
+    would delete what the new run starts from, so that is refused up front.
+    """
+    found = run_files(out)
+    if found and not overwrite:
+        claim_output(out)  # raises with the message that says what to do
+    if found and keep is not None:
+        base = Path(os.path.abspath(keep))
+        if base == Path(os.path.abspath(out)) or any(
+            base.is_relative_to(os.path.abspath(out / n)) for n in found
+        ):
+            raise ArtifactError(
+                f"{keep} belongs to the run that --overwrite would replace in {out}, and this run starts "
+                "from it; choose another --output"
+            )
+    aside = out / f".replaced-run-{os.getpid()}"
+    if found:
+        aside.mkdir()
+        for name in found:
+            os.replace(out / name, aside / name)
+    try:
+        yield
+    except BaseException:
+        if found and not run_files(out):
+            for name in found:
+                os.replace(aside / name, out / name)
+            aside.rmdir()
+        raise
+    finally:
+        if aside.exists():
+            shutil.rmtree(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
