@@ -123,9 +123,25 @@ def test_method_artifact_roundtrip_and_validation(tmp_path, tiny_backbone, minor
     other = {**tiny_backbone.describe(), "fingerprint": "0" * 16}
     with pytest.raises(ArtifactError, match="fingerprint"):
         load_method_artifact(out, "dsa", other)
+    good = (out / "weights.safetensors").read_bytes()
     (out / "weights.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ArtifactError, match="not a readable safetensors"):
+    with pytest.raises(ArtifactError, match="its hash differs"):  # another file than the manifest's
         load_method_artifact(out, "dsa")
+    manifest = json.loads((out / "mosaic.json").read_text())
+    (out / "mosaic.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "weights_sha256"}))
+    with pytest.raises(ArtifactError, match="not a readable safetensors"):  # no hash: an older artifact
+        load_method_artifact(out, "dsa")
+    (out / "weights.safetensors").write_bytes(good)
+    for key, value, message in [
+        ("format_version", True, "format version True"),
+        ("backbone", "tiny", "'backbone' must be a mapping"),
+        ("registry", ["minors"], "'registry' must be a mapping"),
+        ("options", [], "'options' must be a mapping"),
+        ("tensors", {"head.weight": "4x3"}, "'tensors' must map each tensor's name to its shape"),
+    ]:
+        (out / "mosaic.json").write_text(json.dumps(manifest | {key: value}))
+        with pytest.raises(ArtifactError, match=message):
+            load_method_artifact(out, "dsa")
     save_method_artifact(
         out, "dsa", tiny_backbone.describe(), minors, {"head.weight": torch.full((4, 3), float("nan"))}
     )

@@ -56,6 +56,17 @@ def test_save_keeps_other_files_in_the_directory(tmp_path, tiny_backbone, tiny_t
     assert (tmp_path / "a" / "train_log.jsonl").read_text() == "{}\n"
 
 
+def write_tensors(artifact, tensors) -> None:
+    """Replace an artifact's tensors as a deliberate edit would: the manifest's hash follows, so the
+    checks below the hash are the ones tested."""
+    import hashlib
+
+    save_file(tensors, str(artifact / "tokens.safetensors"))
+    manifest = json.loads((artifact / "mosaic.json").read_text())
+    manifest["tokens_sha256"] = hashlib.sha256((artifact / "tokens.safetensors").read_bytes()).hexdigest()
+    (artifact / "mosaic.json").write_text(json.dumps(manifest))
+
+
 @pytest.fixture
 def artifact(tmp_path, tiny_backbone, tiny_tokens):
     return tiny_tokens.save(tmp_path / "art", tiny_backbone.describe())
@@ -74,6 +85,11 @@ def test_wrong_backbone_is_rejected(artifact):
 
 def test_corrupt_tensor_file(artifact):
     (artifact / "tokens.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ArtifactError, match="its hash differs"):
+        ControlTokens.load(artifact)
+    manifest = json.loads((artifact / "mosaic.json").read_text())
+    del manifest["tokens_sha256"]  # as an artifact from before the hash was recorded
+    (artifact / "mosaic.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="not a readable safetensors"):
         ControlTokens.load(artifact)
 
@@ -95,17 +111,81 @@ def test_future_format_version(artifact):
 def test_non_finite_and_wrong_shape(artifact):
     tensors = load_file(str(artifact / "tokens.safetensors"))
     tensors["category.alcohol"][0, 0] = float("nan")
-    save_file(tensors, str(artifact / "tokens.safetensors"))
+    write_tensors(artifact, tensors)
     with pytest.raises(ArtifactError, match="NaN"):
         ControlTokens.load(artifact)
     tensors["category.alcohol"] = torch.zeros(3, 7)
-    save_file(tensors, str(artifact / "tokens.safetensors"))
+    write_tensors(artifact, tensors)
     with pytest.raises(ArtifactError, match=r"shape \(3, 7\)"):
         ControlTokens.load(artifact)
     del tensors["category.alcohol"]
-    save_file(tensors, str(artifact / "tokens.safetensors"))
+    write_tensors(artifact, tensors)
     with pytest.raises(ArtifactError, match="missing"):
         ControlTokens.load(artifact)
+
+
+def test_tensors_from_another_save_are_refused(artifact, tiny_backbone, tiny_tokens, tmp_path):
+    """A save killed between its two renames leaves new tensors beside the old manifest."""
+    with torch.no_grad():
+        tiny_tokens.blocks["alcohol"].add_(1.0)
+    other = tiny_tokens.save(tmp_path / "other", tiny_backbone.describe())
+    (artifact / "tokens.safetensors").write_bytes((other / "tokens.safetensors").read_bytes())
+    with pytest.raises(ArtifactError, match="not the file mosaic.json was written with"):
+        ControlTokens.load(artifact)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.__setitem__("format_version", True), "format version True"),
+        (lambda m: m.__setitem__("format_version", 1.0), "format version 1.0"),
+        (lambda m: m.__setitem__("backbone", "tiny"), "'backbone' must be a mapping"),
+        (
+            lambda m: m["backbone"].pop("fingerprint"),
+            "'backbone' must be a mapping with the model's 'fingerprint'",
+        ),
+        (
+            lambda m: m["backbone"].__setitem__("hidden_size", "32"),
+            "'hidden_size' must be a positive integer",
+        ),
+        (lambda m: m.__setitem__("registry", ["minors"]), "'registry' must be a mapping"),
+        (lambda m: m["registry"].pop("name"), "'registry' must be a mapping with a 'name'"),
+        (lambda m: m.__setitem__("categories", []), "'categories' must be a non-empty list"),
+        (lambda m: m["categories"].__setitem__(0, "alcohol"), r"categories\[0\] must be a mapping"),
+        (lambda m: m["categories"][0].pop("m"), "needs 'm', a positive integer, got None"),
+        (lambda m: m["categories"][0].__setitem__("m", 0), "needs 'm', a positive integer, got 0"),
+        (lambda m: m.__setitem__("composition_order", ["horror"]), "'composition_order' must list every"),
+        (lambda m: m.__setitem__("training", []), "'training' must be a mapping"),
+    ],
+)
+def test_malformed_manifest_fields_fail_clearly(artifact, change, message):
+    manifest = json.loads((artifact / "mosaic.json").read_text())
+    change(manifest)
+    (artifact / "mosaic.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        ControlTokens.load(artifact)
+
+
+def test_composition_order_survives_a_round_trip_in_a_registry_that_is_not_alphabetical(
+    tmp_path, tiny_backbone, minors
+):
+    from mosaic_safety.policy import CategoryRegistry
+
+    registry = CategoryRegistry("mine", tuple(minors[n] for n in ("sex", "betting", "alcohol")))
+    tokens = ControlTokens.initialise(
+        registry, tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer, m=2, init="vocab"
+    )
+    assert tokens.categories == ("sex", "betting", "alcohol")
+    policy = registry.policy("alcohol,sex")
+    assert policy.categories == ("sex", "alcohol")
+    loaded = ControlTokens.load(tokens.save(tmp_path / "a", tiny_backbone.describe()))
+    assert loaded.categories == ("sex", "betting", "alcohol") and loaded.registry.names == registry.names
+    assert torch.equal(loaded.compose(loaded.registry.policy("alcohol,sex")), tokens.compose(policy).detach())
+    # an artifact written before the category list kept that order: composition_order restores it
+    manifest = json.loads((tmp_path / "a" / "mosaic.json").read_text())
+    manifest["categories"] = sorted(manifest["categories"], key=lambda c: c["name"])
+    (tmp_path / "a" / "mosaic.json").write_text(json.dumps(manifest))
+    assert ControlTokens.load(tmp_path / "a").registry.names == ("sex", "betting", "alcohol")
 
 
 def test_not_an_artifact(tmp_path):
@@ -182,10 +262,10 @@ def test_broken_deep_artifacts_fail_clearly(deep_artifact):
     ]:
         tensors = {k: v.clone() for k, v in good.items()}
         change(tensors)
-        save_file(tensors, str(path))
+        write_tensors(out, tensors)
         with pytest.raises(ArtifactError, match=message):
             ControlTokens.load(out)
-    save_file(good, str(path))
+    write_tensors(out, good)
     manifest = json.loads((out / "mosaic.json").read_text())
     for layers, message in [("1", "non-negative integer"), (0, "unexpected tensors")]:
         (out / "mosaic.json").write_text(json.dumps(manifest | {"deep_layers": layers}))

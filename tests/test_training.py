@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mosaic_safety.config import ConfigError, load_config
-from mosaic_safety.data.schema import DataError
 from mosaic_safety.controlled import ControlledModel
+from mosaic_safety.data.schema import DataError
 from mosaic_safety.training.losses import response_cross_entropy, response_kl
 from mosaic_safety.training.sampler import OrderSampler
 from mosaic_safety.training.teacher import BaseResponseCache
@@ -253,7 +253,9 @@ def test_teacher_keeps_the_stop_token_the_model_generated(tmp_path):
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
     prompt = "What is 17 times 23?"
-    plain = ControlledModel(from_model(model, tokenizer, "t")).generate_ids([prompt], [None], max_new_tokens=8)[0]
+    plain = ControlledModel(from_model(model, tokenizer, "t")).generate_ids(
+        [prompt], [None], max_new_tokens=8
+    )[0]
     stop = plain[3]
     assert stop != tokenizer.eos_token_id and stop not in plain[:3]
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]

@@ -10,6 +10,7 @@ Only safetensors is ever read, so loading an untrusted artifact cannot execute c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -18,7 +19,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
@@ -105,8 +107,10 @@ class ControlTokens(nn.Module):
             raise ArtifactError(f"token blocks for categories not in the registry: {unknown}")
         self.registry = registry
         self.placement = placement
+        # pairs, not a dict: ParameterDict sorts a plain dict's keys, and the order here is the
+        # registry's, in which a policy composes its blocks
         self.blocks = nn.ParameterDict(
-            {n: nn.Parameter(blocks[n].float().clone()) for n in registry.names if n in blocks}
+            [(n, nn.Parameter(blocks[n].float().clone())) for n in registry.names if n in blocks]
         )
         dims = {b.shape[1] for b in self.blocks.values()}
         if len(dims) > 1:
@@ -127,7 +131,7 @@ class ControlTokens(nn.Module):
         if len({o.shape[0] for o in deep.values()}) > 1:
             raise ArtifactError("deep offsets disagree on the number of layers")
         self.deep = nn.ParameterDict(
-            {n: nn.Parameter(deep[n].float().clone()) for n in self.blocks if n in deep}
+            [(n, nn.Parameter(deep[n].float().clone())) for n in self.blocks if n in deep]
         )
 
     # -- construction -------------------------------------------------------------------------
@@ -234,10 +238,10 @@ class ControlTokens(nn.Module):
                 f"cannot add categories with {new.deep_layers} deep layers to tokens with {self.deep_layers}"
             )
         merged = {n: b for n, b in self.blocks.items()} | {n: b for n, b in new.blocks.items()}
-        self.blocks = nn.ParameterDict({n: merged[n] for n in self.registry.names if n in merged})
+        self.blocks = nn.ParameterDict([(n, merged[n]) for n in self.registry.names if n in merged])
         if self.deep_layers:
             deep = {n: o for n, o in self.deep.items()} | {n: o for n, o in new.deep.items()}
-            self.deep = nn.ParameterDict({n: deep[n] for n in self.blocks})
+            self.deep = nn.ParameterDict([(n, deep[n]) for n in self.blocks])
 
     # -- artifact -----------------------------------------------------------------------------
     def save(
@@ -266,6 +270,9 @@ class ControlTokens(nn.Module):
         tmp_manifest = out / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
         try:
             save_file(tensors, str(tmp_tokens), metadata={"format_version": str(FORMAT_VERSION)})
+            manifest["tokens_sha256"] = hashlib.sha256(
+                tmp_tokens.read_bytes()
+            ).hexdigest()  # checked on load (read_hashed)
             tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             os.replace(tmp_tokens, out / TOKENS_FILE)
             os.replace(tmp_manifest, out / MANIFEST_FILE)
@@ -279,16 +286,21 @@ class ControlTokens(nn.Module):
         """Load and validate an artifact; with ``backbone`` (from ``Backbone.describe()``), check it fits."""
         manifest = read_manifest(artifact_dir)
         path = Path(artifact_dir) / TOKENS_FILE
+        data = read_hashed(path, manifest.get("tokens_sha256"))  # absent in artifacts from before it
         try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
+            tensors = load_safetensors(data)
+        except (SafetensorError, ValueError) as exc:
             raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
+        # composed in the order the tokens were trained in (the trainer's registry order), which
+        # artifacts written before it was kept in the category list store only here
+        order = manifest.get("composition_order") or [c["name"] for c in manifest["categories"]]
+        categories = sorted(manifest["categories"], key=lambda c: order.index(c["name"]))
         registry = CategoryRegistry.from_dict(
             {
                 **manifest["registry"],
                 "categories": [
                     {k: c[k] for k in ("name", "display", "description", "refusal", "out_of_scope") if k in c}
-                    for c in manifest["categories"]
+                    for c in categories
                 ],
             },
             source=str(Path(artifact_dir) / MANIFEST_FILE),
@@ -313,6 +325,25 @@ class ControlTokens(nn.Module):
         if backbone is not None:
             check_backbone(manifest, backbone, artifact_dir)
         return cls(registry, blocks, manifest["placement"], deep or None)
+
+
+def read_hashed(path: Path, expected: str | None) -> bytes:
+    """The bytes of an artifact's tensor file, checked against the hash its manifest recorded.
+
+    Each of an artifact's two files is renamed into place atomically, the pair is not: the hash ties
+    the manifest to its tensors, so a save killed between the renames reads as a mismatch, not as a
+    valid artifact. ``expected`` is ``None`` for artifacts written before the hash was recorded.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise ArtifactError(
+            f"{path} is not the file {MANIFEST_FILE} was written with (its hash differs): the "
+            "artifact was changed by hand, or a save was interrupted between its two files"
+        )
+    return data
 
 
 def _credited(tensor: torch.Tensor, category: str, credit: str | None) -> torch.Tensor:
@@ -365,7 +396,7 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != "mosaic-control-tokens":
         raise ArtifactError(f"{path}: not a mosaic control-token manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # True and 1.0 equal 1 in Python
         raise ArtifactError(
             f"{path}: format version {version!r} is not supported by this library (expects {FORMAT_VERSION})"
         )
@@ -374,7 +405,38 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
             raise ArtifactError(f"{path}: manifest lacks {key!r}")
     if manifest["placement"] not in PLACEMENTS:
         raise ArtifactError(f"{path}: unknown placement {manifest['placement']!r}")
+    _check_manifest_types(manifest, path)
     return manifest
+
+
+def _check_manifest_types(manifest: dict[str, Any], path: Path) -> None:
+    """The fields every reader indexes, of the types it indexes them as: a hand-edited or damaged
+    manifest is an ``ArtifactError`` naming the field, not a ``KeyError`` deep in a loader."""
+    backbone, registry, categories = manifest["backbone"], manifest["registry"], manifest["categories"]
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("fingerprint"), str):
+        raise ArtifactError(f"{path}: 'backbone' must be a mapping with the model's 'fingerprint'")
+    hidden = backbone.get("hidden_size")
+    if type(hidden) is not int or hidden < 1:
+        raise ArtifactError(f"{path}: backbone 'hidden_size' must be a positive integer, got {hidden!r}")
+    if not isinstance(registry, dict) or not isinstance(registry.get("name"), str):
+        raise ArtifactError(f"{path}: 'registry' must be a mapping with a 'name'")
+    if not isinstance(categories, list) or not categories:
+        raise ArtifactError(f"{path}: 'categories' must be a non-empty list")
+    for i, cat in enumerate(categories):
+        if not isinstance(cat, dict) or not isinstance(cat.get("name"), str):
+            raise ArtifactError(f"{path}: categories[{i}] must be a mapping with a 'name'")
+        if type(cat.get("m")) is not int or cat["m"] < 1:
+            raise ArtifactError(
+                f"{path}: category {cat['name']!r} needs 'm', a positive integer, got {cat.get('m')!r}"
+            )
+    order = manifest.get("composition_order")
+    names = [c["name"] for c in categories]
+    if order is not None and (
+        not isinstance(order, list) or not set(names) <= set(order) or len(set(order)) != len(order)
+    ):
+        raise ArtifactError(f"{path}: 'composition_order' must list every category once, got {order!r}")
+    if "training" in manifest and not isinstance(manifest["training"], dict):
+        raise ArtifactError(f"{path}: 'training' must be a mapping")
 
 
 def check_backbone(

@@ -9,6 +9,7 @@ strings) live in ``secrets.json`` with owner-only permissions and never in the m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -17,11 +18,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from .. import __version__
 from ..policy import CategoryRegistry
-from ..tokens import MANIFEST_FILE, ArtifactError, check_backbone, load_manifest_json
+from ..tokens import MANIFEST_FILE, ArtifactError, check_backbone, load_manifest_json, read_hashed
 
 METHOD_FORMAT = "mosaic-method"
 METHOD_FORMAT_VERSION = 1
@@ -65,6 +67,8 @@ def save_method_artifact(
     flat = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     if flat:
         atomic_write(out / WEIGHTS_FILE, lambda p: save_file(flat, str(p)))
+        # ties the manifest to these weights (``read_hashed``); written last, as the manifest is
+        manifest["weights_sha256"] = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
     if secrets is not None:
 
         def write_secret(p: Path) -> None:
@@ -107,7 +111,8 @@ def load_method_artifact(
     found, manifest, path = _identify(root)
     if found != method:
         raise ArtifactError(f"{root}: this is a {found!r} artifact, not {method!r}")
-    if manifest.get("format_version") != METHOD_FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if type(version) is not int or version != METHOD_FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: format version {manifest.get('format_version')!r} is not supported "
             f"(expects {METHOD_FORMAT_VERSION})"
@@ -115,14 +120,16 @@ def load_method_artifact(
     for key in ("backbone", "registry", "tensors", "options"):
         if key not in manifest:
             raise ArtifactError(f"{path}: manifest lacks {key!r}")
+    _check_types(manifest, path)
     registry = CategoryRegistry.from_dict(manifest["registry"], source=str(path))
     expected: dict[str, list[int]] = manifest["tensors"]
     tensors: dict[str, torch.Tensor] = {}
     if expected:
         wpath = root / WEIGHTS_FILE
+        data = read_hashed(wpath, manifest.get("weights_sha256"))  # absent in artifacts from before it
         try:
-            tensors = load_file(str(wpath))
-        except (SafetensorError, OSError, ValueError) as exc:
+            tensors = load_safetensors(data)
+        except (SafetensorError, ValueError) as exc:
             raise ArtifactError(f"{wpath}: not a readable safetensors file ({exc})") from exc
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -139,6 +146,23 @@ def load_method_artifact(
     if backbone is not None:
         check_backbone(manifest, backbone, root)
     return manifest, tensors, registry
+
+
+def _check_types(manifest: dict[str, Any], path: Path) -> None:
+    """The fields the loader indexes, of the types it indexes them as (else a clear ``ArtifactError``)."""
+    backbone, registry, tensors = manifest["backbone"], manifest["registry"], manifest["tensors"]
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("fingerprint"), str):
+        raise ArtifactError(f"{path}: 'backbone' must be a mapping with the model's 'fingerprint'")
+    if not isinstance(registry, dict):
+        raise ArtifactError(f"{path}: 'registry' must be a mapping")
+    if not isinstance(manifest["options"], dict):
+        raise ArtifactError(f"{path}: 'options' must be a mapping")
+    shapes_ok = isinstance(tensors, dict) and all(
+        isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
+        for shape in tensors.values()
+    )
+    if not shapes_ok:
+        raise ArtifactError(f"{path}: 'tensors' must map each tensor's name to its shape, a list of sizes")
 
 
 def read_secrets(artifact_dir: str | Path) -> dict[str, Any]:
