@@ -6,6 +6,7 @@ import json
 import math
 import time
 from math import comb
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,6 +417,38 @@ def test_resume_refuses_a_different_recipe(tmp_path, tiny_backbone):
     other = Trainer(tiny_config(tmp_path, "optim.lr=0.5"), backbone=tiny_backbone)
     with pytest.raises(ArtifactError, match="different config"):
         other.train(tmp_path / "run", resume=True)
+
+
+def test_resume_refuses_edited_prompts_fewer_epochs_and_a_damaged_checkpoint(tmp_path, tiny_backbone):
+    import shutil
+
+    import mosaic_safety.data
+    from mosaic_safety.tokens import ArtifactError
+    from mosaic_safety.training.trainer import Trainer
+
+    suite = tmp_path / "suite"
+    shutil.copytree(Path(mosaic_safety.data.__file__).parent / "builtin" / "minors", suite)
+    Trainer(tiny_config(tmp_path, f"data.suite={suite}"), backbone=tiny_backbone).train(tmp_path / "run")
+    # an edited training prompt: the run would go on with other data than it started with
+    path = suite / "alcohol.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        if row["split"] == "train":
+            row["prompt"] += " (edited)"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    edited = Trainer(tiny_config(tmp_path, f"data.suite={suite}", "optim.epochs=3"), backbone=tiny_backbone)
+    with pytest.raises(ArtifactError, match="trained on other prompts"):
+        edited.train(tmp_path / "run", resume=True)
+    shutil.rmtree(suite)
+    shutil.copytree(Path(mosaic_safety.data.__file__).parent / "builtin" / "minors", suite)
+    fewer = Trainer(tiny_config(tmp_path, f"data.suite={suite}", "optim.epochs=1"), backbone=tiny_backbone)
+    with pytest.raises(ArtifactError, match="has trained 2 epochs; optim.epochs=1 cannot undo them"):
+        fewer.train(tmp_path / "run", resume=True)
+    optimizer = tmp_path / "run" / "checkpoints" / "epoch-2" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # cut short
+    longer = Trainer(tiny_config(tmp_path, f"data.suite={suite}", "optim.epochs=3"), backbone=tiny_backbone)
+    with pytest.raises(ArtifactError, match="unreadable checkpoint \\(SafetensorError"):
+        longer.train(tmp_path / "run", resume=True)
 
 
 def test_learning_rate_schedules():

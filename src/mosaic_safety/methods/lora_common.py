@@ -39,6 +39,7 @@ from ..policy import CategoryRegistry, Policy, PolicyError
 from ..tokens import ArtifactError
 from ..training.checkpoint import (
     TrainingClock,
+    check_continuation,
     check_same_recipe,
     checkpoint_dir,
     latest_checkpoint,
@@ -467,6 +468,7 @@ class AdapterTrainer:
         manifest, tensors, _ = load_method_artifact(ckpt, self.name, self.backbone.describe())
         training = manifest.get("training", {})
         check_same_recipe(ckpt, training.get("config", {}), self.config.to_dict())
+        check_continuation(ckpt, training, data_hash(self.pools), self.config.optim.epochs)
         self.clock.prior = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
         set_peft_model_state_dict(self.peft_model, tensors)
         self.restore_secrets(ckpt)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import TrainConfig
@@ -85,15 +86,18 @@ def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, named: Na
         state = load_file(str(ckpt / OPTIMIZER_FILE))
         info = json.loads((ckpt / STATE_FILE).read_text())
         epoch, step = int(info["epoch"]), int(info["step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({exc})") from exc
-    for name, param in named:
-        if f"{name}.exp_avg" in state:
-            optimizer.state[param] = {
+        restored = {
+            param: {
                 "step": torch.tensor(float(state[f"{name}.step"][0])),
                 "exp_avg": state[f"{name}.exp_avg"].to(param.device),
                 "exp_avg_sq": state[f"{name}.exp_avg_sq"].to(param.device),
             }
+            for name, param in named
+            if f"{name}.exp_avg" in state
+        }
+    except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as exc:
+        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    optimizer.state.update(restored)  # only once all of it was read: no half-restored optimiser
     return epoch, step
 
 
@@ -101,8 +105,8 @@ def load_live_tensors(ckpt: Path, names: Sequence[str]) -> dict[str, torch.Tenso
     """The live tensors ``save_optimizer_state`` stored for ``names``; an error if any is missing."""
     try:
         state = load_file(str(ckpt / OPTIMIZER_FILE))
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({exc})") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
     missing = [n for n in names if f"{n}.{LIVE}" not in state]
     if missing:
         raise ArtifactError(
@@ -120,6 +124,23 @@ def check_same_recipe(
         raise ArtifactError(
             f"{ckpt}: checkpoint was made with a different config; resume needs the same one "
             f"(only {longer} may change, to train longer)"
+        )
+
+
+def check_continuation(ckpt: Path, training: dict[str, Any], data_hash: str, epochs: int) -> None:
+    """What the recipe check cannot see: the prompts the run trained on (a suite directory can be
+    edited between sessions) and how far it got (fewer epochs than it trained cannot be resumed)."""
+    saved = training.get("data_hash")  # checkpoints of every trainer record it
+    if saved is not None and saved != data_hash:
+        raise ArtifactError(
+            f"{ckpt}: the run trained on other prompts (data hash {saved}, now {data_hash}); the suite "
+            "or data settings changed since, so resuming would mix two datasets: train afresh"
+        )
+    done = int(ckpt.name.rsplit("-", 1)[1])
+    if epochs < done:
+        raise ArtifactError(
+            f"{ckpt}: the run has trained {done} epochs; optim.epochs={epochs} cannot undo them (give "
+            f"{done} or more to resume, or use the checkpoint of the epoch you want as it is)"
         )
 
 

@@ -31,6 +31,7 @@ from .base_states import BaseStates
 from .checkpoint import (
     STATE_FILE,
     TrainingClock,
+    check_continuation,
     check_same_recipe,
     checkpoint_dir,
     latest_checkpoint,
@@ -652,6 +653,7 @@ class Trainer:
             return 0, 0
         training = read_manifest(ckpt)["training"]
         check_same_recipe(ckpt, training["config"], self.config.to_dict())
+        check_continuation(ckpt, training, data_hash(self.pools), self.config.optim.epochs)
         self.clock.prior = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
         saved = ControlTokens.load(ckpt, self.backbone.describe()).named_tensors()
         with torch.no_grad():
