@@ -289,6 +289,50 @@ def test_empty_inputs(trained, tmp_path):
     assert proc.returncode == 2 and "no prompts" in proc.stderr
 
 
+def test_bad_generation_inputs_are_one_line_errors(trained, tmp_path):
+    root, art, _ = trained
+
+    def generate_error(*args: str) -> str:
+        proc = mosaic("generate", *args, "--max-new-tokens", "2", cache=root / "cache", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        return _error(proc)
+
+    ask = ("-a", str(art), "--prompt", "hi")
+    assert "temperature above 0" in generate_error(*ask, "--sample", "--temperature", "0")
+    assert "top_p must be in (0, 1]" in generate_error(*ask, "--sample", "--top-p", "0")
+    assert "batch size must be at least 1" in generate_error(*ask, "--batch-size", "0")
+    assert "no control tokens (no artifact)" in generate_error(
+        "--model", "tiny-random-llama", "--prompt", "hi", "-p", "alcohol"
+    )
+    assert "cannot be read as UTF-8" in generate_error("-a", str(art), "-f", str(tmp_path))  # a directory
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"prompt": "café"}\n'.encode("latin-1"))
+    assert "cannot be read as UTF-8" in generate_error("-a", str(art), "-f", str(latin))
+
+
+def test_generate_file_keeps_line_separators_inside_json_strings(trained, tmp_path):
+    """JSON allows U+2028 and U+0085 raw inside strings; only "\\n" ends a JSONL row."""
+    root, art, _ = trained
+    asks = ["first\u2028line", "second\u0085row"]
+    prompts = tmp_path / "seps.jsonl"
+    prompts.write_bytes(
+        b"\xef\xbb\xbf" + "".join(json.dumps({"prompt": a}, ensure_ascii=False) + "\n" for a in asks).encode()
+    )
+    proc = mosaic(
+        "generate", "-a", str(art), "-f", str(prompts), "--max-new-tokens", "2", cache=root / "cache"
+    )
+    assert [json.loads(line)["prompt"] for line in proc.stdout.splitlines()] == asks
+
+
+def test_chat_without_an_artifact_keeps_the_session_on_a_policy(tmp_path):
+    proc = mosaic(
+        "chat", "--model", "tiny-random-llama", "--max-new-tokens", "2", cache=tmp_path,
+        stdin="/policy alcohol\n/policyhorror\nhello\n/quit\n",
+    )  # fmt: skip
+    assert "no control tokens (no artifact)" in proc.stderr and proc.stdout.count("bot> ") == 2
+    assert "Traceback" not in proc.stderr
+
+
 def test_chat_switches_policy(trained):
     root, art, _ = trained
     proc = mosaic(

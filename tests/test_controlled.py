@@ -88,7 +88,10 @@ def test_policy_order_is_canonical(tiny_backbone, tiny_tokens, minors):
     with torch.no_grad():
         a = cm.next_token_logits(PROMPTS[:1], ["sex,alcohol"])
         b = cm.next_token_logits(PROMPTS[:1], [["alcohol", "sex"]])
-    assert torch.equal(a, b)
+        # a Policy built by hand, out of order or with a name twice, is the same set of categories
+        c = cm.next_token_logits(PROMPTS[:1], [Policy(("sex", "alcohol", "sex"))])
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert cm.block_length(Policy(("alcohol", "alcohol"))) == cm.block_length(minors.policy("alcohol"))
 
 
 def test_layout_left_pads_before_control_tokens(tiny_backbone, tiny_tokens, minors):
@@ -107,6 +110,68 @@ def test_stream_matches_generate(tiny_backbone, tiny_tokens, minors):
     cm = ControlledModel(tiny_backbone, tiny_tokens)
     text = cm.generate([PROMPTS[0]], ["alcohol"], max_new_tokens=8)[0]
     assert "".join(cm.stream(PROMPTS[0], "alcohol", max_new_tokens=8)) == text
+
+
+def test_stream_yields_what_it_held_back_when_decoding_ends(tiny_backbone, tiny_tokens):
+    """A response cut inside a character ends in U+FFFD in ``generate``; the stream, which holds
+    such pieces back for the next token, must not drop it when there is none."""
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    cut = 0
+    for prompt in ["How do I bake sourdough bread at home?", "café 😀", "What is 17 times 23?"]:
+        for n in (1, 2, 3, 5, 8, 13):
+            for kw in ({}, {"do_sample": True, "temperature": 1.3, "seed": 5}):
+                text = cm.generate([prompt], ["horror"], max_new_tokens=n, **kw)[0]
+                assert "".join(cm.stream(prompt, "horror", max_new_tokens=n, **kw)) == text
+                cut += text.endswith("\ufffd")
+    assert cut  # the tiny byte-level vocabulary ends some responses inside a character
+
+
+def test_bad_decoding_settings_are_clear_errors(tiny_backbone, tiny_tokens):
+    from mosaic_safety.controlled import GenerationError
+
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    cases = [
+        ({"do_sample": True, "temperature": 0.0}, "temperature above 0"),
+        ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"batch_size": 0}, "batch size must be at least 1"),
+        ({"max_new_tokens": -3}, "max_new_tokens must be 0 or more"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(GenerationError, match=message):
+            cm.generate(PROMPTS[:1], [""], **{"max_new_tokens": 2, **kw})
+    with pytest.raises(GenerationError, match="temperature above 0"):
+        list(cm.stream(PROMPTS[0], "", do_sample=True, temperature=0.0))
+    assert cm.generate(
+        PROMPTS[:1], [""], max_new_tokens=2, do_sample=False, temperature=0.0
+    )  # greedy ignores it
+
+
+def test_a_text_prompt_is_not_taken_for_a_message_list(tiny_backbone, tiny_tokens):
+    messages = [{"role": "user", "content": "hi"}]
+    text = repr(messages)  # what a message list's key used to be
+    alone = ControlledModel(tiny_backbone, tiny_tokens)
+    expected = alone.generate_ids([text], ["alcohol"], max_new_tokens=4)[0]
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    cm.split_prompt(messages)  # the list is cached first
+    assert cm.split_prompt(text) == alone.split_prompt(text) != cm.split_prompt(messages)
+    together = cm.generate_ids([messages, text], ["alcohol", "alcohol"], max_new_tokens=4)
+    assert together[1] == expected
+
+
+def test_user_end_placement_on_a_template_that_trims_messages(tiny_backbone, tiny_tokens):
+    """Llama 3's templates trim each message: the tokens go where the trimmed text ends."""
+    from mosaic_safety.backbone import from_model
+    from mosaic_safety.tiny import CHATML, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = CHATML.replace("{{ message['content'] }}", "{{ message['content'] | trim }}")
+    assert tokenizer.chat_template != CHATML
+    backbone = from_model(tiny_backbone.model, tokenizer, "trimming")
+    cm = ControlledModel(backbone, tiny_tokens, placement="user_end")
+    for prompt in ("hi ", "hi\n", "  hi"):
+        head, rest = cm.split_prompt(prompt)
+        assert head + rest == chat_ids(backbone, prompt)[0].tolist()
+        assert tokenizer.decode(head).endswith("hi") and tokenizer.decode(rest).startswith("<|im_end|>")
 
 
 def test_sampling_is_seeded(tiny_backbone, tiny_tokens):
@@ -133,8 +198,10 @@ def test_chat_messages_and_empty_inputs(tiny_backbone, tiny_tokens):
 
 
 def test_model_without_tokens_only_takes_empty_policy(tiny_backbone):
+    from mosaic_safety.policy import PolicyError
+
     cm = ControlledModel(tiny_backbone)
-    with pytest.raises(ValueError, match="only the empty policy"):
+    with pytest.raises(PolicyError, match="only the empty policy"):
         cm.policy("alcohol")
 
 

@@ -49,7 +49,7 @@ def friendly_errors(interrupted: str | Callable[[], str] = ""):
     """
     from .backbone import BackboneError
     from .config import ConfigError
-    from .controlled import PlacementError
+    from .controlled import GenerationError, PlacementError
     from .data.schema import DataError
     from .methods.base import MethodError
     from .policy import PolicyError
@@ -62,6 +62,7 @@ def friendly_errors(interrupted: str | Callable[[], str] = ""):
         BackboneError,
         ConfigError,
         DataError,
+        GenerationError,
         MethodError,
         PlacementError,
         PolicyError,
@@ -372,8 +373,14 @@ def _load_controlled(artifact: Path | None, model: str | None, device: str, dtyp
 
 
 def _read_prompts(file: Path) -> list[str]:
+    try:
+        text = file.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of line 1
+    except (OSError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"{file}: cannot be read as UTF-8 text ({exc})") from None
     prompts = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    # JSON lines end at "\n" only: str.splitlines() would also split at U+2028 and U+0085,
+    # which JSON allows inside strings
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -477,9 +484,11 @@ def chat(
     dtype: str = typer.Option("auto", "--dtype"),
 ) -> None:
     """Interactive chat. Commands: /policy a,b (switch policy), /reset, /quit."""
+    from .controlled import check_decoding
     from .policy import PolicyError
 
     with friendly_errors():
+        check_decoding(max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0)
         cm = _load_controlled(artifact, model, device, dtype)
         active = cm.policy(policy)
     valid = ", ".join(cm.registry.names) if cm.registry is not None else "(none: no artifact)"
@@ -498,7 +507,7 @@ def chat(
         if text == "/reset":
             history = []
             continue
-        if text.startswith("/policy"):
+        if text == "/policy" or text.startswith("/policy "):
             try:
                 active = cm.policy(text[len("/policy") :].strip())
                 console.print(f"policy: {active}", highlight=False)

@@ -23,6 +23,7 @@ logits are the base model's.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from jinja2 import TemplateError
 
 from .backbone import Backbone
 from .logits import output_logits
-from .policy import CategoryRegistry, Policy
+from .policy import CategoryRegistry, Policy, PolicyError
 from .tokens import ControlTokens
 
 Prompt = str | Sequence[dict[str, str]]  # a user message, or a list of chat messages
@@ -45,6 +46,10 @@ _SENTINEL = "\u2063MOSAIC\u2063"  # invisible separators: never produced by real
 
 class PlacementError(ValueError):
     """The chat template cannot host control tokens at the requested placement."""
+
+
+class GenerationError(ValueError):
+    """Decoding settings that cannot work (a batch of no rows, a temperature of 0 when sampling)."""
 
 
 @dataclass
@@ -173,11 +178,15 @@ class ControlledModel:
         return self.backbone.device
 
     def policy(self, names: str | Sequence[str] | Policy | None) -> Policy:
+        """A request's policy in the registry's canonical order, the order its blocks compose in:
+        a ``Policy`` built by hand in another order, or with a name twice, means the same set."""
         if isinstance(names, Policy):
-            return names
+            names = list(names.categories)
         if self.registry is None:
             if names:
-                raise ValueError("this model has no control tokens; only the empty policy is allowed")
+                raise PolicyError(
+                    "this model has no control tokens (no artifact); only the empty policy is allowed"
+                )
             return Policy(())
         return self.registry.policy(names)
 
@@ -190,7 +199,7 @@ class ControlledModel:
 
     def split_prompt(self, prompt: Prompt) -> tuple[list[int], list[int]]:
         """Token ids of the templated prompt, split where the control tokens go."""
-        key = (repr(prompt) if not isinstance(prompt, str) else prompt, self.placement)
+        key = (prompt_key(prompt), self.placement)
         hit = self._split_cache.get(key)
         if hit is not None:
             self._split_cache.move_to_end(key)
@@ -200,11 +209,11 @@ class ControlledModel:
         encode = self.tokenizer
         ids = encode(full, add_special_tokens=False)["input_ids"]
         head = encode(before, add_special_tokens=False)["input_ids"] if before else []
-        if ids[: len(head)] != head:
-            raise PlacementError(
-                f"placement {self.placement!r}: the template does not tokenize cleanly at the insertion point"
-            )
-        result = (head, ids[len(head) :])
+        # Where a token spans the insertion point (a prompt opening with "\n\n" after the
+        # template's "\n"), the tokens go at the last token boundary before it: the prompt's own
+        # tokens stay exactly those of the plain template.
+        cut = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
+        result = (ids[:cut], ids[cut:])
         self._split_cache[key] = result
         if len(self._split_cache) > self._cache_size:
             self._split_cache.popitem(last=False)
@@ -229,19 +238,30 @@ class ControlledModel:
                 messages[0]["content"] = _SENTINEL + messages[0]["content"]
             else:  # templates that inject a default system prompt: insert before its text
                 messages.insert(0, {"role": "system", "content": _SENTINEL})
-        no_system = (
-            "placement 'system': this chat template has no system turn to host the control tokens; "
-            "use placement 'prefix', 'user' or 'user_end'"
-        )
+        if self.placement == "system":
+            unusable = (
+                "placement 'system': this chat template has no system turn to host the control tokens; "
+                "use placement 'prefix', 'user' or 'user_end'"
+            )
+        else:
+            unusable = (
+                f"placement {self.placement!r}: this chat template rewrites the user message around "
+                "the insertion point, so the control tokens have no place in it; use placement "
+                "'prefix' or 'assistant'"
+            )
         try:
             marked = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as exc:  # Gemma 2's template raises "System role not supported"
-            raise PlacementError(f"{no_system} (the template says: {exc})") from exc
+            raise PlacementError(f"{unusable} (the template says: {exc})") from exc
         if _SENTINEL not in marked:  # a template that drops system messages
-            raise PlacementError(no_system)
+            raise PlacementError(unusable)
         before = marked[: marked.index(_SENTINEL)]
         if not full.startswith(before):
-            raise PlacementError(no_system)
+            # Llama 3's templates trim each message: whitespace ending the user's text stays in
+            # front of the marker but not in the real prompt, so the tokens go where the text ends
+            before = before.rstrip()
+            if not full.startswith(before):
+                raise PlacementError(unusable)
         return before
 
     def encode(
@@ -263,6 +283,7 @@ class ControlledModel:
         rows, ctrl_spans, blocks, offsets = [], [], [], []
         for i, (prompt, policy) in enumerate(zip(prompts, policies)):
             head, tail = self.split_prompt(prompt)
+            policy = self.policy(policy)  # canonical: its blocks and deep offsets compose alike
             block = self._block(policy, credit[i])
             target = list(targets[i]) if targets is not None else []
             rows.append(head + [0] * block.shape[0] + tail + target)
@@ -312,10 +333,9 @@ class ControlledModel:
         return int(self._block(policy).shape[0])
 
     def _block(self, policy: Policy, credit: str | None = None) -> torch.Tensor:
+        policy = self.policy(policy)  # canonical, whoever built it
         if not policy:
             return torch.zeros(0, self.backbone.hidden_size, device=self.device)
-        if self.tokens is None:
-            raise ValueError("this model has no control tokens; only the empty policy is allowed")
         return self.tokens.compose(policy, credit)
 
     # -- forward ------------------------------------------------------------------------------
@@ -443,6 +463,7 @@ class ControlledModel:
         rows, spans, blocks, offsets = [], [], [], []
         credit = _row_credit(credit, len(prompts))
         for i, (prompt, policy) in enumerate(zip(prompts, policies)):
+            policy = self.policy(policy)  # canonical: its blocks and deep offsets compose alike
             block = self._block(policy, credit[i])
             target = list(targets[i]) if targets is not None else []
             rows.append([0] * block.shape[0] + self.split_prompt(prompt)[1] + target)
@@ -639,8 +660,9 @@ class ControlledModel:
         """
         if len(prompts) != len(policies):
             raise ValueError("prompts and policies must have the same length")
+        check_decoding(max_new_tokens, do_sample, temperature, top_p, batch_size)
         resolved = [self.policy(p) for p in policies]
-        keys = [p if isinstance(p, str) else repr(p) for p in prompts]
+        keys = [prompt_key(p) for p in prompts]
         lengths = [
             sum(map(len, self.split_prompt(p))) + self.block_length(q) for p, q in zip(prompts, resolved)
         ]
@@ -697,7 +719,13 @@ class ControlledModel:
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Yield text pieces of one response as they are produced (same tokens as ``generate``)."""
+        """Yield text pieces of one response as they are produced (same tokens as ``generate``).
+
+        A piece that ends inside a character (an incomplete UTF-8 sequence decodes to U+FFFD) waits
+        for the next token; whatever is still held back when decoding ends is yielded then, so the
+        pieces join to what ``generate`` returns.
+        """
+        check_decoding(max_new_tokens, do_sample, temperature, top_p)
         batch = self.encode([prompt], [self.policy(policy)])
         generator = torch.Generator(device=self.device).manual_seed(seed or 0) if do_sample else None
         produced: list[int] = []
@@ -713,6 +741,33 @@ class ControlledModel:
             if len(text) > len(emitted):
                 yield text[len(emitted) :]
                 emitted = text
+        text = self.tokenizer.decode(produced, skip_special_tokens=True)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+
+
+def check_decoding(
+    max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, batch_size: int = 1
+) -> None:
+    """Decoding settings that would crash deep in a batch or silently return nothing."""
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+    if batch_size < 1:
+        raise GenerationError(f"batch size must be at least 1, got {batch_size}")
+    if do_sample and not temperature > 0:
+        raise GenerationError(
+            f"sampling needs a temperature above 0, got {temperature} (greedy: no sampling)"
+        )
+    if do_sample and not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """A prompt's identity in caches and batching. Text and message lists live apart (``t:`` and
+    ``m:``): a user who types what a message list's repr looks like asks something else."""
+    if isinstance(prompt, str):
+        return "t:" + prompt
+    return "m:" + json.dumps([dict(m) for m in prompt], sort_keys=True, ensure_ascii=False)
 
 
 def _messages(prompt: Prompt) -> list[dict[str, str]]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..controlled import ControlledModel, Prompt, PromptHeads
+from ..controlled import ControlledModel, Prompt, PromptHeads, prompt_key
 from ..policy import Policy
 
 
@@ -41,7 +41,7 @@ class BaseStates:
     ) -> torch.Tensor:
         """The base model's logits along each row's target, ``(B, T, V)`` aligned like
         ``ControlledModel.response_logits``; positions past a row's target are zeros (never used)."""
-        keys = [(p if isinstance(p, str) else repr(p), tuple(t)) for p, t in zip(prompts, targets)]
+        keys = [(prompt_key(p), tuple(t)) for p, t in zip(prompts, targets)]
         if self.max_bytes == 0:
             todo = list(range(len(keys)))
         else:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..controlled import ControlledModel, Prompt, PromptHeads
+from ..controlled import ControlledModel, Prompt, PromptHeads, prompt_key
 
 
 class HeadCache:
@@ -41,10 +41,6 @@ class HeadCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @staticmethod
-    def _key(prompt: Prompt) -> str:
-        return prompt if isinstance(prompt, str) else repr(prompt)
-
     def heads(self, prompts: Sequence[Prompt]) -> PromptHeads | None:
         """The batch's heads, as ``ControlledModel.prefill_heads`` would return them.
 
@@ -52,7 +48,7 @@ class HeadCache:
         """
         if self.max_bytes == 0:
             return self.model.prefill_heads(prompts)
-        keys = [self._key(p) for p in prompts]
+        keys = [prompt_key(p) for p in prompts]
         fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         todo = list(dict.fromkeys(k for k, p in zip(keys, prompts) if k not in self._entries))
         if todo:
@@ -79,7 +75,7 @@ class HeadCache:
         """
         if self.max_bytes == 0:
             return 0
-        by_key = {self._key(p): p for p in prompts}
+        by_key = {prompt_key(p): p for p in prompts}
         todo = sorted(
             (k for k in by_key if k not in self._entries), key=lambda k: self._head_length(by_key[k])
         )
