@@ -124,6 +124,13 @@ def test_non_finite_and_wrong_shape(artifact):
         ControlTokens.load(artifact)
 
 
+def test_tensor_file_is_as_readable_as_the_manifest(artifact):
+    """safetensors' save_file creates owner-only files: a server running as another user could read
+    the manifest and not the tokens."""
+    mode = (artifact / "mosaic.json").stat().st_mode & 0o777
+    assert (artifact / "tokens.safetensors").stat().st_mode & 0o777 == mode
+
+
 def test_tensors_from_another_save_are_refused(artifact, tiny_backbone, tiny_tokens, tmp_path):
     """A save killed between its two renames leaves new tensors beside the old manifest."""
     with torch.no_grad():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from . import __version__
@@ -269,10 +269,9 @@ class ControlTokens(nn.Module):
         tmp_tokens = out / f".{TOKENS_FILE}.{os.getpid()}.tmp"
         tmp_manifest = out / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
         try:
-            save_file(tensors, str(tmp_tokens), metadata={"format_version": str(FORMAT_VERSION)})
-            manifest["tokens_sha256"] = hashlib.sha256(
-                tmp_tokens.read_bytes()
-            ).hexdigest()  # checked on load (read_hashed)
+            data = safetensors_bytes(tensors, {"format_version": str(FORMAT_VERSION)})
+            tmp_tokens.write_bytes(data)
+            manifest["tokens_sha256"] = hashlib.sha256(data).hexdigest()  # checked on load (read_hashed)
             tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             os.replace(tmp_tokens, out / TOKENS_FILE)
             os.replace(tmp_manifest, out / MANIFEST_FILE)
@@ -325,6 +324,12 @@ class ControlTokens(nn.Module):
         if backbone is not None:
             check_backbone(manifest, backbone, artifact_dir)
         return cls(registry, blocks, manifest["placement"], deep or None)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, to be written like any other file: ``save_file`` creates it
+    readable by its owner only, which breaks serving an artifact as another user."""
+    return save_safetensors(tensors, metadata)
 
 
 def read_hashed(path: Path, expected: str | None) -> bytes:

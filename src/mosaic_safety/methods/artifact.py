@@ -19,11 +19,17 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 
 from .. import __version__
 from ..policy import CategoryRegistry
-from ..tokens import MANIFEST_FILE, ArtifactError, check_backbone, load_manifest_json, read_hashed
+from ..tokens import (
+    MANIFEST_FILE,
+    ArtifactError,
+    check_backbone,
+    load_manifest_json,
+    read_hashed,
+    safetensors_bytes,
+)
 
 METHOD_FORMAT = "mosaic-method"
 METHOD_FORMAT_VERSION = 1
@@ -66,9 +72,9 @@ def save_method_artifact(
     } | (extra or {})
     flat = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     if flat:
-        atomic_write(out / WEIGHTS_FILE, lambda p: save_file(flat, str(p)))
-        # ties the manifest to these weights (``read_hashed``); written last, as the manifest is
-        manifest["weights_sha256"] = hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
+        data = safetensors_bytes(flat)
+        atomic_write(out / WEIGHTS_FILE, lambda p: p.write_bytes(data))
+        manifest["weights_sha256"] = hashlib.sha256(data).hexdigest()  # checked on load (read_hashed)
     if secrets is not None:
 
         def write_secret(p: Path) -> None:

@@ -26,14 +26,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..backbone import Backbone, cache_root, load_backbone
 from ..controlled import ControlledModel
 from ..evaluation.table import held_out_groups
 from ..logits import output_logits
 from ..policy import CategoryRegistry, Policy
-from ..tokens import ArtifactError
+from ..tokens import ArtifactError, safetensors_bytes
 from ..training.checkpoint import (
     check_same_recipe,
     checkpoint_dir,
@@ -161,7 +161,7 @@ def cached_extract(
         tensors["states"] = torch.cat(states).contiguous()
         tensors["lengths"] = torch.tensor([len(t) for t in targets], dtype=torch.long)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: tmp.write_bytes(safetensors_bytes(tensors)))
     return pooled, states
 
 

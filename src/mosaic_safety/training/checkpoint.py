@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import TrainConfig
-from ..tokens import ArtifactError
+from ..tokens import ArtifactError, safetensors_bytes
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 LIVE = "live"  # key suffix of a trained tensor stored beside Adam's state (``save_optimizer_state``)
@@ -70,7 +70,7 @@ def save_optimizer_state(
         if "step" in s:
             state[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(ckpt / OPTIMIZER_FILE))
+    (ckpt / OPTIMIZER_FILE).write_bytes(safetensors_bytes(state))
     (ckpt / STATE_FILE).write_text(json.dumps({"epoch": epoch, "step": step}) + "\n")
 
 
