@@ -222,7 +222,12 @@ def test_corrupt_artifact(trained, tmp_path):
     shutil.copytree(art, bad)
     (bad / "tokens.safetensors").write_bytes(b"junk")
     err = _error(mosaic("generate", "-a", str(bad), "--prompt", "x", cache=root / "cache", check=False))
-    assert "not a readable safetensors file" in err
+    assert "tokens.safetensors is not the file mosaic.json was written with" in err
+    err = _error(mosaic("info", str(bad), cache=root / "cache", check=False))
+    assert "tokens.safetensors is not the file mosaic.json was written with" in err
+    manifest = json.loads((bad / "mosaic.json").read_text())
+    del manifest["tokens_sha256"]  # an artifact from before the hash: the reader's own error
+    (bad / "mosaic.json").write_text(json.dumps(manifest))
     err = _error(mosaic("info", str(bad), cache=root / "cache", check=False))
     assert "not a readable safetensors file" in err
     assert (art / "tokens.safetensors").stat().st_size > 100  # the original is untouched

@@ -393,6 +393,9 @@ def test_resume_finishes_an_interrupted_run_as_if_never_stopped(
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
     manifest = json.loads((run / MANIFEST_FILE).read_text())
     assert manifest["threshold"] == json.loads((first / MANIFEST_FILE).read_text())["threshold"]
+    # the checkpoint records its prompts, which a resume compares (training.checkpoint.check_continuation)
+    saved = json.loads((run / "checkpoints" / "epoch-1" / MANIFEST_FILE).read_text())["training"]
+    assert saved["data_hash"] == manifest["training"]["data_hash"]
     assert (
         manifest["training"]["steps"] == json.loads((first / MANIFEST_FILE).read_text())["training"]["steps"]
     )

@@ -35,6 +35,7 @@ from ..logits import output_logits
 from ..policy import CategoryRegistry, Policy
 from ..tokens import ArtifactError, safetensors_bytes
 from ..training.checkpoint import (
+    check_continuation,
     check_same_recipe,
     checkpoint_dir,
     latest_checkpoint,
@@ -277,6 +278,11 @@ def train_dsa(
     )
     guard_layer = resolve_guard_layer(options.guard_layer, len(backbone.model.get_decoder().layers))
     pools = training_pools(suite, categories, config.data.limit_per_category, seed)
+    if start is not None:
+        epochs = options.adapter_epochs
+        check_continuation(
+            start[0], start[1].get("training", {}), data_hash(pools), epochs, "method_options.adapter_epochs"
+        )
     tok = backbone.tokenizer
     device = backbone.device
 
@@ -461,6 +467,7 @@ def train_dsa(
                     "epoch": epoch + 1,
                     "steps": step,
                     "config": config.to_dict(),
+                    "data_hash": data_hash(pools),
                     "guard_loss": guard_loss,
                     "seconds": round(prior_seconds + time.time() - t_start, 1),
                     "adapter_seconds": round(prior_adapter + time.time() - t2, 1),

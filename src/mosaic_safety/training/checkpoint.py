@@ -127,10 +127,12 @@ def check_same_recipe(
         )
 
 
-def check_continuation(ckpt: Path, training: dict[str, Any], data_hash: str, epochs: int) -> None:
+def check_continuation(
+    ckpt: Path, training: dict[str, Any], data_hash: str, epochs: int, setting: str = "optim.epochs"
+) -> None:
     """What the recipe check cannot see: the prompts the run trained on (a suite directory can be
     edited between sessions) and how far it got (fewer epochs than it trained cannot be resumed)."""
-    saved = training.get("data_hash")  # checkpoints of every trainer record it
+    saved = training.get("data_hash")  # checkpoints of every trainer record it (older DSA ones not)
     if saved is not None and saved != data_hash:
         raise ArtifactError(
             f"{ckpt}: the run trained on other prompts (data hash {saved}, now {data_hash}); the suite "
@@ -139,7 +141,7 @@ def check_continuation(ckpt: Path, training: dict[str, Any], data_hash: str, epo
     done = int(ckpt.name.rsplit("-", 1)[1])
     if epochs < done:
         raise ArtifactError(
-            f"{ckpt}: the run has trained {done} epochs; optim.epochs={epochs} cannot undo them (give "
+            f"{ckpt}: the run has trained {done} epochs; {setting}={epochs} cannot undo them (give "
             f"{done} or more to resume, or use the checkpoint of the epoch you want as it is)"
         )
 
