@@ -265,6 +265,25 @@ def test_teacher_keeps_the_stop_token_the_model_generated(tmp_path):
     assert cache.get(prompt) == plain[:4]
 
 
+def test_teacher_cache_appends_under_a_lock(tmp_path, tiny_backbone):
+    """Two runs sharing the cache must not interleave their appends: a run waits for the other's."""
+    import fcntl
+    import threading
+
+    cm = ControlledModel(tiny_backbone)
+    cache = BaseResponseCache(cm, tmp_path, max_new_tokens=4)
+    cache.path.parent.mkdir(parents=True, exist_ok=True)
+    with cache.path.open("a") as other_run:
+        fcntl.flock(other_run.fileno(), fcntl.LOCK_EX)
+        filling = threading.Thread(target=cache.fill, args=(["one", "two"],))
+        filling.start()
+        filling.join(timeout=3.0)
+        assert filling.is_alive() and cache.path.read_text() == ""  # generated, waiting to append
+        fcntl.flock(other_run.fileno(), fcntl.LOCK_UN)
+    filling.join()
+    assert BaseResponseCache(cm, tmp_path, max_new_tokens=4).missing(["one", "two"]) == []
+
+
 def test_teacher_cache_regenerates_damaged_lines(tmp_path, tiny_backbone):
     cm = ControlledModel(tiny_backbone)
     cache = BaseResponseCache(cm, tmp_path, max_new_tokens=4)

@@ -11,10 +11,12 @@ and the decoding settings. A second run, or another recipe on the same model, re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -45,6 +47,21 @@ def _cached_row(line: str) -> tuple[str, list[int]] | None:
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         return None
     return key, ids
+
+
+@contextlib.contextmanager
+def _exclusive(f: IO[str]) -> Iterator[None]:
+    """An advisory lock on an open file where the platform has one (POSIX ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: appends of one chunk each, unlocked
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class BaseResponseCache:
@@ -93,10 +110,13 @@ class BaseResponseCache:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
                 ids = self._generate(chunk)  # a row that stopped by itself ends with its stop token
+                lines = []
                 for prompt, row in zip(chunk, ids):
                     self._store[self.key(prompt)] = row
-                    f.write(json.dumps({"key": self.key(prompt), "ids": row}) + "\n")
-                f.flush()  # each chunk survives an interruption
+                    lines.append(json.dumps({"key": self.key(prompt), "ids": row}) + "\n")
+                with _exclusive(f):  # two runs sharing the cache append whole chunks, never interleaved
+                    f.write("".join(lines))
+                    f.flush()  # each chunk survives an interruption
                 if progress is not None:
                     progress(len(chunk))
         return len(todo)
