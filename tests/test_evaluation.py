@@ -147,6 +147,12 @@ def test_interrupted_cache_line_is_ignored(tmp_path):
         fh.write('{"key": "k3", "resp')  # cut mid-write
     again = GenerationCache("fp", tmp_path)
     assert len(again) == 2 and again.get("k2") == "two" and again.get("k3") is None
+    # the next records start on a line of their own, not glued to the cut one
+    again.put_many(["k3", "k4"], ["three", "four"])
+    with cache.path.open("a") as fh:
+        fh.write('{"key": "k5", "response": null}\n\xff not json\n')  # no text: not a hit
+    third = GenerationCache("fp", tmp_path)
+    assert (third.get("k3"), third.get("k4"), "k5" in third, len(third)) == ("three", "four", False, 4)
 
 
 def test_fast_path_agrees_with_full_decoding(tiny_backbone, minors, tmp_path):
@@ -194,6 +200,64 @@ def test_reports_and_compare(tiny_backbone, minors, plan, tmp_path):
         compare(dirs, tmp_path / "cmp", cost)
     with pytest.raises(FileNotFoundError, match="no results.json"):
         compare([tmp_path / "missing"], tmp_path / "cmp2")
+
+
+def test_a_groups_sample_does_not_depend_on_the_other_categories():
+    from mosaic_safety.data import load_suite
+    from mosaic_safety.evaluation.table import held_out_groups
+
+    suite = load_suite("minors")
+    alone = held_out_groups(suite, ["alcohol"], "test", 3, seed=0)
+    every = held_out_groups(suite, list(suite.registry.names), "test", 3, seed=0)
+    assert {g: every[g] for g in alone} == alone and set(alone) == {"alcohol", "neutral", "boundary"}
+    assert held_out_groups(suite, ["alcohol"], "test", 3, seed=1)["alcohol"] != alone["alcohol"]
+
+
+def test_evaluate_takes_categories_in_canonical_order_once(tiny_backbone, minors, plan, tmp_path):
+    from mosaic_safety.data import load_suite
+
+    res = evaluate(
+        base_method(tiny_backbone, minors),
+        load_suite("minors"),
+        PhraseJudge(),
+        plan,
+        categories=["horror", "alcohol", "alcohol"],
+        cache=GenerationCache("canon", tmp_path),
+    )
+    assert res["categories"] == ["alcohol", "horror"]
+    assert [p["policy"] for p in res["policies"]] == ["(empty)", "alcohol", "horror", "alcohol,horror"]
+
+
+def test_compare_refuses_runs_that_measured_different_things(tiny_backbone, minors, plan, tmp_path):
+    import dataclasses
+
+    from mosaic_safety.data import load_suite
+
+    suite = load_suite("minors")
+    dirs = []
+    for name, run_plan in [("a", plan), ("b", dataclasses.replace(plan, seed=plan.seed + 1))]:
+        res = evaluate(
+            base_method(tiny_backbone, minors),
+            suite,
+            PhraseJudge(),
+            run_plan,
+            cache=GenerationCache(name, tmp_path),
+        )
+        dirs.append(tmp_path / name)
+        write_results(res, dirs[-1])
+    with pytest.raises(
+        ValueError, match=r"not comparable: plan.seed: 0 in a, 1 in b; prompts: b asked other"
+    ):
+        compare(dirs, tmp_path / "cmp")
+    md, _, _ = compare(dirs, tmp_path / "cmp", allow_mismatch=True)
+    assert "**Not comparable**" in md.read_text() and "- plan.seed: 0 in a, 1 in b" in md.read_text()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a results file of `mosaic eval`"):
+        compare([tmp_path / "bad"], tmp_path / "cmp")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        compare(dirs[:1], tmp_path / "afile")
 
 
 def _mosaic(*args, env=None):
@@ -278,6 +342,11 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
     assert r.returncode == 2 and "needs --artifact" in r.stderr
     r = _mosaic("report", "compare", str(tmp_path / "nope"), "--out", str(tmp_path / "c2"), env=env)
     assert r.returncode == 2 and "no results.json" in r.stderr
+    (tmp_path / "afile").write_text("")
+    r = _mosaic(
+        "eval", "--method", "none", "--model", "tiny-random-llama", "--out", str(tmp_path / "afile"), env=env
+    )
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_public_api_runs_the_protocol(tiny_backbone, tmp_path):

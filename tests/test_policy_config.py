@@ -47,6 +47,14 @@ def test_suggestion_for_typo(minors):
             "defined twice",
         ),
         ("categories: [\n", "not valid YAML"),
+        (
+            "categories:\n  - {name: neutral, display: N, description: d, refusal: 'no {display}'}",
+            "'neutral' is reserved",
+        ),
+        (
+            "categories:\n  - {name: boundary, display: B, description: d, refusal: 'no {display}'}",
+            "'boundary' is reserved",
+        ),
     ],
 )
 def test_bad_registry_files(tmp_path, text, message):

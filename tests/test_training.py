@@ -302,6 +302,8 @@ def test_teacher_cache_regenerates_damaged_lines(tmp_path, tiny_backbone):
     again = BaseResponseCache(cm, tmp_path, max_new_tokens=4)
     assert again.missing(list(good)) == ["four", "three", "two"]
     assert again.fill(list(good)) == 3 and {p: again.get(p) for p in good} == good
+    # the regenerated answers were appended on a line of their own, after the cut one
+    assert BaseResponseCache(cm, tmp_path, max_new_tokens=4).missing(list(good)) == []
 
 
 def tiny_config(tmp_path, *overrides):

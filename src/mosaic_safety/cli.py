@@ -69,7 +69,13 @@ def friendly_errors(interrupted: str | Callable[[], str] = ""):
     ) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    except FileNotFoundError as exc:
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    ) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -606,6 +612,7 @@ def eval_command(
     jailbreak_templates: int = typer.Option(0, help="DSR under N in-the-wild jailbreak templates (0: off)."),
 ) -> None:
     """Measure defense success (DSR) and over-refusal (OR) per composition order; write a report."""
+    from .config import ConfigError
     from .data.suites import load_suite
     from .evaluation.extras import ExtrasPlan, run_extras
     from .evaluation.protocol import EvalPlan, evaluate
@@ -614,6 +621,10 @@ def eval_command(
 
     kept = "the responses generated so far are cached, and the same command reuses them"
     with friendly_errors(interrupted=kept):
+        if out.exists() and not out.is_dir():  # found before the evaluation, not after it
+            raise ConfigError(
+                f"--out {out} is a file; give a directory for results.json, report.md and plots"
+            )
         data = load_suite(suite)
         m = load_method(
             method, artifact=artifact, model=model, registry=data.registry, device=device, dtype=dtype
@@ -646,7 +657,14 @@ def eval_command(
                 m, data, the_judge, plan, progress=advance, on_total=lambda n: progress.update(task, total=n)
             )
         write_results(results, out)  # the protocol's results are safe before the (optional) extras run
-        extras = ExtrasPlan(utility_pairs, kl_prompts, margin_prompts, jailbreak_templates, seed=seed)
+        extras = ExtrasPlan(
+            utility_pairs,
+            kl_prompts,
+            margin_prompts,
+            jailbreak_templates,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+        )
         if extras.any():
             from .methods.controlled_method import base_method
 
@@ -711,13 +729,18 @@ def report_compare(
     cost: Path | None = typer.Option(
         None, "--cost", help="JSON from bench/method_cost.py (inference ratios)."
     ),
+    allow_mismatch: bool = typer.Option(
+        False,
+        "--allow-mismatch",
+        help="Compare runs made with other prompts, categories, judge or plan (the report lists how).",
+    ),
 ) -> None:
     """Table-1-style comparison of methods: DSR / OR per order, trainable parameters, prompt overhead."""
     from .evaluation.report import compare
 
     with friendly_errors():
         try:
-            paths = compare(dirs, out, cost)
+            paths = compare(dirs, out, cost, allow_mismatch)
         except ValueError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 NEUTRAL = "neutral"
+BOUNDARY = "boundary"  # the evaluation's group of near-miss prompts that must be answered
 """Label of examples that belong to no category."""
 
 BUILTIN_REGISTRIES = ("minors", "harm")
@@ -57,8 +58,11 @@ def _check_name(name: Any, where: str) -> str:
         raise PolicyError(f"{where}: category name must be a non-empty string, got {name!r}")
     if name != name.strip().lower() or not all(c.isalnum() or c in "_-" for c in name):
         raise PolicyError(f"{where}: category name {name!r} must be lower-case letters, digits, '_' or '-'")
-    if name == NEUTRAL:
-        raise PolicyError(f"{where}: {NEUTRAL!r} is reserved for examples outside every category")
+    if name in (NEUTRAL, BOUNDARY):
+        raise PolicyError(
+            f"{where}: {name!r} is reserved ({NEUTRAL!r} and {BOUNDARY!r} name the prompt groups outside "
+            "every category)"
+        )
     return name
 
 

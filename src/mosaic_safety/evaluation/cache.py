@@ -7,12 +7,12 @@ each batch finishes, so an interrupted run keeps what it already generated.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..backbone import cache_root
+from ..jsonl import append_jsonl, read_jsonl
 from ..methods.base import digest
 
 
@@ -21,14 +21,14 @@ class GenerationCache:
         self.dir = (root or cache_root()) / "generations"
         self.path = self.dir / f"{fingerprint}.jsonl"
         self._data: dict[str, str] = {}
-        if self.path.exists():
-            with self.path.open(encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        rec = json.loads(line)
-                        self._data[rec["key"]] = rec["response"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line cut by an interrupted write: regenerate that one
+        for rec in read_jsonl(self.path):
+            # anything but a key and a text (a damaged line, a null response) is generated again
+            if (
+                isinstance(rec, dict)
+                and isinstance(rec.get("key"), str)
+                and isinstance(rec.get("response"), str)
+            ):
+                self._data[rec["key"]] = rec["response"]
 
     @staticmethod
     def key(policy_key: str, prompt: str, settings: dict[str, Any]) -> str:
@@ -44,8 +44,6 @@ class GenerationCache:
         return len(self._data)
 
     def put_many(self, keys: Sequence[str], responses: Sequence[str]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as fh:
-            for k, r in zip(keys, responses, strict=True):
-                self._data[k] = r
-                fh.write(json.dumps({"key": k, "response": r}) + "\n")
+        rows = [{"key": k, "response": r} for k, r in zip(keys, responses, strict=True)]
+        self._data.update(zip(keys, responses))
+        append_jsonl(self.path, rows)  # whole, on its own line, under a lock

@@ -27,6 +27,7 @@ class ExtrasPlan:
     jailbreak_prompts: int = 4  # targeted prompts per category to wrap
     max_template_tokens: int = 384  # skip templates longer than this (CPU time)
     seed: int = 0
+    max_new_tokens: int = 32  # the jailbreak responses' length (the CLI passes the evaluation's)
 
     def any(self) -> bool:
         return bool(self.utility_pairs or self.kl_prompts or self.margin_prompts or self.jailbreak_templates)
@@ -48,7 +49,6 @@ def run_extras(
     from .utility import kl_to_base, truthfulness_probe
 
     full = Policy(tuple(categories))
-    rng = random.Random(plan.seed)
     neutral = sorted(e.prompt for e in suite.neutral(split))
     out: dict[str, Any] = {}
     needs_logits = not method.has_logits
@@ -64,13 +64,17 @@ def run_extras(
         if needs_logits or base is None:
             out["kl_to_base"] = {"skipped": f"{method.name} exposes no logits"}
         else:
-            kl = kl_to_base(method, base, rng.sample(neutral, min(plan.kl_prompts, len(neutral))), full)
+            # each extra samples with its own generator: its prompts do not depend on the others asked
+            sample = random.Random(f"{plan.seed}:kl").sample(neutral, min(plan.kl_prompts, len(neutral)))
+            kl = kl_to_base(method, base, sample, full)
             out["kl_to_base"] = {k: v for k, v in kl.items() if k != "rows"}
     if plan.margin_prompts:
         stage(f"safety alignment margin on {plan.margin_prompts} prompts per policy")
         by_cat = suite.by_category(split)
         pool = neutral + [e.prompt for c in categories for e in by_cat.get(c, [])]
-        prompts = rng.sample(sorted(pool), min(plan.margin_prompts, len(pool)))
+        prompts = random.Random(f"{plan.seed}:margin").sample(
+            sorted(pool), min(plan.margin_prompts, len(pool))
+        )
         policies = [Policy(())] + [Policy((c,)) for c in categories]
         out["margin"] = (
             {"skipped": f"{method.name} exposes no logits"}
@@ -89,6 +93,7 @@ def run_extras(
             n_prompts=plan.jailbreak_prompts,
             seed=plan.seed,
             max_template_tokens=plan.max_template_tokens,
+            max_new_tokens=plan.max_new_tokens,
         )
         out["jailbreak"] = {k: v for k, v in res.items() if k not in ("rows",)}
     return out

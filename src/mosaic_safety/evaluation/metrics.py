@@ -6,6 +6,8 @@ A rate on 20 prompts is ±20 points; every reported rate carries its interval so
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -46,3 +48,10 @@ def mean_rate(rates: Sequence[dict[str, Any]]) -> float | None:
     """Mean of per-subset rates (the paper's order-k figure); subsets with no prompts are skipped."""
     values = [r["rate"] for r in rates if r["rate"] is not None]
     return sum(values) / len(values) if values else None
+
+
+def prompt_set(pairs: Iterable[tuple[str, str]]) -> str:
+    """A short digest of the (group, prompt) pairs an evaluation asked, whatever their order: what
+    a comparison checks before it puts two runs side by side."""
+    blob = json.dumps(sorted({(str(g), str(p)) for g, p in pairs}), ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -26,7 +26,7 @@ from ..methods.base import Method
 from ..policy import Policy
 from .cache import GenerationCache
 from .judges import AnyJudge, Judge, PhraseJudge, TemplateJudge, _norm
-from .metrics import mean_rate, pooled, rate
+from .metrics import mean_rate, pooled, prompt_set, rate
 from .table import held_out_groups
 
 Progress = Callable[[int], None] | None
@@ -265,10 +265,12 @@ def evaluate(
     ``on_total`` receives the number of (prompt, policy) rows before generation starts (to size a
     progress bar); ``progress`` then receives increments.
     """
-    categories = list(categories or method.registry.names)
+    categories = list(dict.fromkeys(categories or method.registry.names))  # a name given twice is one
     missing = [c for c in categories if c not in method.registry]
     if missing:
         raise ConfigError(f"method {method.name!r} does not know categories {missing}")
+    # in the registry's order, the order policies compose in (a subset is then a canonical policy)
+    categories = list(method.registry.policy(categories).categories)
     foreign = [c for c in categories if c not in suite.registry]
     if foreign:
         raise ConfigError(
@@ -303,6 +305,8 @@ def evaluate(
         "judge": judge.name,
         "plan": asdict(plan),
         "groups": {g: len(v) for g, v in groups.items()},
+        # which prompts were asked: a comparison refuses rows that asked different ones
+        "prompt_set": prompt_set((g, p) for g, items in groups.items() for p in items),
         "generation": {**stats, "seconds": round(seconds, 2)},
         "cost": {
             "trainable_parameters": method.trainable_parameters(),

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .metrics import prompt_set
+
 METRICS = (
     ("dsr", "DSR ↑"),
     ("or_inactive", "OR inactive ↓"),
@@ -188,32 +190,98 @@ def plot_heatmap(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def compare(result_dirs: Sequence[str | Path], out: str | Path, cost: str | Path | None = None) -> list[Path]:
+# what the rows of a comparison must share to be read side by side (besides the prompts themselves)
+_SAME_PLAN = ("split", "max_order", "subsets_per_order", "limit", "seed", "max_new_tokens")
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: corrupt results file ({exc})") from exc
+    shape_ok = (
+        isinstance(results, dict)
+        and isinstance(results.get("method"), dict)
+        and isinstance(results["method"].get("method"), str)
+        and all(isinstance(results.get(k), dict) for k in ("orders", "plan", "cost", "groups"))
+        and isinstance(results.get("suite"), str)
+        and isinstance(results.get("judge"), str)
+        and isinstance(results.get("categories"), list)
+    )
+    if not shape_ok:
+        raise ValueError(f"{path}: not a results file of `mosaic eval` (or one from an older version)")
+    return results
+
+
+def differences(loaded: Sequence[dict[str, Any]], names: Sequence[str]) -> list[str]:
+    """Where evaluation results differ in what they measured: suite, categories, prompts, judge or
+    plan. Rows that differ there are not comparable, however alike their columns look."""
+    first, ref = loaded[0], names[0]
+    out = []
+    for r, name in zip(loaded[1:], names[1:]):
+        for label, a, b in [
+            ("suite", first["suite"], r["suite"]),
+            ("categories", first["categories"], r["categories"]),
+            ("judge", first["judge"], r["judge"]),
+            *((f"plan.{k}", first["plan"].get(k), r["plan"].get(k)) for k in _SAME_PLAN),
+        ]:
+            if a != b:
+                out.append(f"{label}: {a!r} in {ref}, {b!r} in {name}")
+        asked, other = _asked(first), _asked(r)
+        if first["groups"] != r["groups"] or (asked and other and asked != other):
+            out.append(f"prompts: {name} asked other prompts than {ref}")
+    return out
+
+
+def _asked(results: dict[str, Any]) -> str | None:
+    """The digest of the prompts a run asked (results from before it was recorded: from their
+    responses, if kept; else unknown)."""
+    if isinstance(results.get("prompt_set"), str):
+        return results["prompt_set"]
+    rows = results.get("responses")
+    if isinstance(rows, list) and rows and all(isinstance(x, dict) for x in rows):
+        return prompt_set((x.get("group"), x.get("prompt")) for x in rows)
+    return None
+
+
+def compare(
+    result_dirs: Sequence[str | Path],
+    out: str | Path,
+    cost: str | Path | None = None,
+    allow_mismatch: bool = False,
+) -> list[Path]:
     """A Table-1-style comparison of several evaluation directories: methods × orders, DSR / OR, cost.
 
     ``cost`` is the JSON written by ``bench/method_cost.py`` (inference time as a ratio to the base
     model, measured side by side in one run, and training seconds); rows are matched by method name
-    or by the evaluation directory's name.
+    or by the evaluation directory's name. Runs that measured different things (:func:`differences`)
+    are refused unless ``allow_mismatch``; the report then lists the differences.
     """
     loaded = []
     for d in result_dirs:
         path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no results.json (run `mosaic eval ... --out {d}` first)")
-        try:
-            loaded.append(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: corrupt results file ({exc})") from exc
+        loaded.append(_read_results(path))
     if not loaded:
         raise ValueError("nothing to compare")
+    names = [Path(d).name if Path(d).is_dir() else Path(d).parent.name for d in result_dirs]
+    mismatch = differences(loaded, names)
+    if mismatch and not allow_mismatch:
+        raise ValueError(
+            "these runs did not measure the same thing, so their rows are not comparable: "
+            + "; ".join(mismatch)
+            + " (evaluate them with the same settings, or pass --allow-mismatch to compare anyway)"
+        )
     costs: dict[str, dict[str, Any]] = {}
     if cost is not None:
         try:
             costs = {r["method"]: r for r in json.loads(Path(cost).read_text(encoding="utf-8"))}
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{cost}: not a bench/method_cost.py JSON file ({exc})") from exc
-    names = [Path(d).name if Path(d).is_dir() else Path(d).parent.name for d in result_dirs]
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for compare.md, .json and .png")
     out.mkdir(parents=True, exist_ok=True)
     orders = sorted({k for r in loaded for k in r["orders"] if k != "0"}, key=int)
     base = next((r for r in loaded if r["method"]["method"] == "none"), None)
@@ -224,6 +292,11 @@ def compare(result_dirs: Sequence[str | Path], out: str | Path, cost: str | Path
         + ", ".join(sorted({r["judge"] for r in loaded}))
         + ". Order-k figures are means over subsets.",
         "",
+        *(
+            ["**Not comparable** (compared with --allow-mismatch):", *(f"- {m}" for m in mismatch), ""]
+            if mismatch
+            else []
+        ),
         "| method | trainable params | prompt overhead (order 1) | inference × base | train s | "
         + " | ".join(f"DSR@{k} ↑ | OR-in@{k} ↓ | OR-neu@{k} ↓ | OR-bnd@{k} ↓" for k in orders)
         + " | empty-policy refusal (categories) |",

@@ -19,8 +19,12 @@ from .judges import Judge
 def held_out_groups(
     suite: Suite, categories: Sequence[str], split: str, per_group: int, seed: int = 0
 ) -> dict[str, list[str]]:
-    """Prompts per group (each category, ``neutral``, ``boundary``), a seeded sample of ``per_group``."""
-    rng = random.Random(seed)
+    """Prompts per group (each category, ``neutral``, ``boundary``), a seeded sample of ``per_group``.
+
+    Each group draws from its own generator, seeded by the seed and the group's name: a group's
+    sample is the same whichever other categories are evaluated beside it, so a run over three
+    categories and a run over the whole suite ask the same alcohol and neutral prompts.
+    """
     by_cat = suite.by_category(split)
     groups = {c: [e.prompt for e in by_cat.get(c, [])] for c in categories}
     groups["neutral"] = [e.prompt for e in suite.neutral(split)]
@@ -28,7 +32,9 @@ def held_out_groups(
     out = {}
     for name, prompts in groups.items():
         prompts = sorted(prompts)
-        out[name] = rng.sample(prompts, per_group) if per_group and len(prompts) > per_group else prompts
+        if per_group and len(prompts) > per_group:
+            prompts = random.Random(f"{seed}:{name}").sample(prompts, per_group)
+        out[name] = prompts
     return {k: v for k, v in out.items() if v}
 
 

@@ -11,16 +11,16 @@ and the decoding settings. A second run, or another recipe on the same model, re
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 import torch
 
 from ..controlled import ControlledModel, until_eos
+from ..jsonl import append_jsonl, read_jsonl
 from ..policy import Policy
 from .head_cache import HeadCache
 
@@ -32,13 +32,9 @@ def response_key(
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-def _cached_row(line: str) -> tuple[str, list[int]] | None:
-    """A cache line's key and ids; ``None`` for anything else (a line cut short by a crash or by
-    another writer, a stray edit), which is then generated again instead of served as a target."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
+def _cached_row(row: Any) -> tuple[str, list[int]] | None:
+    """A cache record's key and ids; ``None`` for anything else (a stray edit, another program's
+    line), which is then generated again instead of served as a target."""
     if not isinstance(row, dict):
         return None
     key, ids = row.get("key"), row.get("ids")
@@ -47,21 +43,6 @@ def _cached_row(line: str) -> tuple[str, list[int]] | None:
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         return None
     return key, ids
-
-
-@contextlib.contextmanager
-def _exclusive(f: IO[str]) -> Iterator[None]:
-    """An advisory lock on an open file where the platform has one (POSIX ``flock``)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: appends of one chunk each, unlocked
-        yield
-        return
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class BaseResponseCache:
@@ -83,13 +64,10 @@ class BaseResponseCache:
         self.path = Path(cache_dir) / f"responses-{fingerprint}.jsonl"
         self._output_key = model.backbone.output_key
         self._store: dict[str, list[int]] = {}
-        if self.path.exists():
-            # undecodable bytes become U+FFFD, so a damaged line fails the checks, not the run
-            with self.path.open(encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    row = _cached_row(line)
-                    if row is not None:
-                        self._store[row[0]] = row[1]
+        for record in read_jsonl(self.path):
+            row = _cached_row(record)
+            if row is not None:
+                self._store[row[0]] = row[1]
 
     def key(self, prompt: str) -> str:
         head, tail = self.model.split_prompt(prompt)
@@ -105,20 +83,15 @@ class BaseResponseCache:
             return 0
         # chunks of similar length: a left-padded batch runs its longest prompt's length for every row
         todo.sort(key=lambda p: (sum(map(len, self.model.split_prompt(p))), p))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            for start in range(0, len(todo), self.batch_size):
-                chunk = todo[start : start + self.batch_size]
-                ids = self._generate(chunk)  # a row that stopped by itself ends with its stop token
-                lines = []
-                for prompt, row in zip(chunk, ids):
-                    self._store[self.key(prompt)] = row
-                    lines.append(json.dumps({"key": self.key(prompt), "ids": row}) + "\n")
-                with _exclusive(f):  # two runs sharing the cache append whole chunks, never interleaved
-                    f.write("".join(lines))
-                    f.flush()  # each chunk survives an interruption
-                if progress is not None:
-                    progress(len(chunk))
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            ids = self._generate(chunk)  # a row that stopped by itself ends with its stop token
+            keys = [self.key(prompt) for prompt in chunk]
+            self._store.update(zip(keys, ids))
+            # each chunk survives an interruption; runs sharing the cache never interleave lines
+            append_jsonl(self.path, [{"key": k, "ids": row} for k, row in zip(keys, ids)])
+            if progress is not None:
+                progress(len(chunk))
         return len(todo)
 
     def _generate(self, chunk: list[str]) -> list[list[int]]:
