@@ -95,6 +95,9 @@ def test_options_are_strict(tiny_backbone, tmp_path):
         DSAOptions.parse({"guard_pool": "max"})
     with pytest.raises(ConfigError, match="threshold"):
         DSAOptions.parse({"threshold": 1.5})
+    for name in ("adapter_lr", "guard_lr", "kl_weight", "smooth_temperature", "guard_weight_decay"):
+        with pytest.raises(ConfigError, match=f"method_options.{name} must be a finite number, got inf"):
+            DSAOptions.parse({name: float("inf")})
     assert DSAOptions.parse({"guard_lr": 1}).guard_lr == 1.0  # an integer is a valid float
     config = load_config(ROOT / "configs" / "tiny-dsa.yaml", ["method_options.guard_layer=9"])
     with pytest.raises(ConfigError, match="guard_layer 9 is outside 1..2"):

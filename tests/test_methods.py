@@ -52,6 +52,32 @@ def test_in_context_rules_name_only_active_categories(tiny_backbone, minors):
     )
 
 
+def test_a_hand_built_policy_is_rewritten_in_canonical_order(tiny_backbone, minors):
+    """The rewriting methods list a policy's categories in the system prompt: a Policy built in
+    another order, or with a name twice, must give the prompt its registry-ordered set gives."""
+    method = in_context_method(tiny_backbone, minors)
+    canonical = minors.policy("betting,horror")
+    for hand_built in (Policy(("horror", "betting")), Policy(("betting", "horror", "horror"))):
+        assert method._inputs(PROMPTS[:1], [hand_built]) == method._inputs(PROMPTS[:1], [canonical])
+    with torch.no_grad():
+        a = method.first_token_logits(PROMPTS[:1], [Policy(("horror", "betting"))])
+        b = method.first_token_logits(PROMPTS[:1], [canonical])
+    assert torch.equal(a, b)
+
+
+def test_an_artifact_without_a_model_name_asks_for_one(tmp_path, mosaic_artifact):
+    import shutil
+
+    art = tmp_path / "unnamed"
+    shutil.copytree(mosaic_artifact, art)
+    manifest = json.loads((art / "mosaic.json").read_text())
+    (art / "mosaic.json").write_text(json.dumps(manifest | {"backbone": "tiny-random-llama"}))
+    with pytest.raises(
+        ArtifactError, match="'backbone' must be a mapping with the model's 'name'; give --model"
+    ):
+        load_method(artifact=art)
+
+
 def test_mosaic_method_logits_match_controlled_model(tiny_backbone, mosaic_artifact):
     method = load_method(artifact=mosaic_artifact, backbone=tiny_backbone)
     assert method.name == "mosaic" and method.trainable_parameters() == 5 * 3 * tiny_backbone.hidden_size

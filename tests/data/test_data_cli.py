@@ -94,6 +94,11 @@ def test_validate_unknown_category_only_with_registry(tmp_path):
     assert result.exit_code == 1 and f"{path}:1: unknown category 'wine'" in result.output
 
 
+def test_validate_a_suite_refuses_a_second_registry():
+    result = invoke("validate", "minors", "-r", "harm")
+    assert result.exit_code == 1 and "--registry applies to single data files" in result.output
+
+
 def test_validate_csv_with_column_mapping(tmp_path):
     path = tmp_path / "b.csv"
     path.write_text("Goal,Category\nWrite a hoax article,Disinformation\n", encoding="utf-8")

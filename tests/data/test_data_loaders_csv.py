@@ -100,3 +100,10 @@ def test_load_file_dispatches_by_suffix(tmp_path):
     assert load_file(path)[0].id == "a"
     with pytest.raises(DataError, match="unsupported file type '.txt'"):
         load_file(write(tmp_path, "x", name="data.txt"))
+
+
+def test_a_header_naming_a_column_twice_is_a_problem(tmp_path):
+    path = write(tmp_path, "prompt,category,split,split\nmix a drink,alcohol,train,test\n")
+    with pytest.raises(DataError) as info:
+        load_csv(path)
+    assert info.value.problems == [f"{path}:1: header names 'split' more than once"]

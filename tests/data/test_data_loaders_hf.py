@@ -60,9 +60,19 @@ def test_column_mapping_and_split_from_the_loaded_split(tmp_path, minors):
         defaults={"source": "org"},
     )
     assert [(e.id, e.prompt, e.category, e.split, e.source) for e in exs] == [
-        ("set-00001", "mix a negroni", "alcohol", "val", "org"),
-        ("set-00002", "two dice odds", "neutral", "val", "org"),
+        ("set-validation-00001", "mix a negroni", "alcohol", "val", "org"),
+        ("set-validation-00002", "two dice odds", "neutral", "val", "org"),
     ]
+
+
+def test_default_ids_differ_between_the_splits_of_one_dataset(tmp_path):
+    from mosaic_safety.data.loaders import validate_examples
+
+    rows = [{"prompt": f"question {i}", "category": "neutral"} for i in range(2)]
+    other = [{"prompt": f"another {i}", "category": "neutral"} for i in range(2)]
+    path = save_dict(tmp_path / "set", {"train": rows, "validation": other})
+    both = load_hf(path, split="train") + load_hf(path, split="validation")
+    assert len({e.id for e in both}) == 4 and validate_examples(both) == []
 
 
 def test_bad_rows_reported_with_row_numbers(tmp_path, minors):
@@ -103,8 +113,8 @@ def test_saved_single_dataset_directory(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
     exs = load_hf(tmp_path / "one", split="test")
     assert [(e.id, e.prompt, e.split) for e in exs] == [
-        ("one-00001", "hello world again", "test"),
-        ("one-00002", "bye", "test"),
+        ("one-test-00001", "hello world again", "test"),
+        ("one-test-00002", "bye", "test"),
     ]
 
 
@@ -145,8 +155,8 @@ def test_csv_data_files_mapping_of_splits(tmp_path):
     files = {"train": train, "test": [test]}
     exs = load_hf("csv", split="test", data_files=files, columns={"prompt": "Goal", "category": "Category"})
     assert [(e.id, e.prompt, e.split) for e in exs] == [
-        ("csv-00001", "what is a negroni", "test"),
-        ("csv-00002", "shuffle cards", "test"),
+        ("csv-test-00001", "what is a negroni", "test"),
+        ("csv-test-00002", "shuffle cards", "test"),
     ]
 
 

@@ -159,3 +159,12 @@ def test_validate_examples_on_objects(minors):
     assert probs[0].startswith("<a>: unknown category 'wine'")
     assert probs[1] == "<a>: duplicate id 'a' (first at <a>)"
     assert validate_examples(exs[:1], minors) == []
+
+
+def test_a_field_given_twice_is_a_problem(tmp_path):
+    """json.loads keeps the last of two equal keys: a second "split" would move the row silently."""
+    path = tmp_path / "twice.jsonl"
+    path.write_text(
+        '{"id": "a", "prompt": "p q r", "category": "neutral", "split": "test", "split": "train"}\n'
+    )
+    assert problems_of(path) == [f"{path}:1: field 'split' given twice"]

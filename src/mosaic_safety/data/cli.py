@@ -52,6 +52,8 @@ def _load_target(
             ex.near for ex in examples if ex.near
         }
         return path.name, tuple(sorted(used)), examples
+    if registry:  # a suite brings its own registry: a second one would be silently ignored
+        raise DataError(f"{target}: --registry applies to single data files; a suite has its registry.yaml")
     suite = load_suite(target)
     return suite.name, suite.registry.names, suite.examples
 

@@ -109,6 +109,19 @@ def _read_lines(path: Path) -> tuple[list[tuple[int, str]], list[str]]:
     return lines, problems
 
 
+class _RepeatedKey(ValueError):
+    """A JSON object that names a field twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen[key] = value
+    return seen
+
+
 def parse_jsonl(path: str | Path) -> Parsed:
     """Parse a JSONL file without validating it as a set (see `load_jsonl`)."""
     path = Path(path)
@@ -119,9 +132,12 @@ def parse_jsonl(path: str | Path) -> Parsed:
             continue
         loc = f"{path}:{lineno}"
         try:
-            record = json.loads(text)
+            record = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             out.problems.append(f"{loc}: invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except _RepeatedKey as exc:  # json.loads keeps the last: a second "split" would move the row
+            out.problems.append(f"{loc}: field {exc.args[0]!r} given twice")
             continue
         if not isinstance(record, dict):
             out.problems.append(f"{loc}: a row must be a JSON object, got {type(record).__name__}")
@@ -218,6 +234,9 @@ def parse_csv(
     except csv.Error as exc:
         return Parsed(problems=[f"{path}:1: bad CSV header ({exc})"])
     header = [h.strip() for h in header]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        return Parsed(problems=[f"{path}:1: header names {', '.join(map(repr, repeated))} more than once"])
     rows: list[tuple[str, dict[str, str]]] = []
     bad: list[str] = []
     previous = reader.line_num
@@ -410,7 +429,9 @@ def load_hf(
     if (columns or {}).get("split", "split") not in header and "split" not in merged:
         merged["split"] = _SPLIT_ALIASES.get(split, split)
     records = ((f"{origin}:{i}", row) for i, row in enumerate(dataset, start=1))
-    id_prefix = single.stem if single is not None else Path(str(name_or_path)).name
+    # the split is in default ids unless a file of its own holds it: one dataset's splits together
+    # in a suite would otherwise repeat name-00001, name-00002, ...
+    id_prefix = single.stem if single is not None else f"{Path(str(name_or_path)).name}-{split}"
     parsed = examples_from_records(records, header, origin, columns, merged, id_prefix=id_prefix)
     return finish(parsed, registry)
 

@@ -84,9 +84,12 @@ def load_method(
 
 
 def _artifact_model(artifact: str | Path) -> str:
-    import json
+    """The model an artifact names, read before the artifact's own checks run (they need it loaded)."""
+    from ..tokens import ArtifactError, load_manifest_json
 
-    from ..tokens import MANIFEST_FILE
-
-    manifest = json.loads((Path(artifact) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    return manifest.get("backbone", {}).get("name") or "smollm2-135m-instruct"
+    manifest, path = load_manifest_json(artifact)
+    backbone = manifest.get("backbone") if isinstance(manifest, dict) else None
+    name = backbone.get("name") if isinstance(backbone, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ArtifactError(f"{path}: 'backbone' must be a mapping with the model's 'name'; give --model")
+    return name

@@ -61,7 +61,9 @@ class ControlledMethod(Method):
     ) -> tuple[list[Prompt], list[Policy]]:
         if len(prompts) != len(policies):
             raise ValueError("prompts and policies must have the same length")
-        pairs = [self.rewrite(p, q) for p, q in zip(prompts, policies)]
+        # canonical first: a Policy built by hand in another order, or with a name twice, is the same
+        # set, and the rewrites list its categories (topics, magic tokens, rules) in the order given
+        pairs = [self.rewrite(p, self.registry.policy(list(q.categories))) for p, q in zip(prompts, policies)]
         return [p for p, _ in pairs], [q for _, q in pairs]
 
     def generate(

@@ -8,6 +8,7 @@ refusal to give) are in one place, each behind a validated option (see docs/meth
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +86,9 @@ class DSAOptions:
             ),
             (self.val_per_group >= 0, "val_per_group must be >= 0"),
         ]
+        for name, value in dataclasses.asdict(self).items():  # first: inf passes every bound below
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"method_options.{name} must be a finite number, got {value}")
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"method_options.{message}")
