@@ -331,7 +331,7 @@ def test_magic_token_secrets_stay_in_secrets_json(runs, tiny_backbone):
     assert messages[0]["content"] == f"{tokens['alcohol']} {tokens['horror']}"
     # a model that echoes its system prompt never returns the secret
     secret = tokens["alcohol"]
-    assert method._scrub([f"my instructions say {secret} ok"]) == ["my instructions say [magic-token] ok"]
+    assert method.scrub([f"my instructions say {secret} ok"]) == ["my instructions say [magic-token] ok"]
 
 
 def test_magic_token_negative_mode_unreachable_by_default(runs, tiny_backbone):
@@ -498,3 +498,67 @@ def test_resume_continues_an_adapter_run(tmp_path, tiny_backbone, monkeypatch, n
         )
         == 1
     )
+
+
+def test_served_adapters_answer_as_their_generate_does(runs, tiny_backbone):
+    """Over HTTP, a LoRA baseline answers the empty policy with the base model (as generate()
+    does), and a magic-token model never shows a secret, streamed or not."""
+    import httpx
+
+    from mosaic_safety.serving.app import Server, ServeSettings, create_app
+    from mosaic_safety.serving.runner import ServerThread
+
+    def chat(url: str, text: str, stream: bool = False, categories: list[str] | None = None) -> str:
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 8,
+            "stream": stream,
+            "safety": {"categories": categories or []},
+        }
+        if not stream:
+            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0][
+                "message"
+            ]["content"]
+        pieces = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"]
+                    pieces += [c["delta"].get("content") or "" for c in delta]
+        return "".join(pieces)
+
+    prompts = ["What is 17 times 23?", "Tell me a story"]
+    lora = load_method(artifact=runs["lora_sft"][0], backbone=tiny_backbone)
+    with ServerThread(create_app(Server(lora, settings=ServeSettings(model_id="m")))) as url:
+        for prompt in prompts:
+            assert chat(url, prompt) == lora.generate([prompt], [Policy(())], max_new_tokens=8)[0]
+            policy = Policy.parse("alcohol", lora.registry)
+            assert (
+                chat(url, prompt, categories=["alcohol"])
+                == lora.generate([prompt], [policy], max_new_tokens=8)[0]
+            )
+
+    magic = load_method(artifact=runs["magic_token"][0], backbone=tiny_backbone)
+    expected = [
+        magic.generate([p], [Policy.parse("horror", magic.registry)], max_new_tokens=8)[0] for p in prompts
+    ]
+    # make the model's own greedy words a "secret", so the scrub has something to catch
+    secret = next(w for text in expected for w in text.split() if len(w) >= 2)
+    magic._tokens = {**magic._tokens, "alcohol": secret}
+    with ServerThread(create_app(Server(magic, settings=ServeSettings(model_id="m")))) as url:
+        for prompt in prompts:
+            for stream in (False, True):
+                got = chat(url, prompt, stream=stream, categories=["horror"])
+                assert (
+                    secret not in got
+                    and got
+                    == magic.scrub(
+                        [
+                            magic.model.generate(
+                                *magic._inputs([prompt], [Policy.parse("horror", magic.registry)]),
+                                max_new_tokens=8,
+                            )[0]
+                        ]
+                    )[0]
+                )

@@ -934,6 +934,7 @@ def pick_token(
     if top_p < 1.0:
         sorted_probs, sorted_idx = probs.sort(-1, descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        keep[..., 0] = True  # the likeliest token always: a top_p that rounds to 0 leaves nothing
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

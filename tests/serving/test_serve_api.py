@@ -180,3 +180,22 @@ def test_cli_serve_is_registered_and_fails_cleanly(tmp_path):
         app, ["serve", "--artifact", str(tmp_path / "missing"), "--profiles", str(tmp_path / "nope.yaml")]
     )
     assert result.exit_code == 2 and "profiles file" in result.output and "nope.yaml" in result.output
+
+
+def test_in_context_rules_keep_the_clients_system_message(tiny_backbone):
+    from mosaic_safety.methods.controlled_method import in_context_rules
+    from mosaic_safety.policy import Policy
+    from mosaic_safety.serving.cli import build_server
+
+    server = build_server(method="in_context", backbone=tiny_backbone, model_name="m")
+    conversation = [
+        {"role": "system", "content": "Always answer in French."},
+        {"role": "user", "content": "hi"},
+    ]
+    policy = Policy.parse("alcohol", server.registry)
+    messages, _ = server._rewrite(conversation, policy)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert (
+        messages[0]["content"] == in_context_rules(server.registry, policy) + "\n\nAlways answer in French."
+    )
+    assert server._rewrite(conversation, Policy(()))[0] == conversation  # no rules: as sent

@@ -231,3 +231,57 @@ def test_deep_artifact_is_served_with_its_offsets(tmp_path, tiny_backbone, minor
             (solo,) = cm.generate([messages], [Policy(tuple(cats))], max_new_tokens=8)
             (without,) = zeroed.generate([messages], [Policy(tuple(cats))], max_new_tokens=8)
             assert got == solo and got != without  # the server applies the offsets as generate does
+
+
+def _metric(url: str, name: str) -> float:
+    lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(name)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def test_a_client_that_hangs_up_on_a_plain_request_frees_its_row(make_server):
+    """Without streaming the handler never writes until the end; it must still notice the hang-up
+    and stop decoding, not spend max_tokens steps for nobody while holding a slot."""
+    server = make_server(max_new_tokens=3000)
+    with ServerThread(create_app(server)) as url:
+        body = chat_body(max_tokens=3000, min_tokens=3000)  # min_tokens: no early stop at EOS
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}{ENDPOINT}", json=body, headers=auth("kids"), timeout=1.0)
+        while server.admitted:  # released once the row has stopped (the test's timeout bounds it)
+            time.sleep(0.1)
+        generated = _metric(url, "mosaic_completion_tokens_total")
+        assert 0 < generated < 3000
+        hung_up = 'mosaic_requests_total{endpoint="/v1/chat/completions",status="499"}'
+        assert _metric(url, hung_up) == 1  # counted as the client's doing, not as a server error
+
+
+def test_a_top_p_that_rounds_to_zero_samples_the_likeliest_token(url):
+    """A request's tiny top_p must not break sampling, least of all for the requests batched with it."""
+    bodies = [chat_body(temperature=1.0, top_p=1e-300)] + [chat_body(f"question {i}") for i in range(3)]
+    out: list[httpx.Response] = [None] * len(bodies)  # type: ignore[list-item]
+
+    def call(i: int) -> None:
+        out[i] = httpx.post(f"{url}{ENDPOINT}", json=bodies[i], headers=auth("kids"), timeout=60)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in out] == [200] * len(bodies), [r.text for r in out]
+    greedy = httpx.post(f"{url}{ENDPOINT}", json=bodies[0] | {"temperature": 0}, headers=auth("kids"))
+    assert out[0].json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+
+
+def test_sampling_without_a_seed_differs_between_requests(url):
+    body = chat_body(temperature=1.5, max_tokens=12)
+    texts = {
+        httpx.post(f"{url}{ENDPOINT}", json=body, headers=auth("adult")).json()["choices"][0]["message"][
+            "content"
+        ]
+        for _ in range(4)
+    }
+    seeded = [
+        httpx.post(f"{url}{ENDPOINT}", json=body | {"seed": 7}, headers=auth("adult")).json()["choices"][0]
+        for _ in range(2)
+    ]
+    assert len(texts) > 1 and seeded[0]["message"] == seeded[1]["message"]

@@ -129,6 +129,12 @@ def test_profiles_file_errors_are_clear(minors):
         ({**good, "keys": [{"key": "a", "floor": ["casino"]}]}, "unknown category 'casino'"),
         ({**good, "extra": 1}, "unknown keys"),
         ({**good, "default_profile": "x"}, "default_profile"),
+        ({**good, "default_profile": ["kids"]}, "default_profile"),
+        ({**good, "keys": [{"key": "a", "profile": ["kids"]}]}, r"profile \['kids'\] is not one of"),
+        ({**good, "keys": [{"key": None}]}, "'key' must be a non-empty string"),  # YAML's empty `key:`
+        ({**good, "keys": [{"key": ""}]}, "'key' must be a non-empty string"),
+        ({**good, "keys": [{"key": 1234}]}, "quote it"),
+        ({**good, "keys": [{"key_sha256": 5}]}, "key_sha256 must be 64"),
     ]
     for data, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -82,6 +82,13 @@ class Method(ABC):
             rows.extend(g[-1] for g in got)
         return torch.stack(rows) if rows else torch.zeros(0)
 
+    # the longest text ``scrub`` replaces (0: none): a stream holds back this much minus one character
+    scrub_span: int = 0
+
+    def scrub(self, texts: list[str]) -> list[str]:
+        """Responses as they may be shown: a method with secrets (magic tokens) removes them."""
+        return texts
+
     def trainable_parameters(self) -> int:
         """Parameters the method trained on top of the frozen backbone (0 for prompting methods)."""
         return 0

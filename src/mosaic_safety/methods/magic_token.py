@@ -156,14 +156,18 @@ class MagicTokenMethod(AdapterMethod):
     def __repr__(self) -> str:  # never show the tokens
         return f"MagicTokenMethod(mode={self.mode!r}, modes={self.modes!r})"
 
-    def _scrub(self, texts: list[str]) -> list[str]:
+    @property
+    def scrub_span(self) -> int:
+        return max(map(len, self._tokens.values()), default=0)
+
+    def scrub(self, texts: list[str]) -> list[str]:
         """A model may echo its system prompt (jailbreaks ask for it): never return a secret token."""
         for token in sorted(self._tokens.values(), key=len, reverse=True):
             texts = [t.replace(token, "[magic-token]") for t in texts]
         return texts
 
     def generate(self, prompts: Sequence[str], policies: Sequence[Policy], **kwargs: Any) -> list[str]:
-        return self._scrub(super().generate(prompts, policies, **kwargs))
+        return self.scrub(super().generate(prompts, policies, **kwargs))
 
     def _mode_prompts(self, prompts: Sequence[str], modes: Sequence[str]) -> list[Prompt]:
         if len(prompts) != len(modes):
@@ -191,7 +195,7 @@ class MagicTokenMethod(AdapterMethod):
     ) -> list[str]:
         """Responses under explicit behaviour modes (``three_modes`` artifacts only)."""
         inputs = self._mode_prompts(prompts, modes)
-        return self._scrub(
+        return self.scrub(
             self.model.generate(
                 inputs,
                 [Policy(())] * len(inputs),

@@ -29,6 +29,7 @@ from fastapi.responses import (
     JSONResponse,
     PlainTextResponse,
     RedirectResponse,
+    Response,
     StreamingResponse,
 )
 from fastapi.security import HTTPBearer
@@ -40,7 +41,7 @@ from ..policy import Policy
 from . import ServeError
 from .engine import Engine, Job, Sampling
 from .metrics import Metrics
-from .middleware import BodyLimit, MetricsMiddleware
+from .middleware import CLIENT_CLOSED, BodyLimit, MetricsMiddleware
 from .profiles import ApiKey, ProfileBook, ResolvedPolicy
 from .refusal import RefusalAttributor
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -94,8 +95,21 @@ class Server:
         self.engine = Engine(
             model, self.settings.max_batch_size, self.settings.max_wait_ms, metrics=self.metrics
         )
+        # the LoRA baselines answer the empty policy with the untouched base model (as their
+        # generate() does): those requests go to an engine of their own over it
+        base = getattr(method, "base", None) if getattr(method, "empty_to_base", False) else None
+        self.base_engine = (
+            Engine(base, self.settings.max_batch_size, self.settings.max_wait_ms, metrics=self.metrics)
+            if base is not None
+            else None
+        )
+        self.engines = [self.engine] + ([self.base_engine] if self.base_engine is not None else [])
         self.attributor = RefusalAttributor(self.registry)
         self.admitted = 0
+
+    def engine_for(self, policy: Policy) -> Engine:
+        """The engine that answers a request made under ``policy`` (before any rewrite)."""
+        return self.base_engine if self.base_engine is not None and not policy else self.engine
 
     # -- request preparation ------------------------------------------------------------------
     def _model_profile(self, model: str) -> str | None:
@@ -181,8 +195,13 @@ class Server:
         if isinstance(out, str):
             return list(prompt), ctrl
         added = [dict(m) for m in out[:-1]]
-        kept = [m for m in prompt if not (added and m["role"] == "system")]
-        return added + kept, ctrl
+        if not added:
+            return list(prompt), ctrl
+        # the method's system text (rules, topics) comes first; the client's own follows it
+        own = [m["content"] for m in prompt if m["role"] == "system"]
+        if own and added[-1]["role"] == "system":
+            added[-1]["content"] = "\n\n".join([added[-1]["content"], *own])
+        return added + [m for m in prompt if m["role"] != "system"], ctrl
 
     def admit(self) -> None:
         if self.admitted >= self.settings.max_concurrency:
@@ -210,7 +229,8 @@ class Server:
 
 
 class _Generation:
-    """One prompt's generation: turns token events into text deltas, applying stop strings."""
+    """One prompt's generation: turns token events into text deltas, applying stop strings and the
+    method's scrub (magic tokens are never shown)."""
 
     def __init__(self, server: Server, job: Job, stop: list[str]):
         self.server, self.job, self.stop = server, job, stop
@@ -218,7 +238,9 @@ class _Generation:
         self.text = ""
         self.emitted = 0
         self.finish: str | None = None
-        self.hold = max((len(x) for x in stop), default=1) - 1
+        # text not yet sent while it could still become a stop string or a secret to scrub
+        self.hold = max([len(x) for x in stop] + [server.method.scrub_span], default=1) - 1
+        self.held = bool(stop) or server.method.scrub_span > 0
 
     async def deltas(self, deadline: float) -> AsyncIterator[str]:
         while self.finish is None:
@@ -231,10 +253,10 @@ class _Generation:
             if kind == "done":
                 self.finish = "length" if value == "length" else "stop"
                 if self.ids:  # flush a trailing incomplete UTF-8 sequence, as generate() does
-                    self.text = self._cut(self.server.engine.decode(self.ids))
+                    self.text = self._cut(self._decode())
                 break
             self.ids.append(value)
-            text = self.server.engine.decode(self.ids)
+            text = self._decode()
             if text.endswith("\ufffd"):  # incomplete UTF-8: wait for the next token
                 continue
             self.text = self._cut(text)
@@ -242,7 +264,7 @@ class _Generation:
                 self.finish = "stop"
                 self.job.cancelled.set()
                 break
-            safe = len(text) - self.hold if self.stop else len(text)
+            safe = len(text) - self.hold if self.held else len(text)
             if safe > self.emitted:
                 yield text[self.emitted : safe]
                 self.emitted = safe
@@ -250,9 +272,20 @@ class _Generation:
             yield self.text[self.emitted :]
             self.emitted = len(self.text)
 
+    def _decode(self) -> str:
+        return self.server.method.scrub([self.server.engine.decode(self.ids)])[0]
+
     def _cut(self, text: str) -> str:
         cut = min((i for i in (text.find(x) for x in self.stop) if i >= 0), default=-1)
         return text[:cut] if cut >= 0 else text
+
+
+async def _cancel_on_disconnect(request: Request, jobs: list[Job], every_s: float = 0.25) -> None:
+    """Cancel the request's rows once its client has gone (the task then ends by itself)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    for job in jobs:
+        job.cancelled.set()
 
 
 def _error(exc: ServeError) -> JSONResponse:
@@ -266,11 +299,13 @@ def create_app(server: Server) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.engine.start()
+        for engine in server.engines:
+            engine.start()
         try:
             yield
         finally:  # uvicorn has already drained in-flight requests when we get here
-            await asyncio.to_thread(server.engine.stop)
+            for engine in server.engines:
+                await asyncio.to_thread(engine.stop)
 
     app = FastAPI(
         title="MOSAIC safety server",
@@ -323,13 +358,13 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health", tags=["ops"])
     async def health() -> JSONResponse:
-        alive = server.engine.alive
+        alive = all(engine.alive for engine in server.engines)
         body = {
             "status": "ok" if alive else "unavailable",
             "model": settings.model_id,
             "method": server.method.name,
             "in_flight": server.admitted,
-            "batches": server.engine.batches,
+            "batches": sum(engine.batches for engine in server.engines),
         }
         return JSONResponse(body, status_code=200 if alive else 503)
 
@@ -354,14 +389,16 @@ def create_app(server: Server) -> FastAPI:
         body["key"] = {"name": key.name, "profile": key.profile, "floor": list(key.floor)} if key else None
         return body
 
-    async def run(prep: _Prepared, stream: bool, include_usage: bool, chat: bool, model_name: str) -> Any:
+    async def run(
+        prep: _Prepared, stream: bool, include_usage: bool, chat: bool, model_name: str, request: Request
+    ) -> Any:
         loop = asyncio.get_running_loop()
         jobs = []
         server.admit()
         try:
             for prompt, policy in zip(prep.prompts, prep.ctrl):
                 job = Job(prompt, policy, prep.sampling, loop, asyncio.Queue())
-                server.engine.submit(job)
+                server.engine_for(prep.resolved.policy).submit(job)
                 jobs.append(job)
         except RuntimeError:
             server.release()
@@ -377,6 +414,9 @@ def create_app(server: Server) -> FastAPI:
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache"},
             )
+        # a client that hangs up frees its rows at once, not after max_tokens of decoding for nobody
+        # (a stream notices when its next write fails)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs))
         try:
             for gen in gens:
                 async for _ in gen.deltas(deadline):
@@ -388,9 +428,13 @@ def create_app(server: Server) -> FastAPI:
         except RuntimeError as exc:
             raise ServeError(500, str(exc), "server_error") from None
         finally:
+            watcher.cancel()
             for job in jobs:
                 job.cancelled.set()
             server.release()
+        if watcher.done() and not watcher.cancelled():  # nobody is listening: no answer to build
+            server.metrics.tokens(sum(prep.prompt_tokens), sum(len(g.ids) for g in gens))  # work done
+            return Response(status_code=CLIENT_CLOSED)
         choices, completion = [], 0
         for i, gen in enumerate(gens):
             completion += len(gen.ids)
@@ -426,23 +470,25 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions", responses=responses)
     async def chat_completions(
-        body: ChatCompletionRequest, key: ApiKey | None = Depends(authenticate)
+        request: Request, body: ChatCompletionRequest, key: ApiKey | None = Depends(authenticate)
     ) -> Any:
         messages = [_message(m) for m in body.messages]
         if not any(m["role"] == "user" for m in messages):
             raise ServeError(400, "messages need at least one 'user' message", param="messages")
         prep = server.prepare(key, body, [messages])
-        return await run(prep, bool(body.stream), _usage(body), True, body.model)
+        return await run(prep, bool(body.stream), _usage(body), True, body.model, request)
 
     @app.post("/v1/completions", responses=responses)
-    async def completions(body: CompletionRequest, key: ApiKey | None = Depends(authenticate)) -> Any:
+    async def completions(
+        request: Request, body: CompletionRequest, key: ApiKey | None = Depends(authenticate)
+    ) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts or len(prompts) > settings.max_batch_size:
             raise ServeError(400, f"prompt takes 1 to {settings.max_batch_size} strings", param="prompt")
         if body.stream and len(prompts) > 1:
             raise ServeError(400, "streaming takes a single prompt", param="prompt")
         prep = server.prepare(key, body, list(prompts))
-        return await run(prep, bool(body.stream), _usage(body), False, body.model)
+        return await run(prep, bool(body.stream), _usage(body), False, body.model, request)
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -159,10 +159,7 @@ class Engine:
         pad = model.tokenizer.pad_token_id
         budgets = [j.sampling.max_new_tokens for j in jobs]
         generators = [
-            torch.Generator(device=device).manual_seed(j.sampling.seed or 0)
-            if j.sampling.temperature > 0
-            else None
-            for j in jobs
+            _generator(device, j.sampling.seed) if j.sampling.temperature > 0 else None for j in jobs
         ]
         mask, position = batch.attention_mask, batch.position_ids[:, -1:]
         out = prefill_logits(model.model, batch)
@@ -203,3 +200,14 @@ class Engine:
             token = torch.tensor(tokens, device=device)
             token = torch.where(torch.isin(token, eos), torch.full_like(token, pad), token)
             out, mask, position = extend_cache(model.model, token, mask, position, out.past_key_values)
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A request's sampling generator: its seed reproduces a sample; without one each request
+    samples afresh (as OpenAI's API does), not every unseeded request alike."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator

@@ -77,6 +77,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+CLIENT_CLOSED = 499  # nginx's status for a request its client closed before the answer: not a server error
+
+
 class MetricsMiddleware:
     """Count requests by route and status, and time them to the last byte."""
 
@@ -104,8 +107,17 @@ class MetricsMiddleware:
                 recorded = True
                 self.metrics.request(endpoint, status, time.perf_counter() - start)
 
+        started = False
+
+        async def watched_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await timed_send(message)
+
         try:
-            await self.app(scope, receive, timed_send)
+            await self.app(scope, receive, watched_send)
+            if not started:  # the app returned without answering: the client hung up first
+                status = CLIENT_CLOSED
         finally:
             if not recorded:
                 self.metrics.request(endpoint, status, time.perf_counter() - start)

@@ -120,7 +120,7 @@ class ProfileBook:
             cats = spec.get("categories") if isinstance(spec, dict) else spec
             profiles[name] = _config_categories(cats or [], registry, where)
         default = data.get("default_profile")
-        if default is not None and default not in profiles:
+        if default is not None and (not isinstance(default, str) or default not in profiles):
             raise ConfigError(f"{source}: default_profile {default!r} is not a profile")
         keys: list[ApiKey] = []
         for i, raw in enumerate(data.get("keys") or []):
@@ -132,11 +132,16 @@ class ProfileBook:
                 raise ConfigError(f"{where}: unknown fields {sorted(extra)}")
             if ("key" in raw) == ("key_sha256" in raw):
                 raise ConfigError(f"{where}: give exactly one of 'key' or 'key_sha256'")
-            secret = raw.get("key_sha256") or hashlib.sha256(str(raw["key"]).encode()).hexdigest()
-            if not re.fullmatch(r"[0-9a-f]{64}", str(secret)):
+            if "key" in raw and (not isinstance(raw["key"], str) or not raw["key"].strip()):
+                # YAML reads an empty `key:` as null: it must not become the working key "None"
+                raise ConfigError(
+                    f"{where}: 'key' must be a non-empty string (quote it if it looks like a number)"
+                )
+            secret = raw.get("key_sha256") or hashlib.sha256(raw["key"].encode()).hexdigest()
+            if not isinstance(secret, str) or not re.fullmatch(r"[0-9a-f]{64}", secret):
                 raise ConfigError(f"{where}: key_sha256 must be 64 lower-case hex digits")
             profile = raw.get("profile") or default
-            if profile not in profiles:
+            if not isinstance(profile, str) or profile not in profiles:
                 raise ConfigError(f"{where}: profile {profile!r} is not one of {', '.join(profiles)}")
             extra_floor = _config_categories(raw.get("floor") or [], registry, where)
             floor = registry.policy([*profiles[profile], *extra_floor]).categories
