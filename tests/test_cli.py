@@ -461,3 +461,25 @@ def test_interrupted_training_names_what_the_run_kept(trained, tmp_path):
     assert "no epoch had finished" in interrupted_training(tmp_path / "empty", trained=False)
     assert interrupted_training(art, trained=False).startswith("epoch-2 is the last checkpoint")
     assert "only the closing table was cut short" in interrupted_training(art, trained=True)
+
+
+def test_a_stop_before_the_new_run_writes_anything_puts_the_earlier_run_back(trained, tmp_path):
+    """--overwrite moved the earlier run aside; a Ctrl-C while the model loads brings it back, and
+    the Ctrl-C line says so instead of advising --resume (which would resume the earlier run)."""
+    from mosaic_safety.cli import interrupted_training
+    from mosaic_safety.training.run_dir import replacing_run
+
+    _, art, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(art, out)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(KeyboardInterrupt), replacing_run(out, overwrite=True) as replacement:
+        assert not (out / "mosaic.json").exists()  # aside while the new run starts
+        raise KeyboardInterrupt
+    assert replacement.restored and sorted(p.name for p in out.iterdir()) == before
+    assert "the earlier run in" in interrupted_training(out, False, replacement)
+    # once the new run has written its first file, a stop leaves the new run, not the earlier one
+    with pytest.raises(KeyboardInterrupt), replacing_run(out, overwrite=True) as replacement:
+        (out / "train_log.jsonl").write_text("")
+        raise KeyboardInterrupt
+    assert not replacement.restored and sorted(p.name for p in out.iterdir()) == ["train_log.jsonl"]

@@ -127,6 +127,16 @@ def test_bad_configs(tmp_path, text, overrides, message):
         load_config(path, overrides)
 
 
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  <<: {lr: 0.05, epochs: 2}\n  epochs: 3\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 0.05 and cfg.optim.epochs == 3
+    path.write_text("optim:\n  ? [lr]\n  : 1\n")
+    with pytest.raises(ConfigError, match="a key must be a name"):
+        load_config(path)
+
+
 def test_text_settings_keep_what_was_typed(tmp_path):
     """On the command line a text setting is the text typed: YAML would cut a refusal at `#`, turn
     `Sorry: ...` into a mapping and 0755 into 493. Quotes still work; other settings stay YAML."""

@@ -249,8 +249,11 @@ def train(
                 _train_other_method(module, cfg, target, resume)
             return
         trained = False
-        # the message is made at the stop: what was kept depends on how far the run got
-        with fresh, friendly_errors(lambda: interrupted_training(target, trained)), _progress() as progress:
+        replacement: list[Any] = [None]  # what --overwrite did with an earlier run, once entered
+        # the message is made at the stop, after an earlier run was put back: what was kept depends
+        # on how far the run got
+        stopped = friendly_errors(lambda: interrupted_training(target, trained, replacement[0]))
+        with stopped, fresh as replacement[0], _progress() as progress:
             display = TrainDisplay(progress)
             trainer = Trainer(cfg, reporter=display)
             console.print(
@@ -273,10 +276,15 @@ def train(
             print_table(table, trainer.categories)
 
 
-def interrupted_training(target: Path, trained: bool) -> str:
+def interrupted_training(target: Path, trained: bool, replacement: Any = None) -> str:
     """What a Ctrl-C during ``mosaic train`` kept, and how to go on: the user's next step, not a traceback."""
     from .training.checkpoint import latest_checkpoint
 
+    if replacement is not None and replacement.restored:
+        return (
+            f"the new run stopped before writing anything, so the earlier run in {target} is back as it "
+            "was; run the same command (with --overwrite) to replace it"
+        )
     if trained:
         return (
             f"training had finished and the artifact is in {target}; only the closing table was cut "

@@ -437,7 +437,10 @@ def _check_manifest_types(manifest: dict[str, Any], path: Path) -> None:
     order = manifest.get("composition_order")
     names = [c["name"] for c in categories]
     if order is not None and (
-        not isinstance(order, list) or not set(names) <= set(order) or len(set(order)) != len(order)
+        not isinstance(order, list)
+        or not all(isinstance(n, str) for n in order)
+        or not set(names) <= set(order)
+        or len(set(order)) != len(order)
     ):
         raise ArtifactError(f"{path}: 'composition_order' must list every category once, got {order!r}")
     if "training" in manifest and not isinstance(manifest["training"], dict):

@@ -285,3 +285,23 @@ def test_sampling_without_a_seed_differs_between_requests(url):
         for _ in range(2)
     ]
     assert len(texts) > 1 and seeded[0]["message"] == seeded[1]["message"]
+
+
+def test_a_job_cancelled_while_it_queued_is_ended_not_forgotten(tiny_backbone):
+    """A client that left before its row reached a batch must get its "done", or its handler waits
+    for the request timeout while holding a concurrency slot."""
+    import asyncio
+
+    from mosaic_safety.serving.engine import Engine, Job, Sampling
+
+    loop = asyncio.new_event_loop()
+    try:
+        engine = Engine(ControlledModel(tiny_backbone))
+        job = Job("hi", Policy(()), Sampling(max_new_tokens=4), loop, asyncio.Queue())
+        job.cancelled.set()
+        engine.submit(job)
+        assert engine._collect() == []
+        loop.run_until_complete(asyncio.sleep(0))  # deliver call_soon_threadsafe
+        assert job.events.get_nowait() == ("done", "cancelled")
+    finally:
+        loop.close()

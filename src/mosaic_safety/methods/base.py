@@ -84,6 +84,9 @@ class Method(ABC):
 
     # the longest text ``scrub`` replaces (0: none): a stream holds back this much minus one character
     scrub_span: int = 0
+    # a prompting method adds its own system text before a client's (served conversations); a trained
+    # one is conditioned on exactly the system text it was trained with, so a client's is not added to it
+    merges_client_system: bool = False
 
     def scrub(self, texts: list[str]) -> list[str]:
         """Responses as they may be shown: a method with secrets (magic tokens) removes them."""

@@ -143,7 +143,9 @@ def in_context_method(backbone: Backbone, registry: CategoryRegistry) -> Control
         return [{"role": "system", "content": system}, {"role": "user", "content": prompt}], Policy(())
 
     identity = {"method": "in_context", "rules": in_context_rules(registry, Policy(tuple(registry.names)))}
-    return ControlledMethod("in_context", ControlledModel(backbone), registry, rewrite, identity)
+    method = ControlledMethod("in_context", ControlledModel(backbone), registry, rewrite, identity)
+    method.merges_client_system = True  # rules are text: a client's system prompt can follow them
+    return method
 
 
 def mosaic_method(artifact: str | Path, backbone: Backbone) -> ControlledMethod:

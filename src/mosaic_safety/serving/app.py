@@ -197,9 +197,10 @@ class Server:
         added = [dict(m) for m in out[:-1]]
         if not added:
             return list(prompt), ctrl
-        # the method's system text (rules, topics) comes first; the client's own follows it
+        # the in-context rules come first and the client's own system text follows them; a trained
+        # method's system text (topics, magic tokens) stays exactly as it was trained
         own = [m["content"] for m in prompt if m["role"] == "system"]
-        if own and added[-1]["role"] == "system":
+        if own and added[-1]["role"] == "system" and self.method.merges_client_system:
             added[-1]["content"] = "\n\n".join([added[-1]["content"], *own])
         return added + [m for m in prompt if m["role"] != "system"], ctrl
 

@@ -131,6 +131,9 @@ class Engine:
                 jobs.append(self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait())
             except queue.Empty:
                 break
+        for job in jobs:
+            if job.cancelled.is_set():  # its client left while it queued: it ends without a batch
+                job.emit("done", "cancelled")
         return [j for j in jobs if not j.cancelled.is_set()]
 
     def _run(self) -> None:

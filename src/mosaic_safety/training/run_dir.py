@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..tokens import ArtifactError
@@ -52,8 +54,16 @@ def claim_output(out: Path, overwrite: bool = False) -> None:
         _remove(out / name)
 
 
+@dataclass
+class Replacement:
+    """What :func:`replacing_run` did with the earlier run, for the message a stopped run prints."""
+
+    replaced: list[str] = field(default_factory=list)  # the earlier run's files
+    restored: bool = False  # the new run stopped before writing anything, and the earlier one is back
+
+
 @contextmanager
-def replacing_run(out: Path, overwrite: bool, keep: Path | None = None) -> Iterator[None]:
+def replacing_run(out: Path, overwrite: bool, keep: Path | None = None) -> Iterator[Replacement]:
     """Start a fresh run in ``out``, replacing an earlier one only once the new one is under way.
 
     Without ``overwrite`` an occupied ``out`` is an error. With it, the earlier run's files move to
@@ -74,21 +84,26 @@ def replacing_run(out: Path, overwrite: bool, keep: Path | None = None) -> Itera
                 f"{keep} belongs to the run that --overwrite would replace in {out}, and this run starts "
                 "from it; choose another --output"
             )
-    aside = out / f".replaced-run-{os.getpid()}"
-    if found:
-        aside.mkdir()
-        for name in found:
-            os.replace(out / name, aside / name)
+    state = Replacement(found)
+    aside: Path | None = None
+    moved: list[str] = []
     try:
-        yield
-    except BaseException:
-        if found and not run_files(out):
+        if found:
+            aside = Path(tempfile.mkdtemp(prefix=".replaced-run-", dir=out))
             for name in found:
+                os.replace(out / name, aside / name)
+                moved.append(name)
+        yield state
+    except BaseException:
+        # what the new run wrote: run files other than the earlier run's that have not moved yet
+        written = [n for n in run_files(out) if n in moved or n not in found]
+        if aside is not None and not written:
+            for name in moved:
                 os.replace(aside / name, out / name)
-            aside.rmdir()
+            state.restored = True
         raise
     finally:
-        if aside.exists():
+        if aside is not None and aside.exists():
             shutil.rmtree(aside)
 
 

@@ -64,14 +64,19 @@ class BaseResponseCache:
         self.path = Path(cache_dir) / f"responses-{fingerprint}.jsonl"
         self._output_key = model.backbone.output_key
         self._store: dict[str, list[int]] = {}
+        self._keys: dict[str, str] = {}
         for record in read_jsonl(self.path):
             row = _cached_row(record)
             if row is not None:
                 self._store[row[0]] = row[1]
 
     def key(self, prompt: str) -> str:
-        head, tail = self.model.split_prompt(prompt)
-        return response_key(self._output_key, head + tail, self.model.eos_ids, self.max_new_tokens)
+        key = self._keys.get(prompt)
+        if key is None:  # rendered once per prompt: the split cache holds fewer than a run's pools
+            head, tail = self.model.split_prompt(prompt)
+            key = response_key(self._output_key, head + tail, self.model.eos_ids, self.max_new_tokens)
+            self._keys[prompt] = key
+        return key
 
     def missing(self, prompts: Sequence[str]) -> list[str]:
         return sorted({p for p in prompts if self.key(p) not in self._store})
