@@ -863,3 +863,15 @@ def test_target_tokens_train_on_the_first_tokens_only(tmp_path, tiny_backbone):
     assert cut.loss(positives)[0].item() != pytest.approx(whole.loss(positives)[0].item(), rel=1e-3)
     with pytest.raises(ConfigError, match="target_tokens"):
         tiny_config(tmp_path, "optim.target_tokens=-1")
+
+
+def test_a_max_order_above_the_categories_is_said_not_silently_clamped(tmp_path, tiny_backbone):
+    from mosaic_safety.training.trainer import Trainer
+
+    events = []
+    config = tiny_config(tmp_path, "sampling.max_order=5", "optim.epochs=1")
+    trainer = Trainer(config, backbone=tiny_backbone, reporter=lambda kind, data: events.append((kind, data)))
+    trainer.train(tmp_path / "run")
+    stages = [d["name"] for k, d in events if k == "stage"]
+    assert "sampling.max_order=5 is above the 3 categories: orders 1 to 3 are trained" in stages
+    assert [b["order"] for k, d in events if k == "budgets" for b in d["budgets"]] == [1, 2, 3]

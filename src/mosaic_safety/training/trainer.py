@@ -493,6 +493,11 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.config
         budgets = budget_rows(self.sampler)
+        if cfg.sampling.max_order > self.sampler.max_order:  # said, not silently clamped
+            orders = f"{len(self.categories)} categories: orders 1 to {self.sampler.max_order} are trained"
+            self.report(
+                "stage", {"name": f"sampling.max_order={cfg.sampling.max_order} is above the {orders}"}
+            )
         self.report("budgets", {"budgets": budgets})
         self.clock = TrainingClock()  # ``_resume`` adds the earlier sessions' seconds
         start_epoch, step = self._resume(out) if resume else (0, 0)
