@@ -229,6 +229,17 @@ def test_teacher_cache_keys_on_every_weight_not_only_the_embeddings(tmp_path):
     assert BaseResponseCache(ControlledModel(tuned), tmp_path, max_new_tokens=4).missing(prompts) == prompts
 
 
+def test_generation_caches_key_on_the_chat_template(tiny_backbone):
+    """The same weights under another chat template answer differently: a new cache key."""
+    from mosaic_safety.backbone import from_model
+    from mosaic_safety.tiny import CHATML, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "You are terse.\n" + CHATML
+    other = from_model(tiny_backbone.model, tokenizer, tiny_backbone.name)
+    assert other.weights_key == tiny_backbone.weights_key and other.output_key != tiny_backbone.output_key
+
+
 def test_teacher_cache_keys_on_the_rendered_prompt(tmp_path):
     """A template that writes the time renders a new prompt in a new process: a new base answer."""
     from mosaic_safety.backbone import from_model

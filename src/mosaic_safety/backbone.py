@@ -127,10 +127,12 @@ class Backbone:
 
         The fingerprint is the same for a checkpoint loaded in float32 or bfloat16 (artifacts move
         between them), but their greedy answers differ, so caches of generated text key on the
-        dtype and the device type as well (as the DSA state cache does), and on every weight, not
-        only the embeddings (:func:`weights_fingerprint`).
+        dtype and the device type as well (as the DSA state cache does), on every weight, not only
+        the embeddings (:func:`weights_fingerprint`), and on the chat template every prompt goes
+        through (a fixed template changes the answers of unchanged weights).
         """
-        return f"{self.weights_key}:{str(self.dtype).removeprefix('torch.')}:{self.device.type}"
+        template = hashlib.sha256(str(self.tokenizer.chat_template).encode()).hexdigest()[:12]
+        return f"{self.weights_key}:{template}:{str(self.dtype).removeprefix('torch.')}:{self.device.type}"
 
     @functools.cached_property
     def weights_key(self) -> str:
