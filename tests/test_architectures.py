@@ -191,3 +191,15 @@ def test_known_logits_steps_pass_the_load_check_in_bfloat16(arch, tokenizer):
     # one bf16 step at these magnitudes at most (kernels may differ between the two paths on some
     # CPUs); a missing cap or scale moves these logits by 0.3 to 5
     torch.testing.assert_close(ours[-ref.shape[0] :], ref, rtol=0, atol=0.05)
+
+
+def test_devices_and_dtypes_that_cannot_work_here_are_clear_errors():
+    from mosaic_safety.backbone import BackboneError, load_backbone, resolve_device
+
+    with pytest.raises(BackboneError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackboneError, match="CUDA is not available"):
+            load_backbone("tiny-random-llama", device="cuda")
+    with pytest.raises(BackboneError, match="unknown dtype 'float16'"):
+        load_backbone("tiny-random-llama", dtype="float16")

@@ -116,3 +116,24 @@ def test_deep_offsets_on_smollm2_all_layers_and_both_paths(smollm2, minors):
         full, labels = cm.response_logits(prompts, policies, targets)
         shared, _ = cm.response_logits(prompts, policies, targets, cm.prefill_heads(prompts))
     assert (full - shared)[labels != -100].abs().max().item() <= 1e-4
+
+
+def test_a_damaged_converted_copy_is_converted_again(smollm2, tmp_path):
+    """A cached conversion counts only if its marker says every file is whole: one cut short on
+    disk is redone, not loaded broken (or failed on at every later load)."""
+    import shutil
+
+    from mosaic_safety.backbone import COMPLETE, _alias_gguf, _gguf_cache_dir, convert_gguf
+
+    gguf = _alias_gguf("smollm2-135m-instruct")
+    cached = _gguf_cache_dir(gguf)
+    assert (cached / COMPLETE).exists()
+    copy = tmp_path / "copy"
+    shutil.copytree(cached, copy)
+    assert convert_gguf(gguf, copy) == copy  # whole: reused as it is
+    weights = copy / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(1000)  # cut short, as by a full disk
+    assert convert_gguf(gguf, copy) == copy
+    assert weights.stat().st_size == (cached / "model.safetensors").stat().st_size
+    assert not list(tmp_path.glob(".convert-*"))

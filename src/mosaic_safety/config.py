@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # alias, local dir, .gguf file or hub id
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)
+    dtype: str = "auto"  # float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)
 
 
 @dataclass
