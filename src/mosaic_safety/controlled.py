@@ -330,10 +330,10 @@ class ControlledModel:
 
     def block_length(self, policy: Policy) -> int:
         """Control positions ``policy`` adds to a prompt (its block checked like any other)."""
-        return int(self._block(policy).shape[0])
+        return int(self._block(self.policy(policy)).shape[0])
 
     def _block(self, policy: Policy, credit: str | None = None) -> torch.Tensor:
-        policy = self.policy(policy)  # canonical, whoever built it
+        """The control vectors of a policy its caller has put in canonical order (``policy``)."""
         if not policy:
             return torch.zeros(0, self.backbone.hidden_size, device=self.device)
         return self.tokens.compose(policy, credit)

@@ -414,12 +414,18 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def check_backbone_field(manifest: dict[str, Any], path: Path) -> None:
+    """The manifest's model identity, as ``check_backbone`` reads it (every artifact kind has one)."""
+    backbone = manifest.get("backbone")
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("fingerprint"), str):
+        raise ArtifactError(f"{path}: 'backbone' must be a mapping with the model's 'fingerprint'")
+
+
 def _check_manifest_types(manifest: dict[str, Any], path: Path) -> None:
     """The fields every reader indexes, of the types it indexes them as: a hand-edited or damaged
     manifest is an ``ArtifactError`` naming the field, not a ``KeyError`` deep in a loader."""
     backbone, registry, categories = manifest["backbone"], manifest["registry"], manifest["categories"]
-    if not isinstance(backbone, dict) or not isinstance(backbone.get("fingerprint"), str):
-        raise ArtifactError(f"{path}: 'backbone' must be a mapping with the model's 'fingerprint'")
+    check_backbone_field(manifest, path)
     hidden = backbone.get("hidden_size")
     if type(hidden) is not int or hidden < 1:
         raise ArtifactError(f"{path}: backbone 'hidden_size' must be a positive integer, got {hidden!r}")

@@ -265,11 +265,11 @@ def evaluate(
     ``on_total`` receives the number of (prompt, policy) rows before generation starts (to size a
     progress bar); ``progress`` then receives increments.
     """
-    categories = list(dict.fromkeys(categories or method.registry.names))  # a name given twice is one
+    categories = list(categories or method.registry.names)
     missing = [c for c in categories if c not in method.registry]
     if missing:
         raise ConfigError(f"method {method.name!r} does not know categories {missing}")
-    # in the registry's order, the order policies compose in (a subset is then a canonical policy)
+    # once each, in the registry's order, the order policies compose in (subsets are then canonical)
     categories = list(method.registry.policy(categories).categories)
     foreign = [c for c in categories if c not in suite.registry]
     if foreign:

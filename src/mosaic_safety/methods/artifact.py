@@ -26,6 +26,7 @@ from ..tokens import (
     MANIFEST_FILE,
     ArtifactError,
     check_backbone,
+    check_backbone_field,
     load_manifest_json,
     read_hashed,
     safetensors_bytes,
@@ -156,9 +157,8 @@ def load_method_artifact(
 
 def _check_types(manifest: dict[str, Any], path: Path) -> None:
     """The fields the loader indexes, of the types it indexes them as (else a clear ``ArtifactError``)."""
-    backbone, registry, tensors = manifest["backbone"], manifest["registry"], manifest["tensors"]
-    if not isinstance(backbone, dict) or not isinstance(backbone.get("fingerprint"), str):
-        raise ArtifactError(f"{path}: 'backbone' must be a mapping with the model's 'fingerprint'")
+    registry, tensors = manifest["registry"], manifest["tensors"]
+    check_backbone_field(manifest, path)
     if not isinstance(registry, dict):
         raise ArtifactError(f"{path}: 'registry' must be a mapping")
     if not isinstance(manifest["options"], dict):

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..tokens import ArtifactError
@@ -58,7 +58,6 @@ def claim_output(out: Path, overwrite: bool = False) -> None:
 class Replacement:
     """What :func:`replacing_run` did with the earlier run, for the message a stopped run prints."""
 
-    replaced: list[str] = field(default_factory=list)  # the earlier run's files
     restored: bool = False  # the new run stopped before writing anything, and the earlier one is back
 
 
@@ -84,7 +83,7 @@ def replacing_run(out: Path, overwrite: bool, keep: Path | None = None) -> Itera
                 f"{keep} belongs to the run that --overwrite would replace in {out}, and this run starts "
                 "from it; choose another --output"
             )
-    state = Replacement(found)
+    state = Replacement()
     aside: Path | None = None
     moved: list[str] = []
     try:
