@@ -122,6 +122,9 @@ def test_concurrency_limit_is_429_and_timeout_is_504(make_server):
         ) as s:
             lines = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert "timed out" in lines[-1]
+        # the stream's status line said 200 before it failed: the error event is counted on its own
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'mosaic_stream_errors_total{endpoint="/v1/chat/completions",code="504"} 1' in metrics
         assert httpx.post(f"{url}{ENDPOINT}", json=chat_body(), headers=auth("kids")).status_code == 200
 
 

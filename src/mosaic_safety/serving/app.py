@@ -569,10 +569,13 @@ async def _stream(
             error = ServeError(
                 504, f"request timed out after {server.settings.request_timeout_s:g}s", "timeout"
             )
-            yield _sse(error.body())
-            return
         except RuntimeError as exc:
-            yield _sse(ServeError(500, str(exc), "server_error").body())
+            error = ServeError(500, str(exc), "server_error")
+        else:
+            error = None
+        if error is not None:
+            server.metrics.stream_error("/v1/chat/completions" if chat else "/v1/completions", error.status)
+            yield _sse(error.body())
             return
         _count(server, prep, gens)
         yield _sse(chunk(None, gen.finish, safety=server.safety_report(prep.resolved, gen.text)))

@@ -1,7 +1,8 @@
 """Prometheus text-format metrics, kept in-process (no extra dependency for a handful of series).
 
-Series: requests by endpoint and status, prompt/completion tokens, request latency and batch size
-histograms, refusals by the category whose rule fired, requests in flight.
+Series: requests by endpoint and status, streams that ended in an error event, prompt/completion
+tokens, request latency and batch size histograms, refusals by the category whose rule fired,
+requests in flight.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.stream_errors: dict[tuple[str, int], int] = defaultdict(int)
         self.refusals: dict[str, int] = defaultdict(int)
         self.policies: dict[str, int] = defaultdict(int)
         self.prompt_tokens = 0
@@ -59,6 +61,11 @@ class Metrics:
             self.requests[(endpoint, status)] += 1
             if seconds is not None:
                 self.latency.setdefault(endpoint, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def stream_error(self, endpoint: str, code: int) -> None:
+        """A stream's status line said 200 before the failure: count the error event it ended with."""
+        with self._lock:
+            self.stream_errors[(endpoint, code)] += 1
 
     def tokens(self, prompt: int, completion: int) -> None:
         with self._lock:
@@ -89,6 +96,12 @@ class Metrics:
             ]
             for (endpoint, status), n in sorted(self.requests.items()):
                 lines.append(f'mosaic_requests_total{{endpoint="{_label(endpoint)}",status="{status}"}} {n}')
+            lines += [
+                "# HELP mosaic_stream_errors_total Streamed responses (status 200) that ended in an error event, by code.",
+                "# TYPE mosaic_stream_errors_total counter",
+            ]
+            for (endpoint, code), n in sorted(self.stream_errors.items()):
+                lines.append(f'mosaic_stream_errors_total{{endpoint="{_label(endpoint)}",code="{code}"}} {n}')
             lines += [
                 "# HELP mosaic_prompt_tokens_total Prompt positions processed (templated tokens + control vectors).",
                 "# TYPE mosaic_prompt_tokens_total counter",
