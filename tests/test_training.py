@@ -240,6 +240,22 @@ def test_generation_caches_key_on_the_chat_template(tiny_backbone):
     assert other.weights_key == tiny_backbone.weights_key and other.output_key != tiny_backbone.output_key
 
 
+def test_generation_caches_key_on_the_template_as_rendered_now(tiny_backbone):
+    """A template that prints the date shows the model another prompt tomorrow: evaluation caches
+    (keyed on the method's fingerprint and the prompt's text) must not serve yesterday's answers."""
+    from mosaic_safety.backbone import from_model
+    from mosaic_safety.tiny import CHATML, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{{ strftime_now('%Y-%m-%d %H:%M:%S.%f') }}\n" + CHATML
+    today = from_model(tiny_backbone.model, tokenizer, tiny_backbone.name)
+    assert today.output_key == today.output_key  # rendered once: one run keeps one key
+    tomorrow = from_model(tiny_backbone.model, tokenizer, tiny_backbone.name)
+    assert tomorrow.output_key != today.output_key
+    fixed = from_model(tiny_backbone.model, build_tokenizer(), tiny_backbone.name)
+    assert fixed.output_key == tiny_backbone.output_key  # a template without a clock: a stable key
+
+
 def test_teacher_cache_keys_on_the_rendered_prompt(tmp_path):
     """A template that writes the time renders a new prompt in a new process: a new base answer."""
     from mosaic_safety.backbone import from_model

@@ -142,10 +142,25 @@ class Backbone:
         between them), but their greedy answers differ, so caches of generated text key on the
         dtype and the device type as well (as the DSA state cache does), on every weight, not only
         the embeddings (:func:`weights_fingerprint`), and on the chat template every prompt goes
-        through (a fixed template changes the answers of unchanged weights).
+        through (a fixed template changes the answers of unchanged weights). The template counts as
+        it renders now, not only as written: one that prints today's date (Llama 3.2's
+        ``strftime_now``) shows the model another prompt tomorrow, so yesterday's answers are not
+        reused for it. It is rendered once per template and backbone, as a prompt is rendered once
+        per :class:`ControlledModel`, so one run keeps one key.
         """
-        template = hashlib.sha256(str(self.tokenizer.chat_template).encode()).hexdigest()[:12]
+        source = str(self.tokenizer.chat_template)
+        if source not in self._template_keys:
+            probe = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "?"}], tokenize=False, add_generation_prompt=True
+            )
+            rendered = f"{source}\0{probe}".encode()
+            self._template_keys[source] = hashlib.sha256(rendered).hexdigest()[:12]
+        template = self._template_keys[source]
         return f"{self.weights_key}:{template}:{str(self.dtype).removeprefix('torch.')}:{self.device.type}"
+
+    @functools.cached_property
+    def _template_keys(self) -> dict[str, str]:
+        return {}
 
     @functools.cached_property
     def weights_key(self) -> str:
