@@ -137,3 +137,11 @@ def test_a_damaged_converted_copy_is_converted_again(smollm2, tmp_path):
     assert convert_gguf(gguf, copy) == copy
     assert weights.stat().st_size == (cached / "model.safetensors").stat().st_size
     assert not list(tmp_path.glob(".convert-*"))
+
+
+def test_the_cached_conversion_records_its_source(smollm2):
+    """The copy loads use names its GGUF file (written at conversion, or added to an older copy at
+    its next load), so `mosaic cache prune` keeps it and removes the copies of replaced files."""
+    from mosaic_safety.backbone import _alias_gguf, _gguf_cache_dir, conversion_state
+
+    assert conversion_state(_gguf_cache_dir(_alias_gguf("smollm2-135m-instruct"))) == "current"

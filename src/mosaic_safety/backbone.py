@@ -232,6 +232,31 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
 
 COMPLETE = "mosaic-converted.json"  # in a converted copy: the size of every file it was written with
+SOURCE = "mosaic-source.json"  # in a converted copy: the GGUF file it came from, as its cache key saw it
+
+
+def _source_record(gguf: Path) -> dict[str, Any]:
+    stat = gguf.stat()
+    return {"path": str(gguf.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+
+
+def conversion_state(copy: Path) -> str:
+    """``current`` (its GGUF file is there, unchanged), ``orphaned`` (that file is gone or changed:
+    no load will use the copy again), ``unusable`` (no whole marker: never loaded, converted again
+    instead) or ``unknown`` (converted before copies recorded their source, and not loaded since)."""
+    if not _complete(copy):
+        return "unusable"
+    try:
+        source = json.loads((copy / SOURCE).read_text(encoding="utf-8"))
+        path = Path(source["path"])
+    except FileNotFoundError:
+        return "unknown"
+    except (OSError, ValueError, TypeError, KeyError):
+        return "orphaned"  # a damaged record: its copy's key cannot be reproduced either
+    try:
+        return "current" if _source_record(path) == source else "orphaned"
+    except OSError:
+        return "orphaned"
 
 
 def _complete(out_dir: Path) -> bool:
@@ -249,8 +274,14 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     A copy counts only if its marker says every file is there at its written size: one damaged on
     disk, or from before the marker, is converted again rather than loaded broken.
     """
+    in_cache = out_dir is None
     out_dir = out_dir or _gguf_cache_dir(gguf)
     if _complete(out_dir):
+        if in_cache and not (out_dir / SOURCE).exists():  # converted before copies recorded it
+            try:
+                (out_dir / SOURCE).write_text(json.dumps(_source_record(gguf)), encoding="utf-8")
+            except OSError:
+                pass  # a read-only cache still loads; `mosaic cache` just cannot tell its state
         return out_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -276,6 +307,7 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     try:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE).write_text(json.dumps(_source_record(gguf)), encoding="utf-8")
         sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         (tmp / COMPLETE).write_text(json.dumps(sizes), encoding="utf-8")
         if out_dir.exists() and not _complete(out_dir):
@@ -285,6 +317,8 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _complete(out_dir):  # not another process's finished copy
             raise BackboneError(f"cannot write the converted model to {out_dir}: {exc}") from exc
+    if in_cache:
+        _remove_orphaned_conversions(out_dir.parent, keep=out_dir)
     return out_dir
 
 
@@ -298,6 +332,17 @@ def _remove_stale_conversions(models: Path, older_than_s: float = 3600.0) -> Non
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError:
             continue
+
+
+def _remove_orphaned_conversions(models: Path, keep: Path) -> None:
+    """Delete converted copies no load can use again: the GGUF file each came from was replaced
+    (a reinstalled package gets a new modification time, so a new key and a new half-GB copy) or
+    removed. Copies from before source records are left to ``mosaic cache clear models``."""
+    for copy in models.iterdir():
+        if copy == keep or copy.name.startswith(".") or not copy.is_dir():
+            continue
+        if (copy / SOURCE).exists() and conversion_state(copy) == "orphaned":
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def resolve_model_path(spec: str) -> tuple[str, str]:

@@ -769,6 +769,13 @@ app.add_typer(judges_app, name="judges")
 # == end judges ==
 
 
+# == cache commands: src/mosaic_safety/cache_cli.py ==
+from .cache_cli import cache_app  # noqa: E402  (typer + rich only)
+
+app.add_typer(cache_app, name="cache")
+# == end cache ==
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

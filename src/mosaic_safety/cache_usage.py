@@ -1,0 +1,83 @@
+"""What the cache directory holds, and removing what no run will read again.
+
+The cache grows without bound otherwise: every reinstall of the package that ships the SmolLM2 GGUF
+gives the file a new modification time, hence a new key and a new half-GB converted copy, and
+every retrained artifact starts a new generation file. Nothing here touches runs or artifacts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backbone import cache_root, conversion_state
+
+AREAS: dict[str, str] = {
+    "models": "converted GGUF checkpoints, one folder per source file",
+    "responses": "base-model answers used as training targets",
+    "generations": "evaluation responses, one file per method fingerprint",
+    "dsa_states": "backbone states extracted for DSA training",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: Path
+    bytes: int
+    state: str = ""  # for converted models: see backbone.conversion_state
+
+
+def size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:  # removed while we looked
+            continue
+    return total
+
+
+def entries(area: str, root: Path | None = None) -> list[Entry]:
+    """The items of one area, largest first (hidden temporary folders of running jobs excluded)."""
+    if area not in AREAS:
+        raise ValueError(f"unknown cache area {area!r}; valid: {', '.join(AREAS)}")
+    folder = (root or cache_root()) / area
+    if not folder.is_dir():
+        return []
+    items = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    found = [
+        Entry(p, size_of(p), conversion_state(p) if area == "models" and p.is_dir() else "") for p in items
+    ]
+    return sorted(found, key=lambda e: (-e.bytes, e.path.name))
+
+
+def clear(areas: list[str], root: Path | None = None) -> int:
+    """Remove whole areas; returns the bytes freed. Their contents are rebuilt on demand."""
+    freed = 0
+    for area in areas:
+        for entry in entries(area, root):
+            freed += entry.bytes
+            _remove(entry.path)
+    return freed
+
+
+def prune_models(root: Path | None = None) -> list[Entry]:
+    """Remove every converted copy but the ones whose GGUF file is there unchanged.
+
+    Copies from before source records (``unknown``) go too: a load that still wanted one converts
+    again (about 20 s for SmolLM2), which is cheaper than keeping half a GB per reinstall forever.
+    """
+    removed = [e for e in entries("models", root) if e.state != "current"]
+    for entry in removed:
+        _remove(entry.path)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
