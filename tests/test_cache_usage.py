@@ -36,7 +36,9 @@ def cache(tmp_path):
     current = _copy(models, "model-current", gguf)
     os.utime(gguf, (1, 1))  # the package was reinstalled: same file, a new modification time
     reinstalled = _copy(models, "model-reinstalled", gguf)
-    gone = _copy(models, "model-gone", None, {"path": str(tmp_path / "old" / "model.gguf"), "size": 40, "mtime": 5})
+    gone = _copy(
+        models, "model-gone", None, {"path": str(tmp_path / "old" / "model.gguf"), "size": 40, "mtime": 5}
+    )
     legacy = _copy(models, "model-legacy", None)
     broken = models / "model-broken"
     broken.mkdir()

@@ -8,6 +8,7 @@ as a safetensors directory, because dequantising takes far longer than loading t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -278,10 +279,9 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or _gguf_cache_dir(gguf)
     if _complete(out_dir):
         if in_cache and not (out_dir / SOURCE).exists():  # converted before copies recorded it
-            try:
+            # a read-only cache still loads; `mosaic cache` just cannot tell its state
+            with contextlib.suppress(OSError):
                 (out_dir / SOURCE).write_text(json.dumps(_source_record(gguf)), encoding="utf-8")
-            except OSError:
-                pass  # a read-only cache still loads; `mosaic cache` just cannot tell its state
         return out_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -97,7 +97,7 @@ class Metrics:
             for (endpoint, status), n in sorted(self.requests.items()):
                 lines.append(f'mosaic_requests_total{{endpoint="{_label(endpoint)}",status="{status}"}} {n}')
             lines += [
-                "# HELP mosaic_stream_errors_total Streamed responses (status 200) that ended in an error event, by code.",
+                "# HELP mosaic_stream_errors_total Streams (sent as status 200) that ended in an error event.",
                 "# TYPE mosaic_stream_errors_total counter",
             ]
             for (endpoint, code), n in sorted(self.stream_errors.items()):
