@@ -130,10 +130,14 @@ class CategoryRegistry:
 
     @classmethod
     def load(cls, spec: str | Path) -> CategoryRegistry:
-        """Load a built-in registry by name (``minors``, ``harm``) or a YAML file by path."""
+        """Load a built-in registry by name (``minors``, ``harm``) or a YAML file by path.
+
+        A bare built-in name always means the built-in registry; a local file of that name is
+        ``./minors`` (or a ``Path``), so a stray file cannot swap the categories unnoticed.
+        """
         path = Path(spec)
-        if not path.exists() and str(spec) in BUILTIN_REGISTRIES:
-            path = Path(__file__).parent / "data" / "builtin" / str(spec) / "registry.yaml"
+        if isinstance(spec, str) and spec in BUILTIN_REGISTRIES:
+            path = Path(__file__).parent / "data" / "builtin" / spec / "registry.yaml"
         if not path.exists():
             raise PolicyError(
                 f"registry {str(spec)!r} not found: give a YAML path or one of {', '.join(BUILTIN_REGISTRIES)}"

@@ -109,3 +109,20 @@ def test_builtin_minors_loads_with_its_registry():
     suite = load_suite("minors")  # fails with DataError listing bad rows if the files are invalid
     assert suite.name == "minors" and suite.registry.name == "minors"
     assert {e.source for e in suite.examples} == {"builtin"}
+
+
+def test_a_local_folder_named_like_a_builtin_does_not_replace_it(tmp_path, monkeypatch):
+    """`data.suite: minors` beside a folder called minors (a user's copy, a run output) still trains
+    on the built-in suite; the folder is `./minors`. Shadowing would swap the data unannounced."""
+    local = make_dir(tmp_path, {"data.jsonl": ROWS})
+    local.rename(tmp_path / "minors")
+    (tmp_path / "harm").mkdir()  # not even a suite
+    (tmp_path / "cats.yaml").write_text(REGISTRY_YAML, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert load_suite("minors").registry.names == ("addiction", "alcohol", "betting", "horror", "sex")
+    assert load_suite("./minors").registry.names == ("cats", "dogs")
+    assert load_suite(tmp_path / "minors").registry.names == ("cats", "dogs")
+    assert CategoryRegistry.load("minors").names == ("addiction", "alcohol", "betting", "horror", "sex")
+    assert len(CategoryRegistry.load("harm").names) == 6
+    (tmp_path / "minors.yaml").write_text(REGISTRY_YAML, encoding="utf-8")
+    assert CategoryRegistry.load("./minors.yaml").names == ("cats", "dogs")

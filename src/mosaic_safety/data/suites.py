@@ -94,6 +94,8 @@ def load_suite(
 ) -> Suite:
     """Load a suite: a built-in name, a suite directory, or data file path(s) with ``registry``.
 
+    A local directory named like a built-in suite is loaded as ``./minors`` (or a ``Path``).
+
     ``harm`` is assembled from installed PyPI packages (see `external`); a missing package is an error
     that names the pip command.
     """
@@ -101,12 +103,16 @@ def load_suite(
         if registry is None:
             raise DataError("loading explicit files needs a registry (a built-in name or a YAML path)")
         return load_files(list(name_or_path), registry)
+    # A bare built-in name is always the built-in suite, even beside a folder of that name (a run
+    # output, a user's copy): that folder is `./minors`. Training on it by accident would change
+    # the data with no sign in the config.
+    builtin = isinstance(name_or_path, str) and name_or_path in BUILTIN_SUITES
     spec = str(name_or_path)
-    if spec == "harm" and not Path(spec).exists():
+    if builtin and spec == "harm":
         from .external import harm_examples  # reads installed packages; only when asked for
 
         return Suite(name="harm", registry=CategoryRegistry.load("harm"), examples=harm_examples())
-    if spec in BUILTIN_SUITES and not Path(spec).exists():
+    if builtin:
         return load_directory(BUILTIN_DIR / spec, name=spec)
     path = Path(spec)
     if path.is_dir():
