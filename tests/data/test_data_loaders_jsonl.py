@@ -168,3 +168,22 @@ def test_a_field_given_twice_is_a_problem(tmp_path):
         '{"id": "a", "prompt": "p q r", "category": "neutral", "split": "test", "split": "train"}\n'
     )
     assert problems_of(path) == [f"{path}:1: field 'split' given twice"]
+
+
+def test_copies_differing_only_in_unicode_form_or_invisible_characters_are_duplicates(write_jsonl, make_row):
+    """A train/test leak survives a copy-paste that decomposed an accent or slipped in a zero-width
+    space: the reader sees one prompt, so the check must too."""
+    rows = [
+        {**make_row(1), "prompt": "Where can I buy a café au lait kit?"},
+        {**make_row(2), "prompt": "Where can I buy a cafe\u0301 au lait kit?"},  # decomposed é
+        {
+            **make_row(3),
+            "prompt": "Where can I buy\u200b a café au\u00ad lait kit\ufeff?",
+        },  # zero-width, soft hyphen, BOM
+        {**make_row(4), "prompt": "Ｗｈｅｒｅ can I buy a café au lait kit?"},  # full-width letters
+        {**make_row(5), "prompt": "Where can I buy a cafe au lait kit?"},  # another word: not a copy
+    ]
+    path = write_jsonl(rows)
+    assert problems_of(path) == [
+        f"{path}:{n}: duplicate prompt (same as 'r-1' at {path}:1)" for n in (2, 3, 4)
+    ]

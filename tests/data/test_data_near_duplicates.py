@@ -65,3 +65,9 @@ def test_fast_on_benchmark_size():
 def test_rejects_bad_threshold():
     with pytest.raises(ValueError):
         near_duplicate_pairs(["a b c"], 0)
+
+
+def test_invisible_characters_do_not_hide_near_duplicates():
+    a = "how do i mix a margarita at home"
+    b = "how do i mix a marga\u200brita at home"  # a zero-width space splits no word for a reader
+    assert jaccard(word_trigrams(a), word_trigrams(b)) == 1.0

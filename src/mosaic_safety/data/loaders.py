@@ -12,6 +12,7 @@ import io
 import json
 import math
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -278,9 +279,18 @@ def parse_file(
 
 
 # -- validation of a set ---------------------------------------------------------------------------
+def visible_text(text: str) -> str:
+    """``text`` as a reader sees it: NFKC-normalised (a composed and a decomposed "é", full-width
+    letters) and without invisible format characters (zero-width spaces and joiners, soft hyphens,
+    BOMs), so that copies differing only there count as copies."""
+    text = unicodedata.normalize("NFKC", text)
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+
+
 def prompt_key(prompt: str) -> str:
-    """Normalised prompt used to find exact duplicates (case and whitespace do not count)."""
-    return " ".join(prompt.casefold().split())
+    """Normalised prompt used to find exact duplicates (case, whitespace, Unicode normal form and
+    invisible characters do not count)."""
+    return " ".join(visible_text(prompt).casefold().split())
 
 
 def validate_examples(
@@ -442,7 +452,7 @@ _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 def word_trigrams(text: str) -> frozenset[tuple[str, ...]]:
     """Lower-cased word trigrams; a text of fewer than three words is one shingle of all its words."""
-    words = _WORD.findall(text.casefold())
+    words = _WORD.findall(visible_text(text).casefold())
     if len(words) < 3:
         return frozenset([tuple(words)]) if words else frozenset()
     return frozenset(zip(words, words[1:], words[2:], strict=False))
