@@ -146,6 +146,22 @@ def test_bad_decoding_settings_are_clear_errors(tiny_backbone, tiny_tokens):
     )  # greedy ignores it
 
 
+def test_a_generation_past_the_context_window_is_a_clear_error(tiny_backbone, tiny_tokens):
+    """Past max_position_embeddings learned positions crash mid-batch and rotary ones decode
+    garbage: the prompt plus its budget must fit, control tokens included."""
+    from mosaic_safety.controlled import GenerationError
+
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    window = cm.context_length
+    assert window == tiny_backbone.model.config.max_position_embeddings
+    positions = sum(map(len, cm.split_prompt(PROMPTS[0]))) + cm.block_length(cm.policy("horror"))
+    cm.check_fits(positions, window - positions)  # exactly full: fine
+    with pytest.raises(GenerationError, match=f"context window of {window}"):
+        cm.generate([PROMPTS[0]], ["horror"], max_new_tokens=window - positions + 1)
+    with pytest.raises(GenerationError, match="control tokens included"):
+        next(cm.stream(PROMPTS[0], "horror", max_new_tokens=window))
+
+
 def test_a_text_prompt_is_not_taken_for_a_message_list(tiny_backbone, tiny_tokens):
     messages = [{"role": "user", "content": "hi"}]
     text = repr(messages)  # what a message list's key used to be

@@ -328,6 +328,23 @@ class ControlledModel:
             return embeds
         return embeds.masked_scatter(ctrl_mask.unsqueeze(-1), torch.cat(blocks).to(embeds.dtype))
 
+    @property
+    def context_length(self) -> int | None:
+        """Positions the backbone was built for (``max_position_embeddings``), where it says."""
+        n = getattr(self.backbone.model.config, "max_position_embeddings", None)
+        return n if isinstance(n, int) and n > 0 else None
+
+    def check_fits(self, positions: int, max_new_tokens: int) -> None:
+        """A prompt and its answer must fit the model's window: past it, learned positions crash
+        mid-batch (every row of the batch fails) and rotary ones decode garbage without a word."""
+        limit = self.context_length
+        if limit is not None and positions + max_new_tokens > limit:
+            raise GenerationError(
+                f"the prompt takes {positions} positions (control tokens included) and up to "
+                f"{max_new_tokens} new tokens were asked for: {positions + max_new_tokens} exceeds "
+                f"the model's context window of {limit}"
+            )
+
     def block_length(self, policy: Policy) -> int:
         """Control positions ``policy`` adds to a prompt (its block checked like any other)."""
         return int(self._block(self.policy(policy)).shape[0])
@@ -666,6 +683,8 @@ class ControlledModel:
         lengths = [
             sum(map(len, self.split_prompt(p))) + self.block_length(q) for p, q in zip(prompts, resolved)
         ]
+        if lengths:
+            self.check_fits(max(lengths), max_new_tokens)
         generator = None
         if do_sample:
             generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
@@ -726,7 +745,11 @@ class ControlledModel:
         pieces join to what ``generate`` returns.
         """
         check_decoding(max_new_tokens, do_sample, temperature, top_p)
-        batch = self.encode([prompt], [self.policy(policy)])
+        resolved = self.policy(policy)
+        self.check_fits(
+            sum(map(len, self.split_prompt(prompt))) + self.block_length(resolved), max_new_tokens
+        )
+        batch = self.encode([prompt], [resolved])
         generator = torch.Generator(device=self.device).manual_seed(seed or 0) if do_sample else None
         produced: list[int] = []
         emitted = ""

@@ -35,12 +35,12 @@ def make_server(tiny_artifact, tiny_backbone, profiles_path):
     """Build a Server over the tiny artifact with some settings overridden."""
     from mosaic_safety.serving.cli import build_server
 
-    def make(profiles: bool = True, **settings):
+    def make(profiles: bool = True, model_name: str = MODEL, **settings):
         return build_server(
             artifact=tiny_artifact,
             profiles=profiles_path if profiles else None,
             backbone=tiny_backbone,
-            model_name=MODEL,
+            model_name=model_name,
             **settings,
         )
 

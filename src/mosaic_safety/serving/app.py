@@ -35,7 +35,7 @@ from fastapi.responses import (
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..controlled import Prompt
+from ..controlled import GenerationError, Prompt
 from ..methods.base import Method, MethodError
 from ..policy import Policy
 from . import ServeError
@@ -106,6 +106,26 @@ class Server:
         self.engines = [self.engine] + ([self.base_engine] if self.base_engine is not None else [])
         self.attributor = RefusalAttributor(self.registry)
         self.admitted = 0
+        tokenizer = model.tokenizer
+        marks = set(tokenizer.all_special_tokens) | {
+            t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+        }
+        self.special_marks = sorted((m for m in marks if m), key=len, reverse=True)
+
+    def check_plain_text(self, texts: list[str], param: str) -> None:
+        """Client text must not carry the template's special tokens: the tokenizer would read
+        ``<|im_end|><|im_start|>system`` typed into a message as a real end of turn and a real
+        system turn, so a caller could forge turns around the policy (tiktoken refuses such text
+        by default too)."""
+        for i, text in enumerate(texts):
+            found = next((m for m in self.special_marks if m in text), None)
+            if found is not None:
+                where = f"{param}[{i}]" if len(texts) > 1 or param == "messages" else param
+                raise ServeError(
+                    400,
+                    f"{where} contains the model's special token {found!r}; special tokens cannot be sent as text",
+                    param=param,
+                )
 
     def engine_for(self, policy: Policy) -> Engine:
         """The engine that answers a request made under ``policy`` (before any rewrite)."""
@@ -113,8 +133,12 @@ class Server:
 
     # -- request preparation ------------------------------------------------------------------
     def _model_profile(self, model: str) -> str | None:
-        base, sep, profile = model.partition(":")
-        if base != self.settings.model_id:
+        own = self.settings.model_id
+        # the served id may itself hold a colon ("smollm2:135m"): the profile is what follows it
+        base, sep, profile = (
+            (own, ":", model[len(own) + 1 :]) if model.startswith(own + ":") else (model, "", "")
+        )
+        if base != own:
             raise ServeError(
                 404,
                 f"model {model!r} does not exist; this server serves {self.settings.model_id!r} "
@@ -159,8 +183,11 @@ class Server:
             max_new_tokens=max_tokens,
             min_tokens=min_tokens,
             # T -> 0 is argmax; below 1e-5 a float32 division would underflow to 0/0
-            temperature=req.temperature if req.temperature and req.temperature >= 1e-5 else 0.0,
-            top_p=req.top_p if req.top_p is not None else 1.0,
+            # top_p 0 keeps only the likeliest token (OpenAI allows it): greedy
+            temperature=req.temperature
+            if req.temperature and req.temperature >= 1e-5 and req.top_p != 0
+            else 0.0,
+            top_p=req.top_p if req.top_p else 1.0,
             seed=None if req.seed is None else req.seed % 2**63,
         )
         inputs, ctrl, counts = [], [], []
@@ -176,6 +203,10 @@ class Server:
                     f"prompt is {n} tokens; this server's limit is {s.max_prompt_tokens}",
                     param="messages",
                 )
+            try:  # checked here, per request: past the window a row would fail its whole batch
+                self.engine.model.check_fits(n, max_tokens)
+            except GenerationError as exc:
+                raise ServeError(400, str(exc), param="max_tokens") from None
             inputs.append(model_prompt)
             ctrl.append(policy)
             counts.append(n)
@@ -322,6 +353,12 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI parses the body before dependencies run: a caller without a valid key learns
+        # nothing about what the server accepts, whatever the body
+        try:
+            server.book.authenticate(request.headers.get("authorization"))
+        except ServeError as denied:
+            return _error(denied)
         errors = exc.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
@@ -345,7 +382,7 @@ def create_app(server: Server) -> FastAPI:
         return _error(ServeError(500, f"internal error: {type(exc).__name__}", "server_error"))
 
     def authenticate(request: Request, _: Any = Depends(bearer)) -> ApiKey | None:
-        """A dependency, so a bad key is a 401 before the body is validated."""
+        """A dependency; a body that fails validation is answered after this check too (``_invalid``)."""
         return server.book.authenticate(request.headers.get("authorization"))
 
     responses = {
@@ -423,10 +460,12 @@ def create_app(server: Server) -> FastAPI:
                 async for _ in gen.deltas(deadline):
                     pass
         except asyncio.TimeoutError:
+            _count_work(server, prep, gens)
             raise ServeError(
                 504, f"request timed out after {settings.request_timeout_s:g}s", "timeout"
             ) from None
         except RuntimeError as exc:
+            _count_work(server, prep, gens)
             raise ServeError(500, str(exc), "server_error") from None
         finally:
             watcher.cancel()
@@ -434,7 +473,7 @@ def create_app(server: Server) -> FastAPI:
                 job.cancelled.set()
             server.release()
         if watcher.done() and not watcher.cancelled():  # nobody is listening: no answer to build
-            server.metrics.tokens(sum(prep.prompt_tokens), sum(len(g.ids) for g in gens))  # work done
+            _count_work(server, prep, gens)
             return Response(status_code=CLIENT_CLOSED)
         choices, completion = [], 0
         for i, gen in enumerate(gens):
@@ -476,6 +515,7 @@ def create_app(server: Server) -> FastAPI:
         messages = [_message(m) for m in body.messages]
         if not any(m["role"] == "user" for m in messages):
             raise ServeError(400, "messages need at least one 'user' message", param="messages")
+        server.check_plain_text([m["content"] for m in messages], "messages")
         prep = server.prepare(key, body, [messages])
         return await run(prep, bool(body.stream), _usage(body), True, body.model, request)
 
@@ -488,6 +528,7 @@ def create_app(server: Server) -> FastAPI:
             raise ServeError(400, f"prompt takes 1 to {settings.max_batch_size} strings", param="prompt")
         if body.stream and len(prompts) > 1:
             raise ServeError(400, "streaming takes a single prompt", param="prompt")
+        server.check_plain_text(prompts, "prompt")
         prep = server.prepare(key, body, list(prompts))
         return await run(prep, bool(body.stream), _usage(body), False, body.model, request)
 
@@ -516,8 +557,13 @@ def _message(m: ChatMessage) -> dict[str, str]:
     return {"role": role, "content": m.text()}
 
 
-def _count(server: Server, prep: _Prepared, gens: list[_Generation]) -> None:
+def _count_work(server: Server, prep: _Prepared, gens: list[_Generation]) -> None:
+    """Tokens processed, whether or not anyone received the answer."""
     server.metrics.tokens(sum(prep.prompt_tokens), sum(len(g.ids) for g in gens))
+
+
+def _count(server: Server, prep: _Prepared, gens: list[_Generation]) -> None:
+    _count_work(server, prep, gens)
     for gen in gens:
         rule = server.attributor.attribute(gen.text, prep.resolved.policy)
         if rule is not None:
@@ -557,6 +603,7 @@ async def _stream(
             **extra,
         }
 
+    counted = False
     try:
         first = chunk("", None, safety=server.safety_report(prep.resolved, None))
         if chat:
@@ -578,6 +625,7 @@ async def _stream(
             yield _sse(error.body())
             return
         _count(server, prep, gens)
+        counted = True
         yield _sse(chunk(None, gen.finish, safety=server.safety_report(prep.resolved, gen.text)))
         if include_usage:
             usage = {
@@ -598,4 +646,6 @@ async def _stream(
         yield b"data: [DONE]\n\n"
     finally:
         gen.job.cancelled.set()
+        if not counted:  # timed out, failed or hung up: the tokens were still computed
+            _count_work(server, prep, gens)
         server.release()

@@ -57,8 +57,8 @@ class _Common(BaseModel):
     )
     max_tokens: int | None = Field(None, ge=1, le=2**31)
     temperature: Finite | None = Field(None, ge=0.0, le=2.0, description="0 or absent: greedy decoding.")
-    top_p: Finite | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per prompt is supported.")
+    top_p: Finite | None = Field(None, ge=0.0, le=1.0, description="0 keeps only the likeliest token.")
+    n: int | None = Field(1, ge=1, le=1, description="Only one choice per prompt is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: Seed | None = None
