@@ -49,6 +49,10 @@ def main() -> None:
     tests = suite.split("test")
     prompts = [e.prompt for e in tests[:: max(1, len(tests) // args.prompts)]][: args.prompts]
     pairs = [("alcohol", "betting"), ("horror", "sex"), ("addiction", "alcohol"), ("betting", "horror")]
+    for name, m in methods.items():  # the timed policies are minors pairs: every method must know them
+        missing = sorted({c for pair in pairs for c in pair} - set(m.registry.names))
+        if missing:
+            raise SystemExit(f"{name}: no {', '.join(missing)}; this benchmark times minors pairs")
     policies = [Policy(pairs[i % len(pairs)]) for i in range(len(prompts))]
     for m in methods.values():  # warm-up: first-call costs (allocations, caches) are not inference cost
         m.generate(prompts[:2], policies[:2], max_new_tokens=2, batch_size=args.batch)

@@ -44,10 +44,10 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _requests(seed: int, registry, prompts: list[str]):
-    """An endless, seeded stream of (prompt, mixed policy)."""
+def _requests(seed: int, categories: list[str], prompts: list[str]):
+    """An endless, seeded stream of (prompt, mixed policy) over the artifact's own categories."""
     rng = random.Random(seed)
-    names = list(registry.names)
+    names = list(categories)
     while True:
         order = rng.choice([0, 1, 2, 3])
         yield rng.choice(prompts), sorted(rng.sample(names, order), key=names.index)
@@ -162,10 +162,15 @@ def main() -> None:
     from mosaic_safety.tokens import read_manifest
 
     manifest = read_manifest(args.artifact)
-    suite = load_suite(manifest["registry"]["name"])
+    # the suite the run trained on (a directory, or a built-in name); older manifests name its registry
+    data = ((manifest.get("training") or {}).get("config") or {}).get("data") or {}
+    suite = load_suite(data.get("suite") or manifest["registry"]["name"])
+    categories = list(manifest.get("composition_order") or [c["name"] for c in manifest["categories"]])
     test = suite.split("test")
     prompts = [ex.prompt for ex in test]
     single = [c for c in args.single_policy.split(",") if c]
+    if set(single) - set(categories):
+        raise SystemExit(f"--single-policy {args.single_policy}: the artifact has {', '.join(categories)}")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
@@ -225,7 +230,7 @@ def main() -> None:
                 "bench",
                 args.clients,
                 args.duration,
-                _requests(args.seed, suite.registry, prompts),
+                _requests(args.seed, categories, prompts),
                 args.max_tokens,
                 proc.pid,
             )
@@ -242,7 +247,7 @@ def main() -> None:
     results["in_process"] = _in_process(
         args.artifact,
         args.model,
-        _requests(args.seed, suite.registry, prompts),
+        _requests(args.seed, categories, prompts),
         compare,
         args.max_batch_size,
         args.max_tokens,

@@ -4,7 +4,9 @@ A real MOSAIC step (refusal CE on positives, CE + KL against the frozen model on
 on one batch drawn by the trainer's own sampler. "shared" runs each row's prompt up to its control
 tokens once without gradients and reuses it for the teacher pass; "full" back-propagates through
 the whole sequence and runs the teacher on its own. Steps alternate so machine noise hits both
-alike; compare the ratio of medians, not absolute times.
+alike; compare the ratio of medians, not absolute times. The trainer's caches across steps are off
+here (both paths would otherwise take prompt heads and teacher states from them after the first
+round, which is what ``bench/step_caches.py`` measures).
 
     python bench/shared_heads.py [--config configs/smollm2-minors.yaml] [--steps 6] [--order 1]
 """
@@ -29,10 +31,14 @@ def main() -> None:
     import torch
 
     from mosaic_safety.config import load_config
+    from mosaic_safety.training.base_states import BaseStates
+    from mosaic_safety.training.head_cache import HeadCache
     from mosaic_safety.training.trainer import Trainer, optimizer_step
 
     config = load_config(args.config, args.overrides)
     trainer = Trainer(config)
+    # every step computes its heads and teacher states afresh, as the first epoch does
+    trainer.head_cache, trainer.base_states = HeadCache(trainer.model, 0), BaseStates(trainer.model, 0)
     batches = [
         b
         for b in trainer.sampler.epoch_batches(0, config.optim.batch_size)

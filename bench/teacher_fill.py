@@ -21,7 +21,7 @@ def main() -> None:
     )
     parser.add_argument("--config", default="configs/smollm2-minors.yaml")
     parser.add_argument("--prompts", type=int, default=144)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds, after one untimed warm-up round")
     args = parser.parse_args()
 
     from mosaic_safety.config import load_config
@@ -44,10 +44,11 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"length-sorted": [], "alphabetical": []}
     answers = {}
-    for _ in range(args.rounds):
+    for rnd in range(args.rounds + 1):
         for name, order in (("length-sorted", by_length), ("alphabetical", alphabetical)):
             seconds, answers[name] = run(order)
-            times[name].append(seconds)
+            if rnd:  # the first round warms up both orders
+                times[name].append(seconds)
     same = sum(answers["length-sorted"][p] == answers["alphabetical"][p] for p in alphabetical)
     a, b = statistics.median(times["length-sorted"]), statistics.median(times["alphabetical"])
     print(

@@ -22,17 +22,18 @@ would be worth building (docs/experiments.md, "The categories' tokens competing 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from mosaic_safety import ControlledModel, ControlTokens, Policy, load_backbone, load_suite
+from mosaic_safety import ControlledModel, ControlTokens, Policy, load_backbone
+from mosaic_safety.config import DataConfig
 from mosaic_safety.evaluation.judges import AnyJudge, PhraseJudge, TemplateJudge
 from mosaic_safety.evaluation.table import held_out_groups, table_checks
 from mosaic_safety.logits import margin_over_rivals
 from mosaic_safety.tokens import read_manifest
+from mosaic_safety.training.trainer import load_training_suite
 
 
 @torch.no_grad()
@@ -111,10 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     manifest = read_manifest(args.artifact)
     backbone = load_backbone(manifest["backbone"]["name"], "cpu", "float32")
     model = ControlledModel(backbone, ControlTokens.load(args.artifact, backbone.describe()))
-    data = manifest["training"]["config"]["data"]
-    suite = load_suite(data["suite"])
-    if data.get("refusal"):  # the wording the tokens were trained to say, as `mosaic train` judges it
-        suite = dataclasses.replace(suite, registry=suite.registry.with_refusal(data["refusal"]))
+    # the wording the tokens were trained to say, as `mosaic train` judges it
+    suite = load_training_suite(DataConfig(**manifest["training"]["config"]["data"]))
     categories = list(model.tokens.categories)
     groups = held_out_groups(suite, categories, "test", args.per_group, args.seed)
     groups.pop("boundary", None)

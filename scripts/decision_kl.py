@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
-from mosaic_safety import ControlledModel, ControlTokens, Policy, build_judge, load_backbone, load_suite
+from mosaic_safety import ControlledModel, ControlTokens, Policy, build_judge, load_backbone
 from mosaic_safety.backbone import cache_root
+from mosaic_safety.config import DataConfig
 from mosaic_safety.tokens import read_manifest
 from mosaic_safety.training.losses import token_kl
 from mosaic_safety.training.teacher import BaseResponseCache
-from mosaic_safety.training.trainer import training_pools
+from mosaic_safety.training.trainer import load_training_suite, training_pools
 
 
 @torch.no_grad()
@@ -76,7 +77,8 @@ def main() -> None:
         parser.error(f"{args.artifact} has no training record to find its data and answer length")
     backbone = load_backbone(manifest["backbone"]["name"])
     model = ControlledModel(backbone, ControlTokens.load(args.artifact, backbone.describe()))
-    suite = load_suite(manifest["training"]["suite"])
+    # the suite the run trained on (a directory too) with the refusal wording it was trained to say
+    suite = load_training_suite(DataConfig(**manifest["training"]["config"]["data"]))
     try:
         prompts = pick_prompts(manifest, suite, args.split, args.group, args.n)
         policy = suite.registry.policy(args.policy)

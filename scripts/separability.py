@@ -130,7 +130,9 @@ def refusals(
         chunk = list(prompts[start : start + 48])
         responses += model.generate(chunk, [policy] * len(chunk), max_new_tokens=max_new_tokens)
         print(f"answers under {policy or '(empty)'}: {len(responses)}/{len(prompts)}", flush=True)
-    return torch.tensor(build_judge("template+phrase", suite.registry)(list(prompts), responses))
+    # the suite's refusal templates and the wording the tokens were trained to say (data.refusal)
+    registries = [suite.registry] + ([model.tokens.registry] if model.tokens is not None else [])
+    return torch.tensor(build_judge("template+phrase", registries)(list(prompts), responses))
 
 
 def sample_rows(labels: torch.Tensor, per_group: int, seed: int = 0) -> torch.Tensor:

@@ -91,6 +91,41 @@ def test_decision_kl_separates_the_first_answer_token(tiny_backbone, tiny_tokens
     assert rows[1]["mean"] == pytest.approx(float(kl.mean()), rel=1e-4)
 
 
+def test_decision_kl_runs_on_a_suite_directory_with_its_trained_wording(tmp_path):
+    """The run's suite is reloaded from its recipe (a directory, not the suite's name), and replies
+    are judged against the refusal the tokens were trained to say."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mosaic_safety.config import load_config
+    from mosaic_safety.data.suites import BUILTIN_DIR
+    from mosaic_safety.training.trainer import Trainer
+
+    suite = tmp_path / "my-suite"
+    shutil.copytree(BUILTIN_DIR / "minors", suite)
+    art = tmp_path / "art"
+    overrides = [f"data.suite={suite}", "data.refusal=Not here: {display}.", "optim.epochs=1"]
+    Trainer(load_config("configs/tiny-test.yaml", overrides)).train(art)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "decision_kl.py"), str(art), "--policy", "alcohol"]
+        + ["--group", "alcohol", "--split", "test", "-n", "2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "first" in proc.stdout
+    judge = _script("decision_kl").build_judge
+    from mosaic_safety.config import DataConfig
+    from mosaic_safety.training.trainer import load_training_suite
+
+    trained = load_training_suite(DataConfig(suite=str(suite), refusal="Not here: {display}."))
+    assert judge("template", trained.registry)(["q"], ["Not here: alcohol."]) == [True]
+
+
 def test_decision_kl_picks_pool_or_test_prompts():
     from mosaic_safety.data import load_suite
     from mosaic_safety.training.trainer import training_pools
