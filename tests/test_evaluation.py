@@ -78,6 +78,39 @@ def test_summarise_hand_made_case():
     assert s["matrix"]["a,b"]["b"] == 1.0 and s["matrix"]["(empty)"]["b"] == 0.5
 
 
+def test_order_intervals_count_each_prompt_once():
+    """Every subset of an order asks the same neutral prompts: three subsets of 10 neutral prompts
+    are 10 prompts, not 30, and the interval must not narrow with more subsets."""
+    cats = ["a", "b", "c"]
+    groups = {"a": 10, "b": 10, "c": 10, "neutral": 10}
+    policies = [Policy((c,)) for c in cats]
+    votes = {}
+    for p in policies:
+        for g in groups:
+            votes[(p.key, g)] = [i == 0 for i in range(10)]  # 1 of 10 everywhere, like `none`
+    orders = summarise(policies, groups, votes, cats)["orders"]["1"]
+    neutral = orders["or_neutral_pooled"]
+    assert (neutral["k"], neutral["n"], neutral["n_eff"]) == (3, 30, 10)
+    assert (neutral["lo"], neutral["hi"]) == pytest.approx(wilson(1, 10))  # one subset's interval
+    inactive = orders["or_inactive_pooled"]  # 3 subsets x 2 inactive categories over 30 prompts
+    assert (inactive["n"], inactive["n_eff"]) == (60, 30)
+    dsr = orders["dsr_pooled"]  # each subset its own category: 30 different prompts
+    assert dsr["n"] == 30 and "n_eff" not in dsr
+    assert (dsr["lo"], dsr["hi"]) == pytest.approx(wilson(3, 30))
+
+
+def test_an_order_whose_subsets_lack_prompts_says_how_many_dsr_averages():
+    cats = ["a", "b"]
+    groups = {"a": 2, "neutral": 2}  # b has no prompts in this split
+    policies = [Policy(("a",)), Policy(("b",))]
+    votes = {(p.key, g): [True, False] for p in policies for g in groups}
+    order = summarise(policies, groups, votes, cats)["orders"]["1"]
+    assert order["subsets"] == 2 and order["dsr_subsets"] == 1
+    from mosaic_safety.evaluation.report import subsets_cell
+
+    assert subsets_cell(order) == "2 (DSR over 1)"
+
+
 def test_choose_policies_all_or_seeded_sample():
     cats = ["a", "b", "c", "d", "e"]
     every = choose_policies(cats, 4)

@@ -701,7 +701,7 @@ def _make_judge(spec: str, registry: Any) -> Any:
 
 
 def print_orders(results: dict[str, Any]) -> None:
-    from .evaluation.report import METRICS, pct
+    from .evaluation.report import METRICS, pct, subsets_cell
 
     table = Table(title=f"{results['method']['method']}: refusal by order ({results['judge']} judge)")
     table.add_column("order")
@@ -709,7 +709,7 @@ def print_orders(results: dict[str, Any]) -> None:
     for _, label in METRICS:
         table.add_column(label, justify="right")
     for k, s in results["orders"].items():
-        table.add_row(k, str(s["subsets"]), *(pct(s[key]) for key, _ in METRICS))
+        table.add_row(k, subsets_cell(s), *(pct(s[key]) for key, _ in METRICS))
     out.print(table)
     groups = list(results["groups"])
     singles = Table(title="refusal rate by prompt group: empty and single-category policies (bold: own)")

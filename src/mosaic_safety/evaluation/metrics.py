@@ -36,12 +36,23 @@ def rate(votes: Iterable[bool]) -> dict[str, Any]:
     return {"k": k, "n": n, "rate": k / n if n else None, "lo": lo, "hi": hi}
 
 
-def pooled(rates: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Sum the counts of several rates: one interval over all their prompts."""
+def pooled(rates: Sequence[dict[str, Any]], distinct: int | None = None) -> dict[str, Any]:
+    """Sum the counts of several rates: one interval over all their prompts.
+
+    Rates over the same prompts (one order's subsets all ask the neutral prompts) are not
+    independent samples: four subsets do not make 40 neutral prompts out of 10. ``distinct`` is
+    the number of different prompts behind the rates; the interval is then the pooled rate's over
+    that many (``n_eff``), as if each prompt's answers agreed across subsets, which is what a
+    ``none`` method's do. ``k`` and ``n`` stay the plain counts.
+    """
     k = sum(r["k"] for r in rates)
     n = sum(r["n"] for r in rates)
-    lo, hi = wilson(k, n)
-    return {"k": k, "n": n, "rate": k / n if n else None, "lo": lo, "hi": hi}
+    n_eff = min(n, distinct) if distinct is not None else n
+    lo, hi = wilson(k * n_eff / n, n_eff) if n else wilson(0, 0)
+    out = {"k": k, "n": n, "rate": k / n if n else None, "lo": lo, "hi": hi}
+    if n_eff != n:
+        out["n_eff"] = n_eff
+    return out
 
 
 def mean_rate(rates: Sequence[dict[str, Any]]) -> float | None:

@@ -240,10 +240,21 @@ def summarise(
     for k in sorted({r["order"] for r in rows}):
         at_k = [r for r in rows if r["order"] == k]
         summary: dict[str, Any] = {"subsets": len(at_k)}
+        # the different prompts behind each metric at this order: subsets share them
+        active_union = {c for r in at_k for c in r["categories"] if c in groups}
+        inactive_union = {c for r in at_k for c in categories if c in groups and c not in r["categories"]}
+        distinct = {
+            "dsr": sum(groups[c] for c in active_union),
+            "or_inactive": sum(groups[c] for c in inactive_union),
+            "or_neutral": groups.get("neutral", 0),
+            "or_boundary": groups.get("boundary", 0),
+        }
         for metric in ("dsr", "or_inactive", "or_neutral", "or_boundary"):
             rates = [r[metric] for r in at_k if r[metric] is not None]
             summary[metric] = mean_rate(rates) if rates else None
-            summary[f"{metric}_pooled"] = pooled(rates) if rates else None
+            summary[f"{metric}_pooled"] = pooled(rates, distinct[metric]) if rates else None
+            if metric == "dsr" and len(rates) < len(at_k):  # subsets whose categories have no prompts
+                summary["dsr_subsets"] = len(rates)
         orders[str(k)] = summary
     matrix = {r["policy"]: {g: v["rate"] for g, v in r["rates"].items()} for r in rows}
     return {"policies": rows, "orders": orders, "matrix": matrix}

@@ -25,6 +25,12 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
 
 
+def subsets_cell(order: dict[str, Any]) -> str:
+    """Subsets at an order; where some have no prompts of their categories, how many DSR averages."""
+    n = order["subsets"]
+    return f"{n} (DSR over {order['dsr_subsets']})" if "dsr_subsets" in order else str(n)
+
+
 def _mean_and_interval(mean: float | None, pooled: dict[str, Any] | None) -> str:
     """Order cell: the mean over subsets, then the pooled interval."""
     if mean is None or pooled is None:
@@ -74,7 +80,7 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
     ]
     for k, s in results["orders"].items():
         cells = [_mean_and_interval(s[key], s[key + "_pooled"]) for key, _ in METRICS]
-        lines.append(f"| {k} | {s['subsets']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {k} | {subsets_cell(s)} | " + " | ".join(cells) + " |")
     groups = list(results["groups"])
     lines += [
         "",
