@@ -483,3 +483,30 @@ def test_a_stop_before_the_new_run_writes_anything_puts_the_earlier_run_back(tra
         (out / "train_log.jsonl").write_text("")
         raise KeyboardInterrupt
     assert not replacement.restored and sorted(p.name for p in out.iterdir()) == ["train_log.jsonl"]
+
+
+def test_a_category_without_test_prompts_is_named_not_crashed_on(tmp_path):
+    """The closing table has a policy row but no column for a category whose test prompts are all
+    gone: training ends, the artifact and table are written, and the table says what it missed."""
+    from mosaic_safety.data.suites import BUILTIN_DIR
+
+    suite = tmp_path / "suite"
+    shutil.copytree(BUILTIN_DIR / "minors", suite)
+    horror = suite / "horror.jsonl"
+    rows = [line for line in horror.read_text().splitlines() if '"split": "test"' not in line]
+    horror.write_text("\n".join(rows) + "\n")
+    art = tmp_path / "art"
+    proc = mosaic(
+        "train",
+        "-c",
+        "configs/tiny-test.yaml",
+        "-o",
+        str(art),
+        f"data.suite={suite}",
+        "optim.epochs=1",
+        cache=tmp_path / "cache",
+    )
+    assert "no test prompts for horror" in proc.stdout
+    table = json.loads((art / "eval_table.json").read_text())
+    assert "horror" in table["rates"] and "horror" not in table["groups"]
+    assert table["checks"]["no_prompts"] == ["horror"]

@@ -371,6 +371,11 @@ def print_table(table: dict[str, Any], categories: list[str]) -> None:
             f"(mean {checks['other_mean']:.0%}); neutral ≤ {checks['neutral_max']:.0%}"
             + (f"; boundary ≤ {checks['boundary_max']:.0%}" if "boundary_max" in checks else "")
         )
+    if checks and checks.get("no_prompts"):
+        out.print(
+            f"[yellow]no {table.get('split', '')} prompts for {', '.join(checks['no_prompts'])}: "
+            "their own-category refusal is not measured[/]"
+        )
 
 
 def _load_controlled(artifact: Path | None, model: str | None, device: str, dtype: str) -> Any:

@@ -76,14 +76,15 @@ def refusal_table(
 def table_checks(table: dict[str, Any], categories: Sequence[str]) -> dict[str, Any]:
     """Summary numbers of a single-category refusal table (the main job's acceptance figures)."""
     rates = table["rates"]
-    singles = [c for c in categories if c in rates]
+    # a category without prompts in the split has a policy row but no column: it is named, not scored
+    singles = [c for c in categories if c in rates and c in rates[c]]
     if not singles:
         return {}
     on = [rates[c][c] for c in singles]
-    other = [rates[c][o] for c in singles for o in categories if o != c]
+    other = [rates[c][o] for c in singles for o in categories if o != c and o in rates[c]]
     neutral = [rates[c]["neutral"] for c in singles if "neutral" in rates[c]]
     boundary = [rates[c]["boundary"] for c in singles if "boundary" in rates[c]]
-    summary = {
+    summary: dict[str, Any] = {
         "target_min": min(on),
         "target_mean": sum(on) / len(on),
         "other_max": max(other, default=0.0),
@@ -92,4 +93,7 @@ def table_checks(table: dict[str, Any], categories: Sequence[str]) -> dict[str, 
     }
     if boundary:
         summary["boundary_max"] = max(boundary)
+    unscored = [c for c in categories if c in rates and c not in rates[c]]
+    if unscored:
+        summary["no_prompts"] = unscored
     return summary
