@@ -121,6 +121,26 @@ def test_reload_is_deterministic_and_base_logits_unchanged(runs, tiny_backbone, 
     assert not torch.allclose(adapted, ref, atol=1e-4)
 
 
+def test_kl_to_base_compares_with_the_model_without_the_adapter(runs, tiny_backbone):
+    """`mosaic eval --kl-prompts` measures a method against the frozen model. A LoRA method's own
+    backbone carries the adapter: measured against it, its KL to base came out too low."""
+    from mosaic_safety.evaluation.utility import kl_to_base
+    from mosaic_safety.methods.controlled_method import reference_method
+
+    art = runs[_key("lora_sft", ())][0]
+    method = load_method(artifact=art, backbone=tiny_backbone)
+    reference = reference_method(method)
+    frozen = ControlledModel(tiny_backbone)
+    assert torch.equal(
+        reference.first_token_logits(PROMPTS, [Policy(())] * 3), frozen.next_token_logits(PROMPTS, [None] * 3)
+    )
+    assert not torch.equal(
+        reference.first_token_logits(PROMPTS, [Policy(())] * 3),
+        method.model.next_token_logits(PROMPTS, [None] * 3),
+    )
+    assert kl_to_base(method, reference, PROMPTS, Policy(("alcohol",)), 4)["mean_per_token"] > 0
+
+
 def test_reloaded_logits_match_the_trained_model(tmp_path, tiny_backbone, monkeypatch):
     from mosaic_safety.methods.lora_sft import SFTTrainer
 

@@ -679,12 +679,11 @@ def eval_command(
             max_new_tokens=max_new_tokens,
         )
         if extras.any():
-            from .methods.controlled_method import base_method
+            from .methods.controlled_method import reference_method
 
-            base = base_method(m.backbone, m.registry) if hasattr(m, "backbone") else None
             results["extras"] = run_extras(
                 m,
-                base,
+                reference_method(m),
                 data,
                 the_judge,
                 results["categories"],

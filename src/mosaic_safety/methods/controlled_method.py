@@ -114,6 +114,15 @@ def base_method(backbone: Backbone, registry: CategoryRegistry) -> ControlledMet
     )
 
 
+def reference_method(method: Any) -> ControlledMethod | None:
+    """The frozen model a method's answers are compared with (KL to base, utility): ``none`` over
+    the untouched backbone. A LoRA method's own backbone carries its adapter, so its ``base``
+    (the model it answers the empty policy with) is the reference, not ``method.backbone``."""
+    base = getattr(method, "base", None)
+    backbone = base.backbone if isinstance(base, ControlledModel) else getattr(method, "backbone", None)
+    return base_method(backbone, method.registry) if backbone is not None else None
+
+
 def in_context_rules(registry: CategoryRegistry, policy: Policy) -> str:
     """The system prompt of the in-context baseline: one short rule per active category.
 
