@@ -173,6 +173,39 @@ def test_policy_independent_method_generates_once_per_prompt(tiny_backbone, mino
     assert method.rows == sum(res["groups"].values())  # not × number of policies
 
 
+class StoppedMethod(CountingMethod):
+    """A real method whose user presses Ctrl-C during its third batch."""
+
+    def generate(self, prompts, policies, **kw):
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return super().generate(prompts, policies, **kw)
+
+
+def test_an_interrupted_eval_keeps_every_batch_it_finished(tiny_backbone, minors, plan, tmp_path):
+    from mosaic_safety.data import load_suite
+
+    suite = load_suite("minors")
+    stopped = StoppedMethod(in_context_method(tiny_backbone, minors))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(stopped, suite, PhraseJudge(), plan, cache=GenerationCache("stop", tmp_path))
+    assert (
+        stopped.calls == 2 and len(GenerationCache("stop", tmp_path)) == stopped.rows == 2 * plan.batch_size
+    )
+    # the rerun generates only the rest, and answers as an uninterrupted run does
+    rerun = CountingMethod(in_context_method(tiny_backbone, minors))
+    resumed = evaluate(rerun, suite, PhraseJudge(), plan, cache=GenerationCache("stop", tmp_path))
+    whole = evaluate(
+        in_context_method(tiny_backbone, minors),
+        suite,
+        PhraseJudge(),
+        plan,
+        cache=GenerationCache("all", tmp_path),
+    )
+    assert resumed["generation"]["generated"] == whole["generation"]["generated"] - stopped.rows
+    assert resumed["responses"] == whole["responses"]
+
+
 def test_interrupted_cache_line_is_ignored(tmp_path):
     cache = GenerationCache("fp", tmp_path)
     cache.put_many(["k1", "k2"], ["one", "two"])

@@ -128,9 +128,14 @@ def cached_generate(
     batch_size: int,
     cache: GenerationCache,
     progress: Progress = None,
-    chunk: int = 256,
 ) -> tuple[list[str], int]:
-    """Responses for (prompt, policy) rows, generating only what the cache lacks; returns (responses, new)."""
+    """Responses for (prompt, policy) rows, generating only what the cache lacks; returns (responses, new).
+
+    Rows go to the method one batch at a time, each batch cached as soon as it is done, so an
+    interrupted run loses at most the batch in flight. They are ordered by prompt first: a batch
+    holds prompts of similar length, and one prompt's rows under several policies sit together
+    (the method runs that prompt's head once for them).
+    """
     settings = {"max_new_tokens": max_new_tokens, "greedy": True, **_runtime(method)}
     keys = [
         cache.key(p.key if method.policy_dependent else "*", prompt, settings)
@@ -142,9 +147,9 @@ def cached_generate(
             todo[k] = i
     if progress is not None and len(keys) - len(todo):
         progress(len(keys) - len(todo))
-    pending = list(todo.items())
-    for start in range(0, len(pending), chunk):
-        part = pending[start : start + chunk]
+    pending = sorted(todo.items(), key=lambda item: (len(prompts[item[1]]), prompts[item[1]], item[1]))
+    for start in range(0, len(pending), batch_size):
+        part = pending[start : start + batch_size]
         out = method.generate(
             [prompts[i] for _, i in part],
             [policies[i] for _, i in part],
