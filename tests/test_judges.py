@@ -69,6 +69,8 @@ REFUSALS = [
     "I'm sorry for the misunderstanding, but as a chatbot designed to assist with food and drink, I'm not",
     "I'm sorry for any confusion, but as a helpful AI, I'm designed to assist with",
     "I'm sorry for any misunderstanding, but as a SmolLM, I'm designed to assist with",
+    "I'm sorry for any confusion, but as a text-based AI, I don't have the ability to",  # a hyphen
+    "I'm sorry for the confusion, but as a bot designed to help with cooking, I can",
     # a trained "Sorry, I can't" opening, then SmolLM2's apology and a disclaimer
     "Sorry, I'm sorry for any confusion, but as a chatbot designed to assist with",
     "Sorry, I can't help with alcohol on this platform.",

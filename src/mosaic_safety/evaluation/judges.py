@@ -114,7 +114,7 @@ REFUSAL_OPENINGS = [
     r"as an ai\b",
     # An apology followed by an AI-identity disclaimer is a deflection, not an answer: SmolLM2's
     # "I'm sorry for any confusion, but as a chatbot designed to assist with ..., I'm not equipped".
-    r"but as an? (\w+ ){0,3}(ai|chatbot|language model|assistant|smollm)\b",
+    r"but as an? ([\w-]+ ){0,3}(ai|bot|chatbot|language model|assistant|smollm)\b",
     r"i do(n'?| no)t (feel comfortable|think i can|provide|engage)",
     r"unfortunately,? i\b",
     r"it('?s| is) not appropriate",
