@@ -310,6 +310,19 @@ def test_cli_train_then_load(tmp_path, tiny_backbone):
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown dsa method_options rank" in bad.stderr
     assert "Traceback" not in bad.stderr
+    mosaic = str(Path(sys.executable).parent / "mosaic")
+    info = subprocess.run([mosaic, "info", str(art)], capture_output=True, text=True, env=env, timeout=300)
+    assert info.returncode == 0 and "method dsa" in info.stdout, info.stderr
+    chat = subprocess.run(
+        [mosaic, "chat", "--artifact", str(art)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        input="",
+    )
+    assert chat.returncode == 2 and "a 'dsa' artifact, not control tokens" in chat.stderr
+    assert "mosaic serve" not in chat.stderr  # DSA is not served
 
 
 def test_backbone_states_are_cached_and_a_bad_entry_is_recomputed(

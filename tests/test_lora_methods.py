@@ -440,9 +440,14 @@ def test_cli_train_then_load(tmp_path, tiny_backbone, name):
     method = load_method(artifact=art, backbone=tiny_backbone)
     assert method.name == name
     assert len(method.generate(PROMPTS[:1], [Policy(("alcohol",))], max_new_tokens=4)) == 1
+    described = _mosaic("info", str(art), cache=tmp_path / "cache")
+    assert described.returncode == 0, described.stderr
+    assert f"method {name}" in described.stdout and "trainable parameters" in described.stdout
+    wrong = _mosaic("generate", "--artifact", str(art), "--prompt", "hi", cache=tmp_path / "cache")
+    assert wrong.returncode == 2 and f"a {name!r} artifact, not control tokens" in wrong.stderr
     if name == "magic_token":
         for secret in read_secrets(art)["tokens"].values():
-            assert secret not in proc.stdout + proc.stderr
+            assert secret not in proc.stdout + proc.stderr + described.stdout
     bad = train(tmp_path / "x", "method_options.lora_r=big")
     assert bad.returncode == 2 and "lora_r" in bad.stderr and "Traceback" not in bad.stderr
     before = (art / "weights.safetensors").read_bytes()

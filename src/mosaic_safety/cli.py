@@ -546,10 +546,15 @@ def chat(
 
 @app.command()
 def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> None:
-    """Describe an artifact (validated: a corrupt one is an error)."""
+    """Describe an artifact of any method (validated: a corrupt one is an error)."""
+    from .methods.artifact import artifact_method, load_method_artifact
     from .tokens import ControlTokens, read_manifest
 
     with friendly_errors():
+        method = artifact_method(artifact)
+        if method != "mosaic":
+            _describe_method_artifact(artifact, method, *load_method_artifact(artifact, method))
+            return
         manifest = read_manifest(artifact)
         tokens = ControlTokens.load(artifact)
     bb = manifest["backbone"]
@@ -587,6 +592,38 @@ def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> No
     table = manifest.get("metrics", {}).get("refusal_table")
     if table:
         print_table(table, [c["name"] for c in manifest["categories"]])
+
+
+def _describe_method_artifact(
+    artifact: Path, method: str, manifest: dict[str, Any], tensors: dict[str, Any], registry: Any
+) -> None:
+    """`mosaic info` for a comparison method's artifact (LoRA, magic tokens, DSA); secrets stay hidden."""
+    bb = manifest["backbone"]
+    out.print(
+        f"[bold]{artifact}[/]  method {method}, format v{manifest['format_version']}, "
+        f"library {manifest.get('library_version')}"
+    )
+    out.print(
+        f"backbone: {bb.get('name')}  hidden {bb.get('hidden_size')}  vocab {bb.get('vocab_size')}  "
+        f"fingerprint {bb.get('fingerprint')}",
+        highlight=False,
+    )
+    trainable = sum(t.numel() for t in tensors.values())
+    out.print(f"registry: {registry.name}   trainable parameters: {trainable:,}", highlight=False)
+    options = ", ".join(f"{k}={v}" for k, v in sorted(manifest["options"].items()))
+    if options:
+        out.print(f"options: {options}", highlight=False)
+    t = Table("category", "display", "refusal")
+    for c in registry.categories:
+        t.add_row(c.name, c.display, c.refusal_text)
+    out.print(t)
+    training = manifest.get("training") or {}
+    if training:
+        out.print(
+            f"training: {training.get('steps')} steps, {training.get('seconds')}s, suite {training.get('suite')},"
+            f" data hash {training.get('data_hash')}",
+            highlight=False,
+        )
 
 
 @app.command("eval")

@@ -398,6 +398,13 @@ def load_manifest_json(artifact_dir: str | Path) -> tuple[Any, Path]:
 def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     """Read and sanity-check ``mosaic.json`` (structure and format version)."""
     manifest, path = load_manifest_json(artifact_dir)
+    if isinstance(manifest, dict) and manifest.get("format") == "mosaic-method":
+        method = manifest.get("method")
+        # DSA steers hidden states by a classifier and has no prompt rewrite the server could apply
+        where = "evaluate it with `mosaic eval --artifact`" + (
+            "" if method == "dsa" else ", serve it with `mosaic serve`"
+        )
+        raise ArtifactError(f"{path.parent}: a {method!r} artifact, not control tokens; {where}")
     if not isinstance(manifest, dict) or manifest.get("format") != "mosaic-control-tokens":
         raise ArtifactError(f"{path}: not a mosaic control-token manifest")
     version = manifest.get("format_version")

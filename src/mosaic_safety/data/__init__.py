@@ -4,7 +4,7 @@
 never touches third-party data packages.
 """
 
-from .loaders import load_csv, load_file, load_hf, load_jsonl, validate_examples
+from .loaders import load_csv, load_file, load_hf, load_jsonl, near_duplicate_pairs, validate_examples
 from .schema import SPLITS, DataError, Example
 from .suites import Suite, list_suites, load_suite
 
@@ -19,5 +19,6 @@ __all__ = [
     "load_hf",
     "load_jsonl",
     "load_suite",
+    "near_duplicate_pairs",
     "validate_examples",
 ]
