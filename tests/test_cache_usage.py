@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,22 @@ def test_cache_cli_info_prune_clear(cache):
     assert "model-reinstalled" in info and "current" in info and "orphaned" in info
     assert "mosaic cache prune" in info
 
+    killed = root / "models" / ".convert-old"  # a conversion killed two hours ago
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"\0" * 500)
+    os.utime(killed, (time.time() - 7200, time.time() - 7200))
+    (root / "dsa_states").mkdir()
+    (root / "dsa_states" / ".states.safetensors.123.tmp").write_bytes(b"\0" * 50)  # a write in progress
+    info = mosaic("cache", "info", cache=root).stdout
+    assert "3 temporary items" in info and ".convert-old" in info
+
     pruned = mosaic("cache", "prune", cache=root).stdout
-    assert "removed 4 converted model copies" in pruned
+    assert "removed 4 converted model copies and 1 temporary items" in pruned
+    # a conversion still running (an hour has not passed) is left to finish
     assert {p.name for p in (root / "models").iterdir()} == {"model-reinstalled", ".convert-abc"}
+    assert (root / "dsa_states" / ".states.safetensors.123.tmp").exists()
+    mosaic("cache", "clear", "dsa_states", "--yes", cache=root)
+    assert not list((root / "dsa_states").iterdir())  # cleared: temporary items too
 
     bad = mosaic("cache", "clear", "respones", "--yes", cache=root, check=False)
     assert bad.returncode == 2 and "unknown area 'respones'" in bad.stderr

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -478,11 +479,90 @@ def test_a_stop_before_the_new_run_writes_anything_puts_the_earlier_run_back(tra
         raise KeyboardInterrupt
     assert replacement.restored and sorted(p.name for p in out.iterdir()) == before
     assert "the earlier run in" in interrupted_training(out, False, replacement)
-    # once the new run has written its first file, a stop leaves the new run, not the earlier one
+    # a first epoch cut short (a log, an empty checkpoints folder) has nothing to keep: the earlier
+    # run still comes back, in place of those partial files
     with pytest.raises(KeyboardInterrupt), replacing_run(out, overwrite=True) as replacement:
-        (out / "train_log.jsonl").write_text("")
+        (out / "train_log.jsonl").write_text('{"step": 1}\n')
+        (out / "checkpoints").mkdir()
         raise KeyboardInterrupt
-    assert not replacement.restored and sorted(p.name for p in out.iterdir()) == ["train_log.jsonl"]
+    assert replacement.restored and sorted(p.name for p in out.iterdir()) == before
+    assert (out / "train_log.jsonl").read_bytes() == (art / "train_log.jsonl").read_bytes()
+    # once the new run has a complete checkpoint, a stop leaves the new run, not the earlier one
+    with pytest.raises(KeyboardInterrupt), replacing_run(out, overwrite=True) as replacement:
+        shutil.copytree(art / "checkpoints" / "epoch-1", out / "checkpoints" / "epoch-1")
+        raise KeyboardInterrupt
+    assert not replacement.restored and sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+def _killed_overwrite(out: Path, progress: bool) -> None:
+    """What SIGKILL during `--overwrite` leaves: the earlier run in a hidden folder, maybe a partial
+    new run beside it (no finally ran)."""
+    aside = Path(tempfile.mkdtemp(prefix=".replaced-run-", dir=out))
+    for name in [p.name for p in out.iterdir() if not p.name.startswith(".")]:
+        os.replace(out / name, aside / name)
+    (out / "train_log.jsonl").write_text("")
+    if progress:
+        shutil.copytree(aside / "checkpoints" / "epoch-1", out / "checkpoints" / "epoch-1")
+
+
+def test_a_killed_overwrite_is_settled_by_the_next_train(trained, tmp_path):
+    """SIGKILL runs no cleanup: the earlier run sat hidden, `mosaic info` said there was none, and
+    each further killed --overwrite hid another copy. The next `mosaic train` in that folder puts
+    the earlier run back (the new one had no checkpoint) or finishes the replacement (it had)."""
+    from mosaic_safety.training.run_dir import recover_set_aside
+
+    root, art, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(art, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _killed_overwrite(out, progress=False)
+    _killed_overwrite(out, progress=False)  # killed twice: the earlier run is two folders deep
+    assert mosaic("info", str(out), cache=root / "cache", check=False).returncode == 2
+    refused = mosaic(
+        "train", "-c", "configs/tiny-test.yaml", "-o", str(out), cache=root / "cache", check=False
+    )
+    assert "restored the earlier run" in refused.stderr and "already holds a training run" in refused.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not list(out.glob(".replaced-run-*"))
+
+    _killed_overwrite(out, progress=True)
+    assert "had written a checkpoint" in recover_set_aside(out)
+    assert not list(out.glob(".replaced-run-*")) and (out / "checkpoints" / "epoch-1").is_dir()
+    assert recover_set_aside(out) is None
+
+
+def test_sigterm_stops_training_like_ctrl_c(trained, tmp_path):
+    """`kill`, systemd and docker stop send SIGTERM: the earlier run of an --overwrite comes back
+    and the stop is reported, instead of a silent death with the run hidden."""
+    root, art, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(art, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    env = {**os.environ, "MOSAIC_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "MOSAIC_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "mosaic_safety.cli", "train", "-c", "configs/tiny-test.yaml", "-o", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--overwrite", "optim.epochs=1000", "sampling.per_subset=40"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    # the earlier run moved aside and the new one logging: under way, its first epoch not finished
+    while proc.poll() is None and ((out / "mosaic.json").exists() or not (out / "train_log.jsonl").exists()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert "the earlier run in" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_checkpoint_with_a_damaged_marker_is_passed_over(trained, tmp_path):
+    from mosaic_safety.training.checkpoint import latest_checkpoint
+
+    _, art, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(art, out)
+    assert latest_checkpoint(out).name == "epoch-2"
+    (out / "checkpoints" / "epoch-2" / "trainer_state.json").write_text("")  # a power cut mid-write
+    assert latest_checkpoint(out).name == "epoch-1"
 
 
 def test_a_category_without_test_prompts_is_named_not_crashed_on(tmp_path):

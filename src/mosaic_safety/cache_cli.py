@@ -6,8 +6,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import cache_usage
 from .backbone import cache_root
-from .cache_usage import AREAS, clear, entries, prune_models
+from .cache_usage import AREAS, TEMPORARY, clear, entries
 
 cache_app = typer.Typer(
     help="Inspect and trim the cache (converted models, base answers, evaluation responses).",
@@ -39,16 +40,30 @@ def info() -> None:
         for entry in copies:
             models.add_row(entry.path.name, _mb(entry.bytes), entry.state)
         console.print(models)
-        if any(e.state != "current" for e in copies):
-            console.print("`mosaic cache prune` removes the copies that are not current.")
+    temporary = [e for area in AREAS for e in entries(area, root) if e.state == TEMPORARY]
+    if temporary:
+        console.print(
+            f"{len(temporary)} temporary items ({_mb(sum(e.bytes for e in temporary))}): writes in "
+            "progress, or left by killed jobs",
+            highlight=False,
+        )
+    if any(e.state not in ("current", TEMPORARY) for e in copies) or any(e.stale() for e in temporary):
+        console.print(
+            "`mosaic cache prune` removes the copies that are not current and stale temporary items."
+        )
 
 
 @cache_app.command("prune")
-def prune() -> None:
-    """Remove converted models whose GGUF file was replaced or removed (and older unrecorded ones)."""
-    removed = prune_models()
+def prune_command() -> None:
+    """Remove converted models whose GGUF file was replaced or removed (and older unrecorded ones),
+    and temporary items killed jobs left (older than an hour)."""
+    removed = cache_usage.prune()
     freed = sum(e.bytes for e in removed)
-    console.print(f"removed {len(removed)} converted model copies, {_mb(freed)} freed", highlight=False)
+    copies = sum(1 for e in removed if e.state != TEMPORARY)
+    console.print(
+        f"removed {copies} converted model copies and {len(removed) - copies} temporary items, {_mb(freed)} freed",
+        highlight=False,
+    )
 
 
 @cache_app.command("clear")

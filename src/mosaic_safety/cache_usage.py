@@ -8,6 +8,7 @@ every retrained artifact starts a new generation file. Nothing here touches runs
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,21 @@ AREAS: dict[str, str] = {
 }
 
 
+TEMPORARY = "temporary"  # a hidden file or folder: a job's write in progress, or one a kill left
+STALE_AFTER_S = 3600.0  # a temporary item this old belongs to no running job
+
+
 @dataclass(frozen=True)
 class Entry:
     path: Path
     bytes: int
-    state: str = ""  # for converted models: see backbone.conversion_state
+    state: str = ""  # converted models: see backbone.conversion_state; hidden items: TEMPORARY
+
+    def stale(self) -> bool:
+        try:
+            return time.time() - self.path.stat().st_mtime > STALE_AFTER_S
+        except OSError:
+            return False
 
 
 def size_of(path: Path) -> int:
@@ -40,17 +51,21 @@ def size_of(path: Path) -> int:
     return total
 
 
+def _state(area: str, path: Path) -> str:
+    if path.name.startswith("."):
+        return TEMPORARY
+    return conversion_state(path) if area == "models" and path.is_dir() else ""
+
+
 def entries(area: str, root: Path | None = None) -> list[Entry]:
-    """The items of one area, largest first (hidden temporary folders of running jobs excluded)."""
+    """The items of one area, largest first; hidden ones (a conversion or an atomic write in
+    progress, or what a killed job left of one) are ``temporary``."""
     if area not in AREAS:
         raise ValueError(f"unknown cache area {area!r}; valid: {', '.join(AREAS)}")
     folder = (root or cache_root()) / area
     if not folder.is_dir():
         return []
-    items = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    found = [
-        Entry(p, size_of(p), conversion_state(p) if area == "models" and p.is_dir() else "") for p in items
-    ]
+    found = [Entry(p, size_of(p), _state(area, p)) for p in folder.iterdir()]
     return sorted(found, key=lambda e: (-e.bytes, e.path.name))
 
 
@@ -64,13 +79,20 @@ def clear(areas: list[str], root: Path | None = None) -> int:
     return freed
 
 
-def prune_models(root: Path | None = None) -> list[Entry]:
-    """Remove every converted copy but the ones whose GGUF file is there unchanged.
+def prune(root: Path | None = None) -> list[Entry]:
+    """Remove what no run will read again: every converted copy but the ones whose GGUF file is
+    there unchanged, and temporary items older than an hour (younger ones may be a running job's).
 
     Copies from before source records (``unknown``) go too: a load that still wanted one converts
     again (about 20 s for SmolLM2), which is cheaper than keeping half a GB per reinstall forever.
     """
-    removed = [e for e in entries("models", root) if e.state != "current"]
+    removed = [
+        e
+        for area in AREAS
+        for e in entries(area, root)
+        if (e.state == TEMPORARY and e.stale())
+        or (area == "models" and e.state not in ("current", TEMPORARY))
+    ]
     for entry in removed:
         _remove(entry.path)
     return removed

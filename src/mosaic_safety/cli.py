@@ -228,9 +228,10 @@ def train(
     """Train control tokens (or a comparison method) on a frozen model; print the held-out refusal table."""
     from .config import ConfigError, load_config
     from .methods import method_module
-    from .training.run_dir import replacing_run
+    from .training.run_dir import recover_set_aside, replacing_run
     from .training.trainer import Trainer
 
+    _stop_on_sigterm()
     with friendly_errors():
         cfg = load_config(config, [*(overrides or []), *([f"method={method}"] if method else [])])
         target = output or Path(cfg.output)
@@ -241,18 +242,21 @@ def train(
         module = None if cfg.method == "mosaic" else method_module(cfg.method)
         if resume and module is not None and not getattr(module, "RESUMABLE", False):
             raise ConfigError(f"--resume is not supported for {cfg.method}; it restarts from scratch")
+        settled = recover_set_aside(target)  # what a killed --overwrite left behind
+        if settled:
+            console.print(f"[yellow]•[/] {settled}", highlight=False)
         # before loading anything: an occupied output fails fast; one to --overwrite is moved aside and
         # comes back if this run fails before writing anything of its own
         fresh = nullcontext() if resume else replacing_run(target, overwrite, keep=cfg.init_artifact or None)
-        if module is not None:
-            with fresh:
-                _train_other_method(module, cfg, target, resume)
-            return
         trained = False
         replacement: list[Any] = [None]  # what --overwrite did with an earlier run, once entered
         # the message is made at the stop, after an earlier run was put back: what was kept depends
         # on how far the run got
         stopped = friendly_errors(lambda: interrupted_training(target, trained, replacement[0]))
+        if module is not None:
+            with stopped, fresh as replacement[0]:
+                _train_other_method(module, cfg, target, resume)
+            return
         with stopped, fresh as replacement[0], _progress() as progress:
             display = TrainDisplay(progress)
             trainer = Trainer(cfg, reporter=display)
@@ -274,6 +278,20 @@ def train(
                 trainer.save(target, result.training, metrics={**result.metrics, "refusal_table": table})
         if cfg.eval.max_new_tokens > 0:
             print_table(table, trainer.categories)
+
+
+def _stop_on_sigterm() -> None:
+    """`kill`, systemd and docker stop send SIGTERM: stop as on Ctrl-C, so an earlier run set aside
+    by --overwrite comes back and the message names the last checkpoint (Python's default for
+    SIGTERM is to die without running any cleanup)."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def interrupted_training(target: Path, trained: bool, replacement: Any = None) -> str:

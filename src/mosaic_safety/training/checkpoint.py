@@ -8,6 +8,7 @@ themselves live in the checkpoint's artifact, written by each trainer's own ``sa
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,12 +72,24 @@ def save_optimizer_state(
             state[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / OPTIMIZER_FILE).write_bytes(safetensors_bytes(state))
-    (ckpt / STATE_FILE).write_text(json.dumps({"epoch": epoch, "step": step}) + "\n")
+    # renamed into place: a kill mid-write never leaves a marker that says complete but does not parse
+    marker = ckpt / f".{STATE_FILE}.tmp"
+    marker.write_text(json.dumps({"epoch": epoch, "step": step}) + "\n")
+    os.replace(marker, ckpt / STATE_FILE)
+
+
+def _complete(ckpt: Path) -> bool:
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        return isinstance(state, dict) and "epoch" in state and "step" in state
+    except (OSError, ValueError):
+        return False
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The complete checkpoint of the latest epoch in a run directory, if any."""
-    ckpts = [c for c in (out / "checkpoints").glob("epoch-*") if (c / STATE_FILE).exists()]
+    """The complete checkpoint of the latest epoch in a run directory, if any (one whose marker is
+    missing or damaged, as by a power cut, is passed over for the one before)."""
+    ckpts = [c for c in (out / "checkpoints").glob("epoch-*") if c.name[6:].isdigit() and _complete(c)]
     return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 

@@ -3,8 +3,8 @@
 An earlier run's checkpoints would sit beside a new run's (``--resume`` takes the last epoch, which
 could be the old run's) and its log would be appended to, so a fresh run refuses an occupied
 directory unless told to replace it. Replacing must not lose the earlier run to a start that fails
-(a mistyped model name, a suite that does not load): its files are moved aside first and come back
-unless the new run has written files of its own.
+(a mistyped model name, a suite that does not load, a Ctrl-C in the first epoch): its files are
+moved aside first and come back unless the new run has a checkpoint or an artifact of its own.
 """
 
 from __future__ import annotations
@@ -32,8 +32,50 @@ RUN_FILES = (
 """What a training run of any method writes into its output directory."""
 
 
+ASIDE_PREFIX = ".replaced-run-"
+
+
 def run_files(out: Path) -> list[str]:
     return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def has_progress(out: Path) -> bool:
+    """Whether the run in ``out`` holds something worth keeping: a finished artifact or a complete
+    checkpoint. A log of a first epoch that never finished is not (``--resume`` starts over)."""
+    from .checkpoint import latest_checkpoint
+
+    return (out / "mosaic.json").exists() or latest_checkpoint(out) is not None
+
+
+def recover_set_aside(out: Path) -> str | None:
+    """Finish what a killed ``--overwrite`` left (SIGKILL, a power cut: no ``finally`` ran).
+
+    Its earlier run sits in a hidden folder in ``out``. If the new run got as far as a checkpoint,
+    the replacement stands and the folder goes; otherwise the earlier run comes back. Returns what
+    was done, for the user, or ``None`` when there was nothing to do.
+    """
+    asides = sorted(out.glob(ASIDE_PREFIX + "*"), key=lambda p: p.stat().st_mtime) if out.is_dir() else []
+    if not asides:
+        return None
+    if has_progress(out):
+        for aside in asides:
+            shutil.rmtree(aside, ignore_errors=True)
+        return (
+            f"removed the earlier run that a stopped --overwrite had set aside in {out}: the run that "
+            "replaced it had written a checkpoint"
+        )
+    # repeated killed overwrites nest: the newest folder holding a run is the earlier run
+    keep = next((a for a in reversed(asides) if has_progress(a)), None)
+    if keep is not None:
+        for name in run_files(out):  # the stopped run's partial files (a log, an empty folder)
+            _remove(out / name)
+        for name in run_files(keep):
+            os.replace(keep / name, out / name)
+    for aside in asides:
+        shutil.rmtree(aside, ignore_errors=True)
+    if keep is None:
+        return f"removed folders a stopped --overwrite had left in {out} (they held no finished run)"
+    return f"restored the earlier run in {out} that a stopped --overwrite had set aside"
 
 
 def claim_output(out: Path, overwrite: bool = False) -> None:
@@ -66,8 +108,9 @@ def replacing_run(out: Path, overwrite: bool, keep: Path | None = None) -> Itera
     """Start a fresh run in ``out``, replacing an earlier one only once the new one is under way.
 
     Without ``overwrite`` an occupied ``out`` is an error. With it, the earlier run's files move to
-    a hidden folder inside ``out``. If the block fails before the new run has written any run file,
-    they move back; otherwise (the new run got going, or it finished) they are deleted. ``keep`` is
+    a hidden folder inside ``out``. If the block fails before the new run has a complete checkpoint
+    or its artifact, they move back; otherwise (the new run got going, or it finished) they are
+    deleted. A process killed outright leaves the folder; :func:`recover_set_aside` settles it. ``keep`` is
     a path the new run reads (an incremental run's base artifact): replacing a run that holds it
     would delete what the new run starts from, so that is refused up front.
     """
@@ -88,15 +131,17 @@ def replacing_run(out: Path, overwrite: bool, keep: Path | None = None) -> Itera
     moved: list[str] = []
     try:
         if found:
-            aside = Path(tempfile.mkdtemp(prefix=".replaced-run-", dir=out))
+            aside = Path(tempfile.mkdtemp(prefix=ASIDE_PREFIX, dir=out))
             for name in found:
                 os.replace(out / name, aside / name)
                 moved.append(name)
         yield state
     except BaseException:
-        # what the new run wrote: run files other than the earlier run's that have not moved yet
-        written = [n for n in run_files(out) if n in moved or n not in found]
-        if aside is not None and not written:
+        # the new run failed or was stopped before it had anything to keep (an empty log, a first
+        # epoch cut short): the earlier run comes back in place of its partial files
+        if aside is not None and not has_progress(out):
+            for name in run_files(out):
+                _remove(out / name)
             for name in moved:
                 os.replace(aside / name, out / name)
             state.restored = True
