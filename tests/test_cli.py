@@ -590,3 +590,20 @@ def test_a_category_without_test_prompts_is_named_not_crashed_on(tmp_path):
     table = json.loads((art / "eval_table.json").read_text())
     assert "horror" in table["rates"] and "horror" not in table["groups"]
     assert table["checks"]["no_prompts"] == ["horror"]
+
+
+def test_an_empty_output_path_is_refused_not_the_working_directory(tmp_path):
+    """`-o ''` became `.`: a run (or an evaluation's report) was written into the working directory."""
+    env = {**os.environ, "MOSAIC_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    config = str(ROOT / "configs" / "tiny-test.yaml")
+    for args in (
+        ["train", "-c", config, "-o", ""],
+        ["eval", "--out", " "],
+        ["report", "compare", "a", "-o", ""],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mosaic_safety.cli", *args],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 2 and "empty path" in proc.stderr, (args, proc.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written where it ran

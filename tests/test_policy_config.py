@@ -165,3 +165,18 @@ def test_shipped_configs_load():
     assert len(recipes) >= 8
     for path in recipes:
         load_config(path)
+
+
+def test_a_stray_comma_is_an_error_not_fewer_categories(minors):
+    """`--policy ,` ran with no policy and `data.categories=,` trained every category: a typo must
+    never restrict less, or widen a run, without a word."""
+    from mosaic_safety.config import ConfigError, load_config
+    from mosaic_safety.policy import PolicyError
+
+    for typo in (",", "alcohol,,betting", "alcohol,", " , "):
+        with pytest.raises(PolicyError, match="empty category name"):
+            minors.policy(typo)
+        with pytest.raises(ConfigError, match="empty item"):
+            load_config("configs/tiny-test.yaml", [f"data.categories={typo}"])
+    assert not minors.policy("") and not minors.policy("  ")  # the empty policy, written out
+    assert minors.policy(" alcohol , betting ").categories == ("alcohol", "betting")

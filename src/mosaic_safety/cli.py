@@ -27,6 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .cli_args import nonempty_path
 from .data.cli import data_app
 
 app = typer.Typer(
@@ -212,7 +213,7 @@ class TrainDisplay:
 def train(
     config: Path = typer.Option(..., "--config", "-c", help="YAML recipe (see configs/)."),
     output: Path | None = typer.Option(
-        None, "--output", "-o", help="Artifact directory (default: config output)."
+        None, "--output", "-o", parser=nonempty_path, help="Artifact directory (default: config output)."
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the last epoch checkpoint in the output."
@@ -655,7 +656,9 @@ def eval_command(
     ),
     artifact: Path | None = typer.Option(None, "--artifact", "-a", help="Artifact of a trained method."),
     suite: str = typer.Option("minors", "--suite", "-s", help="Built-in suite name or suite directory."),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory for results.json, report.md and plots."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", parser=nonempty_path, help="Directory for results.json, report.md and plots."
+    ),
     model: str | None = typer.Option(None, help="Backbone (default: the artifact's, else SmolLM2-135M)."),
     split: str = typer.Option("test", help="Suite split to evaluate on."),
     max_order: int = typer.Option(4, help="Evaluate orders 1..K."),
@@ -792,7 +795,9 @@ app.add_typer(report_app, name="report")
 @report_app.command("compare")
 def report_compare(
     dirs: list[Path] = typer.Argument(..., help="Evaluation output directories (with results.json)."),
-    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Where compare.md/json/png go."),
+    out: Path = typer.Option(
+        Path("runs/compare"), "--out", "-o", parser=nonempty_path, help="Where compare.md/json/png go."
+    ),
     cost: Path | None = typer.Option(
         None, "--cost", help="JSON from bench/method_cost.py (inference ratios)."
     ),

@@ -271,7 +271,11 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         return _build(kind, value, path)
     if origin is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            # "a,b" is a list; "" the empty one; "," or "a,,b" a typo (an empty list of categories
+            # means all of them: a typo must not widen a run)
+            text, value = value, [v.strip() for v in value.split(",")] if value.strip() else []
+            if "" in value:
+                raise ConfigError(f"{path}: empty item in {text!r}; separate items with single commas")
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (inner,) = typing.get_args(kind)

@@ -212,7 +212,14 @@ class Policy:
         if names is None:
             items: list[str] = []
         elif isinstance(names, str):
-            items = [n.strip() for n in names.split(",") if n.strip()]
+            # "" (or blanks) is the empty policy; "," or "alcohol,,betting" is a typo, and reading it
+            # as fewer categories would silently restrict less than was asked
+            items = [n.strip() for n in names.split(",")] if names.strip() else []
+            if "" in items:
+                raise PolicyError(
+                    f"policy {names!r} has an empty category name: separate names with single commas "
+                    "(the empty policy is written '')"
+                )
         else:
             items = [str(n).strip() for n in names]
         for n in items:

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..cli_args import nonempty_path
+
 judges_app = typer.Typer(help="Refusal judges: validate them against human labels.", no_args_is_help=True)
 _err = Console(stderr=True)
 _out = Console()
@@ -82,7 +84,9 @@ def validate(
         "-j",
         help="phrase, phrase-v1, template, garak, llm[:MODEL], hf[:MODEL] or a+b; repeat",
     ),
-    out: Path | None = typer.Option(None, "--out", help="write the results as JSON to this file"),
+    out: Path | None = typer.Option(
+        None, "--out", parser=nonempty_path, help="write the results as JSON to this file"
+    ),
     limit: int | None = typer.Option(None, help="only the first N rows of each set (quick runs)"),
     sets: list[str] = typer.Option(
         ["jbb", "uncensorbench"], "--set", help="validation sets: jbb, uncensorbench"
