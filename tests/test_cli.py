@@ -607,3 +607,23 @@ def test_an_empty_output_path_is_refused_not_the_working_directory(tmp_path):
         )  # fmt: skip
         assert proc.returncode == 2 and "empty path" in proc.stderr, (args, proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written where it ran
+
+
+def test_text_that_is_not_utf8_and_an_overlong_chat_are_clear_errors(trained):
+    """Bytes from a Latin-1 terminal reach Python as lone surrogates, which the tokenizer rejected
+    with a traceback; a chat whose history outgrew the window ended the session and lost it."""
+    root, art, _ = trained
+    bad = mosaic("generate", "-a", str(art), "--prompt", "caf\udce9", cache=root / "cache", check=False)
+    assert bad.returncode == 2 and "not valid UTF-8 text: b'\\xe9'" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+    long = "hello there " * 400
+    session = f"caf\udce9\n{long}\n{long}\n{long}\nhi\n/quit\n".encode("utf-8", "surrogateescape")
+    env = {**os.environ, "MOSAIC_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mosaic_safety.cli", "chat", "-a", str(art), "--max-new-tokens", "200"],
+        input=session, capture_output=True, env=env, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "not valid UTF-8 text" in err and "exceeds the model's context window" in err
+    assert proc.stdout.decode("utf-8", "replace").count("bot> ") >= 2  # the session went on

@@ -88,6 +88,17 @@ def test_config_defaults_and_overrides(tmp_path):
     assert cfg.data.categories == ["alcohol", "sex"] and cfg.log.tensorboard is True
 
 
+def test_unreadable_config_files_are_one_line_errors(tmp_path):
+    from mosaic_safety.config import ConfigError, load_config
+
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00optim")
+    for path, message in ((binary, "not a YAML text file"), (tmp_path, "cannot read the config")):
+        with pytest.raises(ConfigError, match=message) as info:
+            load_config(path)
+        assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     "text, overrides, message",
     [
@@ -101,6 +112,8 @@ def test_config_defaults_and_overrides(tmp_path):
         ('data:\n  refusal: " {display} "\n', [], "data.refusal must contain"),
         ("- a\n- b\n", [], "mapping of sections"),
         ("optim: [\n", [], "not valid YAML"),
+        ("optim:\n\tlr: 0.05\n", [], "not valid YAML: line 2, column 1: found character '\\t'"),
+        ("", ["data.refusal=no {display} \udce9"], "data.refusal: not valid UTF-8 text"),
         ("optim:\n  lr: 0.05\noptim:\n  epochs: 8\n", [], "line 3: 'optim' appears twice"),
         ("optim:\n  lr: 0.05\n  lr: 0.01\n", [], "line 3: 'lr' appears twice"),
         ("model:\n  name: 0755\n", [], "model.name: expected text, got 493; quote it"),

@@ -522,7 +522,7 @@ def chat(
     dtype: str = typer.Option("auto", "--dtype"),
 ) -> None:
     """Interactive chat. Commands: /policy a,b (switch policy), /reset, /quit."""
-    from .controlled import check_decoding
+    from .controlled import GenerationError, check_decoding
     from .policy import PolicyError
 
     with friendly_errors():
@@ -552,15 +552,22 @@ def chat(
             except PolicyError as exc:
                 console.print(f"[red]{exc}[/]", highlight=False)
             continue
-        history.append({"role": "user", "content": text})
-        out.print("bot> ", end="")
-        pieces = []
-        for piece in cm.stream(history, active, max_new_tokens=max_new_tokens):
-            pieces.append(piece)
-            out.print(piece, end="", highlight=False, markup=False)
-            out.file.flush()
-        out.print()
-        history.append({"role": "assistant", "content": "".join(pieces)})
+        pieces: list[str] = []
+        try:
+            stream = cm.stream(
+                [*history, {"role": "user", "content": text}], active, max_new_tokens=max_new_tokens
+            )
+            first = next(stream, None)  # the prompt's checks (text, context window) run here
+            out.print("bot> ", end="")
+            for piece in [first, *stream] if first is not None else []:
+                pieces.append(piece)
+                out.print(piece, end="", highlight=False, markup=False)
+                out.file.flush()
+            out.print()
+        except GenerationError as exc:  # the conversation stays; the user can /reset or go on
+            console.print(f"[red]{exc}[/] (/reset starts a new conversation)", highlight=False)
+            continue
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
 
 
 @app.command()

@@ -312,6 +312,10 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         if not isinstance(value, str):
             # YAML reads 0755 as 493 and off as False: quoted, it stays the text that was meant
             raise ConfigError(f"{path}: expected text, got {value!r}; quote it if it is meant as text")
+        try:  # bytes typed in another encoding arrive from the shell as lone surrogates
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{path}: not valid UTF-8 text: {value!r}") from None
         return value
     return value
 
@@ -386,6 +390,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: where and what, without PyYAML's quoted excerpt and caret."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return where + " ".join(str(problem).split())
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     data: dict[str, Any] = {}
     if path is not None:
@@ -395,7 +407,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{p}: not valid YAML: {yaml_problem(exc)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a YAML text file (not UTF-8)") from None
+        except OSError as exc:  # a directory, a name too long, no permission
+            raise ConfigError(f"{p}: cannot read the config: {exc.strerror or exc}") from None
         except ConfigError as exc:
             raise ConfigError(f"{p}: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):

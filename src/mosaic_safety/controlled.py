@@ -204,6 +204,7 @@ class ControlledModel:
         if hit is not None:
             self._split_cache.move_to_end(key)
             return hit
+        check_text(prompt)
         full = self.render(prompt)
         before = self._text_before_placement(prompt, full)
         encode = self.tokenizer
@@ -783,6 +784,20 @@ def check_decoding(
         )
     if do_sample and not 0 < top_p <= 1:
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def check_text(prompt: Prompt) -> None:
+    """Text the tokenizer can take: bytes that were not UTF-8 (a terminal in Latin-1, a file read
+    with surrogate escapes) arrive as lone surrogates, which it rejects with a TypeError."""
+    for text in [prompt] if isinstance(prompt, str) else [m.get("content", "") for m in prompt]:
+        try:
+            str(text).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = text[exc.start : exc.end].encode("utf-8", "surrogateescape")
+            raise GenerationError(
+                f"the prompt is not valid UTF-8 text: {bad!r} at character {exc.start} "
+                f"(in {text[max(0, exc.start - 20) : exc.start]!r}...)"
+            ) from None
 
 
 def prompt_key(prompt: Prompt) -> str:
