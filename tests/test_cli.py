@@ -627,3 +627,14 @@ def test_text_that_is_not_utf8_and_an_overlong_chat_are_clear_errors(trained):
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert "not valid UTF-8 text" in err and "exceeds the model's context window" in err
     assert proc.stdout.decode("utf-8", "replace").count("bot> ") >= 2  # the session went on
+
+
+def test_info_survives_a_hand_edited_refusal_table(trained, tmp_path):
+    root, art, _ = trained
+    out = tmp_path / "art"
+    shutil.copytree(art, out)
+    manifest = json.loads((out / "mosaic.json").read_text())
+    manifest["metrics"]["refusal_table"] = {"x": 1}
+    (out / "mosaic.json").write_text(json.dumps(manifest))
+    proc = mosaic("info", str(out), cache=root / "cache")
+    assert "the recorded refusal table is not readable" in proc.stderr and "alcohol" in proc.stdout

@@ -149,8 +149,11 @@ def test_tensors_from_another_save_are_refused(artifact, tiny_backbone, tiny_tok
         (lambda m: m.__setitem__("backbone", "tiny"), "'backbone' must be a mapping"),
         (
             lambda m: m["backbone"].pop("fingerprint"),
-            "'backbone' must be a mapping with the model's 'fingerprint'",
+            "'backbone' must be a mapping with the model's 'name' and 'fingerprint'",
         ),
+        (lambda m: m["backbone"].pop("name"), "with the model's 'name'"),
+        (lambda m: m["categories"][0].__setitem__("refusal", 5), "needs 'refusal', a text"),
+        (lambda m: m.__setitem__("metrics", [1]), "'metrics' must be a mapping"),
         (
             lambda m: m["backbone"].__setitem__("hidden_size", "32"),
             "'hidden_size' must be a positive integer",

@@ -617,7 +617,10 @@ def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> No
         )
     table = manifest.get("metrics", {}).get("refusal_table")
     if table:
-        print_table(table, [c["name"] for c in manifest["categories"]])
+        try:
+            print_table(table, [c["name"] for c in manifest["categories"]])
+        except (KeyError, TypeError, AttributeError, ValueError):  # a hand-edited record: the rest stands
+            console.print("[yellow]the recorded refusal table is not readable[/]", highlight=False)
 
 
 def _describe_method_artifact(

@@ -424,8 +424,12 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
 def check_backbone_field(manifest: dict[str, Any], path: Path) -> None:
     """The manifest's model identity, as ``check_backbone`` reads it (every artifact kind has one)."""
     backbone = manifest.get("backbone")
-    if not isinstance(backbone, dict) or not isinstance(backbone.get("fingerprint"), str):
-        raise ArtifactError(f"{path}: 'backbone' must be a mapping with the model's 'fingerprint'")
+    if (
+        not isinstance(backbone, dict)
+        or not isinstance(backbone.get("fingerprint"), str)
+        or not isinstance(backbone.get("name"), str)
+    ):
+        raise ArtifactError(f"{path}: 'backbone' must be a mapping with the model's 'name' and 'fingerprint'")
 
 
 def _check_manifest_types(manifest: dict[str, Any], path: Path) -> None:
@@ -443,6 +447,9 @@ def _check_manifest_types(manifest: dict[str, Any], path: Path) -> None:
     for i, cat in enumerate(categories):
         if not isinstance(cat, dict) or not isinstance(cat.get("name"), str):
             raise ArtifactError(f"{path}: categories[{i}] must be a mapping with a 'name'")
+        for text in ("display", "refusal"):
+            if not isinstance(cat.get(text), str):
+                raise ArtifactError(f"{path}: category {cat['name']!r} needs {text!r}, a text")
         if type(cat.get("m")) is not int or cat["m"] < 1:
             raise ArtifactError(
                 f"{path}: category {cat['name']!r} needs 'm', a positive integer, got {cat.get('m')!r}"
@@ -456,8 +463,9 @@ def _check_manifest_types(manifest: dict[str, Any], path: Path) -> None:
         or len(set(order)) != len(order)
     ):
         raise ArtifactError(f"{path}: 'composition_order' must list every category once, got {order!r}")
-    if "training" in manifest and not isinstance(manifest["training"], dict):
-        raise ArtifactError(f"{path}: 'training' must be a mapping")
+    for section in ("training", "metrics"):
+        if section in manifest and not isinstance(manifest[section], dict):
+            raise ArtifactError(f"{path}: {section!r} must be a mapping")
 
 
 def check_backbone(
