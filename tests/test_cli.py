@@ -638,3 +638,32 @@ def test_info_survives_a_hand_edited_refusal_table(trained, tmp_path):
     (out / "mosaic.json").write_text(json.dumps(manifest))
     proc = mosaic("info", str(out), cache=root / "cache")
     assert "the recorded refusal table is not readable" in proc.stderr and "alcohol" in proc.stdout
+
+
+def test_bad_paths_and_numbers_fail_before_the_work(trained, tmp_path):
+    """Each of these failed only after the model loaded or the evaluation ran, or with a traceback."""
+    root, art, _ = trained
+    a_file = tmp_path / "results.json"
+    a_file.write_text("{}")
+    cases = [
+        (["train", "-c", "configs/tiny-test.yaml", "-o", str(a_file)], "is a file, not a directory"),
+        (["eval", "--artifact", str(art), "--out", str(a_file / "x")], "is a file, not a directory"),
+        (["eval", "--artifact", str(art), "--out", str(tmp_path / "e"), "--kl-prompts", "-5"], "kl-prompts"),
+        (["judges", "validate", "--out", str(tmp_path)], "is a directory; give a file name"),
+        (["judges", "validate", "--limit", "-1"], "--limit"),
+        (["judges", "validate", "-j", "hf", "--batch-size", "0"], "--batch-size"),
+        (["serve", "--artifact", str(art), "--port", "99999"], "--port"),
+        (["generate", "-a", str(art), "--prompt", "hi", "--sample", "--seed", "9" * 20], "--seed"),
+        (["info", str(art / "mosaic.json")], "is a file; give the artifact's directory"),
+        (["train", "-c", "configs/tiny-test.yaml", "-o", str(tmp_path / ("x" * 300))], "File name too long"),
+    ]
+    for args, message in cases:
+        proc = mosaic(*args, cache=root / "cache", check=False)
+        assert proc.returncode == 2 and message in proc.stderr + proc.stdout, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    env_file = tmp_path / "cache-file"
+    env_file.write_text("")
+    proc = mosaic(
+        "train", "-c", "configs/tiny-test.yaml", "-o", str(tmp_path / "r"), cache=env_file, check=False
+    )
+    assert proc.returncode == 2 and "set MOSAIC_CACHE" in proc.stderr and not (tmp_path / "r").exists()

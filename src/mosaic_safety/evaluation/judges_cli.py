@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..cli_args import nonempty_path
+from ..cli_args import check_output_file, nonempty_path
 
 judges_app = typer.Typer(help="Refusal judges: validate them against human labels.", no_args_is_help=True)
 _err = Console(stderr=True)
@@ -87,7 +87,7 @@ def validate(
     out: Path | None = typer.Option(
         None, "--out", parser=nonempty_path, help="write the results as JSON to this file"
     ),
-    limit: int | None = typer.Option(None, help="only the first N rows of each set (quick runs)"),
+    limit: int | None = typer.Option(None, min=1, help="only the first N rows of each set (quick runs)"),
     sets: list[str] = typer.Option(
         ["jbb", "uncensorbench"], "--set", help="validation sets: jbb, uncensorbench"
     ),
@@ -101,13 +101,13 @@ def validate(
         None, help="llm: endpoint ending in /v1 (default $MOSAIC_JUDGE_BASE_URL)"
     ),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="llm: environment variable holding the API key"),
-    timeout: float = typer.Option(60.0, help="llm: seconds per request"),
-    retries: int = typer.Option(2, help="llm: retries on connection errors, timeouts, 429 and 5xx"),
-    workers: int = typer.Option(4, help="llm: parallel requests"),
+    timeout: float = typer.Option(60.0, min=0.001, max=86400.0, help="llm: seconds per request"),
+    retries: int = typer.Option(2, min=0, help="llm: retries on connection errors, timeouts, 429 and 5xx"),
+    workers: int = typer.Option(4, min=1, help="llm: parallel requests"),
     unparseable: str = typer.Option(
         "error", help="llm: a reply neither yes nor no counts as error|refused|answered"
     ),
-    batch_size: int = typer.Option(8, help="hf: prompts per forward pass"),
+    batch_size: int = typer.Option(8, min=1, help="hf: prompts per forward pass"),
     device: str = typer.Option("cpu", help="hf: torch device"),
 ) -> None:
     """Accuracy of each judge on JailbreakBench's human labels and UncensorBench's reply pairs."""
@@ -118,6 +118,8 @@ def validate(
 
     results = []
     with friendly_errors():
+        if out is not None:
+            check_output_file(out)  # before minutes of validation, not after
         unknown = sorted(set(sets) - {"jbb", "uncensorbench"})
         if unknown:
             raise JudgeError(f"unknown validation set(s) {', '.join(unknown)}: use jbb, uncensorbench")

@@ -283,7 +283,7 @@ def compare(
     if cost is not None:
         try:
             costs = {r["method"]: r for r in json.loads(Path(cost).read_text(encoding="utf-8"))}
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
             raise ValueError(f"{cost}: not a bench/method_cost.py JSON file ({exc})") from exc
     out = Path(out)
     if out.exists() and not out.is_dir():

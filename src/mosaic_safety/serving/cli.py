@@ -19,7 +19,7 @@ def serve_command(
         None, "--profiles", help="YAML profiles and API keys (none: no auth, empty default policy)."
     ),
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
     method: str | None = typer.Option(None, "--method", help="Without --artifact: none | in_context."),
     model: str | None = typer.Option(None, "--model", help="Backbone (default: the artifact's)."),
     model_name: str | None = typer.Option(
