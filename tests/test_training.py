@@ -399,6 +399,25 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_backbone, reci
         assert torch.allclose(tensor, learned[key], atol=1e-5), key
 
 
+def test_a_resumed_log_lists_each_step_once(tmp_path, tiny_backbone):
+    """Steps logged after the checkpoint a run resumes from are trained again: the log keeps one
+    line per step, and a line a kill cut short is dropped."""
+    import shutil
+
+    from mosaic_safety.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(tiny_config(tmp_path, "optim.epochs=2", "log.every=1"), backbone=tiny_backbone).train(run)
+    shutil.rmtree(run / "checkpoints" / "epoch-2")  # stopped during epoch 2, after logging some of it
+    with (run / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 99, "lo')
+    Trainer(tiny_config(tmp_path, "optim.epochs=2", "log.every=1"), backbone=tiny_backbone).train(
+        run, resume=True
+    )
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and len(steps) > 2
+
+
 def test_resume_from_a_moved_run_and_an_older_config_schema(tmp_path, tiny_backbone):
     """A copied run directory resumes, and so does a checkpoint written before newer config fields."""
     import shutil

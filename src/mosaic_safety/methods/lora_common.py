@@ -44,6 +44,7 @@ from ..training.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
     load_optimizer_state,
+    open_log,
     save_optimizer_state,
 )
 from ..training.losses import response_cross_entropy
@@ -418,7 +419,7 @@ class AdapterTrainer:
         self.clock.start()
         self.peft_model.train()  # LoRA dropout, if any; the shared backbone's modules are untouched
         try:
-            with (out / "train_log.jsonl").open("a" if resume else "w", encoding="utf-8") as log:
+            with open_log(out, step if resume else None, fresh=not resume) as log:
                 for epoch in range(start_epoch, cfg.optim.epochs):
                     window: list[dict[str, float]] = []
                     for batch in self.epoch_batches(epoch):

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from safetensors import SafetensorError
@@ -78,7 +78,8 @@ def save_optimizer_state(
     os.replace(marker, ckpt / STATE_FILE)
 
 
-def _complete(ckpt: Path) -> bool:
+def is_complete(ckpt: Path) -> bool:
+    """Whether a checkpoint's marker (written last) is whole."""
     try:
         state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
         return isinstance(state, dict) and "epoch" in state and "step" in state
@@ -86,10 +87,34 @@ def _complete(ckpt: Path) -> bool:
         return False
 
 
+def open_log(out: Path, resumed_step: int | None = None, fresh: bool = False) -> TextIO:
+    """The run's ``train_log.jsonl``, open for appending (``fresh``: emptied first).
+
+    A resumed run drops the lines logged after its checkpoint, and a line cut short by a kill:
+    those steps are trained again, and a log that lists them twice plots a loss that jumps back.
+    """
+    path = out / "train_log.jsonl"
+    if fresh:
+        return path.open("w", encoding="utf-8")
+    if resumed_step is not None and path.exists():
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                continue
+            if not isinstance(step, int) or step <= resumed_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return path.open("a", encoding="utf-8")
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The complete checkpoint of the latest epoch in a run directory, if any (one whose marker is
     missing or damaged, as by a power cut, is passed over for the one before)."""
-    ckpts = [c for c in (out / "checkpoints").glob("epoch-*") if c.name[6:].isdigit() and _complete(c)]
+    ckpts = [c for c in (out / "checkpoints").glob("epoch-*") if c.name[6:].isdigit() and is_complete(c)]
     return max(ckpts, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 

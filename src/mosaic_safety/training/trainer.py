@@ -29,14 +29,15 @@ from ..data.suites import Suite
 from ..tokens import ArtifactError, ControlTokens, read_manifest
 from .base_states import BaseStates
 from .checkpoint import (
-    STATE_FILE,
     TrainingClock,
     check_continuation,
     check_same_recipe,
     checkpoint_dir,
+    is_complete,
     latest_checkpoint,
     load_live_tensors,
     load_optimizer_state,
+    open_log,
     save_optimizer_state,
 )
 from .hard_negatives import confusion_from_rates, confusion_probe
@@ -506,7 +507,7 @@ class Trainer:
         total = steps_per_epoch * cfg.optim.epochs
         self.report("start", {"total_steps": total, "done_steps": step, "steps_per_epoch": steps_per_epoch})
         writer = _tensorboard(out) if cfg.log.tensorboard else None
-        log = (out / "train_log.jsonl").open("a", encoding="utf-8")
+        log = open_log(out, step if resume else None)
         t0, last = time.time(), float("nan")
         self.clock.start()
         try:
@@ -633,7 +634,7 @@ class Trainer:
         history: dict[int, dict[str, float]] = {}
         for epoch in range(1, self.config.optim.epochs + 1):
             ckpt = checkpoint_dir(out, epoch)
-            if not (ckpt / STATE_FILE).exists():  # missing or incomplete (written last)
+            if not is_complete(ckpt):  # missing or incomplete (its marker is written last)
                 continue
             record = stored_record(ckpt, self.probe.settings)
             if record is None:
