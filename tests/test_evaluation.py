@@ -324,6 +324,8 @@ def test_compare_refuses_runs_that_measured_different_things(tiny_backbone, mino
     (tmp_path / "afile").write_text("")
     with pytest.raises(ValueError, match="is a file"):
         compare(dirs[:1], tmp_path / "afile")
+    with pytest.raises(ValueError, match="given twice"):
+        compare([dirs[0], dirs[0] / "results.json"], tmp_path / "cmp")
 
 
 def _mosaic(*args, env=None):

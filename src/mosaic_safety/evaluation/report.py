@@ -264,10 +264,14 @@ def compare(
     are refused unless ``allow_mismatch``; the report then lists the differences.
     """
     loaded = []
+    seen: dict[Path, str | Path] = {}
     for d in result_dirs:
         path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no results.json (run `mosaic eval ... --out {d}` first)")
+        if path.resolve() in seen:  # one run twice would print as two methods that agree exactly
+            raise ValueError(f"{d} is given twice (as {seen[path.resolve()]})")
+        seen[path.resolve()] = d
         loaded.append(_read_results(path))
     if not loaded:
         raise ValueError("nothing to compare")
