@@ -667,3 +667,22 @@ def test_bad_paths_and_numbers_fail_before_the_work(trained, tmp_path):
         "train", "-c", "configs/tiny-test.yaml", "-o", str(tmp_path / "r"), cache=env_file, check=False
     )
     assert proc.returncode == 2 and "set MOSAIC_CACHE" in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_file_row_past_the_context_window_is_named_before_any_row_is_written(trained, tmp_path):
+    root, art, _ = trained
+    rows = [{"prompt": "hi"}] * 3 + [{"prompt": "word " * 5000}, {"prompt": "bye"}]
+    file = tmp_path / "p.jsonl"
+    file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    proc = mosaic(
+        "generate",
+        "-a",
+        str(art),
+        "-f",
+        str(file),
+        "--max-new-tokens",
+        "4",
+        cache=root / "cache",
+        check=False,
+    )
+    assert proc.returncode == 2 and "prompt 4 of 5 in the file" in proc.stderr and proc.stdout == ""

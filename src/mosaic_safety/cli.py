@@ -489,8 +489,19 @@ few enough that output (in input order) and progress arrive while a long file ru
 def _generate_jsonl(cm: Any, prompts: list[str], active: Any, batch_size: int, options: dict) -> None:
     """One JSONL row per prompt, in input order, written and flushed window by window, so a stop
     (or a Ctrl-C) keeps every finished window's rows."""
+    from .controlled import GenerationError
+
     window = batch_size * GENERATE_WINDOW_BATCHES
     seed = options["seed"]
+    with friendly_errors():  # every row's text and length, before any is generated: none half-done
+        for i, prompt in enumerate(prompts, 1):
+            try:
+                cm.check_fits(
+                    sum(map(len, cm.split_prompt(prompt))) + cm.block_length(active),
+                    options["max_new_tokens"],
+                )
+            except GenerationError as exc:
+                raise GenerationError(f"prompt {i} of {len(prompts)} in the file: {exc}") from None
     with _progress() as progress, friendly_errors(interrupted="the rows written so far are complete"):
         task = progress.add_task("responses", total=len(prompts), info="")
         for start in range(0, len(prompts), window):
