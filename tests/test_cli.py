@@ -686,3 +686,17 @@ def test_a_file_row_past_the_context_window_is_named_before_any_row_is_written(t
         check=False,
     )
     assert proc.returncode == 2 and "prompt 4 of 5 in the file" in proc.stderr and proc.stdout == ""
+
+
+def test_serve_names_a_taken_port_or_a_bad_host_before_loading_anything(trained):
+    import socket
+
+    root, art, _ = trained
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        busy = mosaic("serve", "--artifact", str(art), "--port", port, cache=root / "cache", check=False)
+    assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+    host = mosaic("serve", "--artifact", str(art), "--host", "bad host!", cache=root / "cache", check=False)
+    assert host.returncode == 2 and "not an address or a known host name" in host.stderr

@@ -43,6 +43,7 @@ def serve_command(
     from ..cli import console, friendly_errors
 
     with friendly_errors():
+        check_listen(host, port)  # before the model loads: a taken port or a typo'd host costs seconds
         server = build_server(
             artifact=artifact,
             profiles=profiles,
@@ -76,6 +77,24 @@ def serve_command(
     uvicorn.run(
         create_app(server), host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout
     )
+
+
+def check_listen(host: str, port: int) -> None:
+    """Fail with one line when the server could not listen there (uvicorn would exit 3 with its own
+    log line, after the model load)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise OSError(f"--host {host!r}: not an address or a known host name ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def build_server(
