@@ -135,6 +135,8 @@ def test_profiles_file_errors_are_clear(minors):
         ({**good, "keys": [{"key": ""}]}, "'key' must be a non-empty string"),
         ({**good, "keys": [{"key": 1234}]}, "quote it"),
         ({**good, "keys": [{"key_sha256": 5}]}, "key_sha256 must be 64"),
+        ({**good, "profiles": {"kids": ","}}, "profile 'kids': its categories must be a list"),
+        ({**good, "keys": [{"key": "a", "floor": 5}]}, r"keys\[0\]: 'floor' must be a list"),
     ]
     for data, message in cases:
         with pytest.raises(ConfigError, match=message):

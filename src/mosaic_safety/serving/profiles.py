@@ -118,7 +118,7 @@ class ProfileBook:
                     f"{where}: unknown fields {sorted(set(spec) - {'categories', 'description'})}"
                 )
             cats = spec.get("categories") if isinstance(spec, dict) else spec
-            profiles[name] = _config_categories(cats or [], registry, where)
+            profiles[name] = _config_categories(cats or [], registry, where, "its categories")
         default = data.get("default_profile")
         if default is not None and (not isinstance(default, str) or default not in profiles):
             raise ConfigError(f"{source}: default_profile {default!r} is not a profile")
@@ -143,7 +143,7 @@ class ProfileBook:
             profile = raw.get("profile") or default
             if not isinstance(profile, str) or profile not in profiles:
                 raise ConfigError(f"{where}: profile {profile!r} is not one of {', '.join(profiles)}")
-            extra_floor = _config_categories(raw.get("floor") or [], registry, where)
+            extra_floor = _config_categories(raw.get("floor") or [], registry, where, "'floor'")
             floor = registry.policy([*profiles[profile], *extra_floor]).categories
             keys.append(ApiKey(str(raw.get("name") or f"key{i}"), profile, floor, str(secret)))
         secrets = [k.secret_sha256 for k in keys]
@@ -206,10 +206,12 @@ class ProfileBook:
         }
 
 
-def request_categories(names: Iterable[Any], registry: CategoryRegistry) -> tuple[str, ...]:
+def request_categories(
+    names: Iterable[Any], registry: CategoryRegistry, field: str = "safety.categories"
+) -> tuple[str, ...]:
     """Exact category names from a request; anything else is a 400 listing the valid names."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
-        raise ServeError(400, "safety.categories must be a list of category names", param="safety.categories")
+        raise ServeError(400, f"{field} must be a list of category names", param="safety.categories")
     out = []
     for name in names:
         if not isinstance(name, str) or name not in registry:  # exact: no strip, no case folding
@@ -222,8 +224,8 @@ def request_categories(names: Iterable[Any], registry: CategoryRegistry) -> tupl
     return registry.policy(out).categories
 
 
-def _config_categories(names: Any, registry: CategoryRegistry, where: str) -> tuple[str, ...]:
+def _config_categories(names: Any, registry: CategoryRegistry, where: str, field: str) -> tuple[str, ...]:
     try:
-        return request_categories(names, registry)
+        return request_categories(names, registry, field=field)
     except ServeError as exc:
         raise ConfigError(f"{where}: {exc.message}") from None
