@@ -500,6 +500,7 @@ def _killed_overwrite(out: Path, progress: bool) -> None:
     aside = Path(tempfile.mkdtemp(prefix=".replaced-run-", dir=out))
     for name in [p.name for p in out.iterdir() if not p.name.startswith(".")]:
         os.replace(out / name, aside / name)
+    (aside / ".moved").touch()
     (out / "train_log.jsonl").write_text("")
     if progress:
         shutil.copytree(aside / "checkpoints" / "epoch-1", out / "checkpoints" / "epoch-1")
@@ -529,6 +530,74 @@ def test_a_killed_overwrite_is_settled_by_the_next_train(trained, tmp_path):
     assert "had written a checkpoint" in recover_set_aside(out)
     assert not list(out.glob(".replaced-run-*")) and (out / "checkpoints" / "epoch-1").is_dir()
     assert recover_set_aside(out) is None
+
+
+def test_a_stop_while_the_earlier_run_moves_or_comes_back_loses_nothing(trained, tmp_path, monkeypatch):
+    """The earlier run is split between the output and the hidden folder while it moves (aside, or
+    back): a failure, a second Ctrl-C or a kill right then must not delete the part already moved,
+    and a folder whose run is still alive is not a leftover."""
+    from mosaic_safety.training import run_dir
+
+    _, art, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(art, out)
+
+    def files() -> dict:
+        return {
+            p.relative_to(out): p.read_bytes()
+            for p in out.rglob("*")
+            if p.is_file() and ".replaced" not in str(p)
+        }
+
+    before = files()
+    real = os.replace
+
+    def fail_on(name: str, error: BaseException):
+        def replace(src, dst):
+            if Path(src).name == name and "replaced-run" in str(dst):
+                raise error
+            return real(src, dst)
+
+        return replace
+
+    # moving aside fails halfway (a mount point; or Ctrl-C): the moved files come back
+    for error in (OSError(16, "Device or resource busy"), KeyboardInterrupt()):
+        monkeypatch.setattr(run_dir.os, "replace", fail_on("checkpoints", error))
+        with pytest.raises(type(error)), run_dir.replacing_run(out, overwrite=True):
+            pass
+        monkeypatch.setattr(run_dir.os, "replace", real)
+        assert files() == before and not list(out.glob(".replaced-run-*"))
+
+    # killed halfway through moving aside: the next recovery joins the two halves again
+    aside = Path(tempfile.mkdtemp(prefix=".replaced-run-", dir=out))
+    for name in ("mosaic.json", "tokens.safetensors"):
+        real(out / name, aside / name)
+    assert "restored the earlier run" in run_dir.recover_set_aside(out)
+    assert files() == before and not list(out.glob(".replaced-run-*"))
+
+    # a second Ctrl-C while the earlier run comes back: the folder stays, marked, and recovery ends it
+    calls = {"n": 0}
+
+    def second_stop(src, dst):
+        if "replaced-run" in str(src) and Path(dst).parent == out:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        return real(src, dst)
+
+    with pytest.raises(KeyboardInterrupt), run_dir.replacing_run(out, overwrite=True):
+        monkeypatch.setattr(run_dir.os, "replace", second_stop)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_dir.os, "replace", real)
+    assert list(out.glob(".replaced-run-*"))  # kept: it still holds part of the earlier run
+    assert "restored the earlier run" in run_dir.recover_set_aside(out)
+    assert files() == before
+
+    # a folder whose --overwrite is still running (it holds the lock) is not touched
+    with run_dir.replacing_run(out, overwrite=True):
+        (out / "train_log.jsonl").write_text("")
+        assert run_dir.recover_set_aside(out) is None
+        assert not (out / "mosaic.json").exists() and list(out.glob(".replaced-run-*"))
 
 
 def test_sigterm_stops_training_like_ctrl_c(trained, tmp_path):

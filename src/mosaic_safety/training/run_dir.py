@@ -9,6 +9,7 @@ moved aside first and come back unless the new run has a checkpoint or an artifa
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from ..tokens import ArtifactError
 
@@ -47,35 +49,78 @@ def has_progress(out: Path) -> bool:
     return (out / "mosaic.json").exists() or latest_checkpoint(out) is not None
 
 
+MOVED = ".moved"  # in a set-aside folder: every file of the earlier run is in it
+RESTORING = ".restoring"  # in a set-aside folder: its files are on their way back
+LOCK = ".lock"  # held by the process whose --overwrite set the folder aside, while it runs
+
+
+def _lock(aside: Path, wait: bool) -> IO[str] | None:
+    """An exclusive lock on a set-aside folder: held by its own run, tested by :func:`recover_set_aside`
+    (a folder whose run is alive is not a leftover). ``None`` when another process holds it."""
+    handle = (aside / LOCK).open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _put_back(aside: Path, out: Path, clear_out: bool) -> None:
+    """Move the earlier run's files back into ``out`` (``clear_out``: the new run's partial files go
+    first). The folder says it is restoring, so a kill midway is finished by the next recovery."""
+    (aside / RESTORING).touch()
+    if clear_out:
+        for name in run_files(out):
+            _remove(out / name)
+    for name in run_files(aside):
+        if (out / name).exists():  # the new run's: the earlier run's is the one set aside
+            _remove(out / name)
+        os.replace(aside / name, out / name)
+
+
 def recover_set_aside(out: Path) -> str | None:
     """Finish what a killed ``--overwrite`` left (SIGKILL, a power cut: no ``finally`` ran).
 
-    Its earlier run sits in a hidden folder in ``out``. If the new run got as far as a checkpoint,
-    the replacement stands and the folder goes; otherwise the earlier run comes back. Returns what
-    was done, for the user, or ``None`` when there was nothing to do.
+    Its earlier run sits in a hidden folder in ``out``. A folder whose moves never finished, or whose
+    restore was under way, is put back. Otherwise, if the new run got as far as a checkpoint, the
+    replacement stands and the folder goes; if not, the earlier run comes back. A folder whose run
+    is still alive (it holds the folder's lock) is left alone. Returns what was done, for the user,
+    or ``None`` when there was nothing to do.
     """
-    asides = sorted(out.glob(ASIDE_PREFIX + "*"), key=lambda p: p.stat().st_mtime) if out.is_dir() else []
-    if not asides:
-        return None
-    if has_progress(out):
+    found = sorted(out.glob(ASIDE_PREFIX + "*"), key=lambda p: p.stat().st_mtime) if out.is_dir() else []
+    locks = [(a, _lock(a, wait=False)) for a in found]
+    asides = [a for a, lock in locks if lock is not None]  # the others belong to a running run
+    try:
+        if not asides:
+            return None
+        partial = [a for a in asides if not (a / MOVED).exists() or (a / RESTORING).exists()]
+        if partial:  # the earlier run is split between ``out`` and the folder: join it again
+            for aside in partial:
+                _put_back(aside, out, clear_out=False)
+            restored = True
+        elif has_progress(out):
+            restored = False
+        else:
+            # repeated killed overwrites nest: the newest folder holding a run is the earlier run
+            keep = next((a for a in reversed(asides) if has_progress(a)), None)
+            if keep is not None:
+                _put_back(keep, out, clear_out=True)
+            restored = keep is not None
         for aside in asides:
             shutil.rmtree(aside, ignore_errors=True)
-        return (
-            f"removed the earlier run that a stopped --overwrite had set aside in {out}: the run that "
-            "replaced it had written a checkpoint"
-        )
-    # repeated killed overwrites nest: the newest folder holding a run is the earlier run
-    keep = next((a for a in reversed(asides) if has_progress(a)), None)
-    if keep is not None:
-        for name in run_files(out):  # the stopped run's partial files (a log, an empty folder)
-            _remove(out / name)
-        for name in run_files(keep):
-            os.replace(keep / name, out / name)
-    for aside in asides:
-        shutil.rmtree(aside, ignore_errors=True)
-    if keep is None:
+        if restored:
+            return f"restored the earlier run in {out} that a stopped --overwrite had set aside"
+        if has_progress(out):
+            return (
+                f"removed the earlier run that a stopped --overwrite had set aside in {out}: the run "
+                "that replaced it had written a checkpoint"
+            )
         return f"removed folders a stopped --overwrite had left in {out} (they held no finished run)"
-    return f"restored the earlier run in {out} that a stopped --overwrite had set aside"
+    finally:
+        for _, lock in locks:
+            if lock is not None:
+                lock.close()
 
 
 def claim_output(out: Path, overwrite: bool = False) -> None:
@@ -128,27 +173,36 @@ def replacing_run(out: Path, overwrite: bool, keep: Path | None = None) -> Itera
             )
     state = Replacement()
     aside: Path | None = None
+    lock: IO[str] | None = None
     moved: list[str] = []
+    entered = settled = False
     try:
         if found:
             aside = Path(tempfile.mkdtemp(prefix=ASIDE_PREFIX, dir=out))
+            lock = _lock(aside, wait=True)
             for name in found:
                 os.replace(out / name, aside / name)
                 moved.append(name)
+            (aside / MOVED).touch()
+        entered = True
         yield state
+        settled = True  # the new run finished: the earlier one goes
     except BaseException:
-        # the new run failed or was stopped before it had anything to keep (an empty log, a first
-        # epoch cut short): the earlier run comes back in place of its partial files
-        if aside is not None and not has_progress(out):
-            for name in run_files(out):
-                _remove(out / name)
-            for name in moved:
-                os.replace(aside / name, out / name)
+        if aside is None:
+            raise
+        if not entered or not has_progress(out):
+            # stopped while setting the earlier run aside, or before the new run had anything to
+            # keep (an empty log, a first epoch cut short): the earlier run comes back
+            _put_back(aside, out, clear_out=entered)
             state.restored = True
+        settled = True  # put back, or replaced by a run with a checkpoint of its own
         raise
     finally:
-        if aside is not None and aside.exists():
-            shutil.rmtree(aside)
+        # a stop during the restore itself leaves the folder (marked) for recover_set_aside
+        if aside is not None and settled:
+            shutil.rmtree(aside, ignore_errors=True)
+        if lock is not None:
+            lock.close()
 
 
 def _remove(path: Path) -> None:
