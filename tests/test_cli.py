@@ -593,6 +593,13 @@ def test_a_stop_while_the_earlier_run_moves_or_comes_back_loses_nothing(trained,
     assert "restored the earlier run" in run_dir.recover_set_aside(out)
     assert files() == before
 
+    # a folder an older version set aside beside a run of the same files: named, nothing moved
+    old = Path(tempfile.mkdtemp(prefix=".replaced-run-", dir=out))
+    shutil.copy(out / "mosaic.json", old / "mosaic.json")
+    assert "move its files back by hand" in run_dir.recover_set_aside(out)
+    assert files() == before and (old / "mosaic.json").exists()
+    shutil.rmtree(old)
+
     # a folder whose --overwrite is still running (it holds the lock) is not touched
     with run_dir.replacing_run(out, overwrite=True):
         (out / "train_log.jsonl").write_text("")

@@ -91,7 +91,23 @@ def recover_set_aside(out: Path) -> str | None:
     found = sorted(out.glob(ASIDE_PREFIX + "*"), key=lambda p: p.stat().st_mtime) if out.is_dir() else []
     locks = [(a, _lock(a, wait=False)) for a in found]
     asides = [a for a, lock in locks if lock is not None]  # the others belong to a running run
+    # a folder without the marker whose files are also in ``out`` was set aside by an older version,
+    # whose moves cannot be told apart from a new run's files: it is named, not guessed at
+    unclear = [
+        a
+        for a in asides
+        if not (a / MOVED).exists()
+        and not (a / RESTORING).exists()
+        and set(run_files(a)) & set(run_files(out))
+    ]
+    asides = [a for a in asides if a not in unclear]
     try:
+        if unclear:
+            names = ", ".join(a.name for a in unclear)
+            return (
+                f"{out} holds a run an older --overwrite set aside ({names}); move its files back by hand "
+                "to keep it, or delete the folder"
+            )
         if not asides:
             return None
         partial = [a for a in asides if not (a / MOVED).exists() or (a / RESTORING).exists()]
