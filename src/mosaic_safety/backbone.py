@@ -337,7 +337,7 @@ def _remove_stale_conversions(models: Path, older_than_s: float = 3600.0) -> Non
 def _remove_orphaned_conversions(models: Path, keep: Path) -> None:
     """Delete converted copies no load can use again: the GGUF file each came from was replaced
     (a reinstalled package gets a new modification time, so a new key and a new half-GB copy) or
-    removed. Copies from before source records are left to ``mosaic cache clear models``."""
+    removed. Copies from before source records are left to ``mosaic cache prune``."""
     for copy in models.iterdir():
         if copy == keep or copy.name.startswith(".") or not copy.is_dir():
             continue

@@ -28,11 +28,12 @@ def info() -> None:
     table = Table(title=f"cache: {root} (MOSAIC_CACHE moves it)")
     for col in ("area", "items", "size", "holds"):
         table.add_column(col, justify="right" if col in ("items", "size") else "left")
+    by_area = {area: entries(area, root) for area in AREAS}  # sizes walk every file: once
     for area, what in AREAS.items():
-        items = entries(area, root)
+        items = by_area[area]
         table.add_row(area, str(len(items)), _mb(sum(e.bytes for e in items)), what)
     console.print(table)
-    copies = entries("models", root)
+    copies = by_area["models"]
     if copies:
         models = Table(title="converted models")
         for col in ("folder", "size", "state"):
@@ -40,7 +41,7 @@ def info() -> None:
         for entry in copies:
             models.add_row(entry.path.name, _mb(entry.bytes), entry.state)
         console.print(models)
-    temporary = [e for area in AREAS for e in entries(area, root) if e.state == TEMPORARY]
+    temporary = [e for items in by_area.values() for e in items if e.state == TEMPORARY]
     if temporary:
         console.print(
             f"{len(temporary)} temporary items ({_mb(sum(e.bytes for e in temporary))}): writes in "

@@ -6,6 +6,7 @@ one clear line and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -297,8 +298,8 @@ def interrupted_training(target: Path, trained: bool, replacement: Any = None) -
 
     if replacement is not None and replacement.restored:
         return (
-            f"the new run stopped before writing anything, so the earlier run in {target} is back as it "
-            "was; run the same command (with --overwrite) to replace it"
+            f"the new run stopped before its first checkpoint, so the earlier run in {target} is back as "
+            "it was; run the same command (with --overwrite) to replace it"
         )
     if trained:
         return (
@@ -566,7 +567,7 @@ def chat(
             )
             first = next(stream, None)  # the prompt's checks (text, context window) run here
             out.print("bot> ", end="")
-            for piece in [first, *stream] if first is not None else []:
+            for piece in itertools.chain([first] if first is not None else [], stream):  # as produced
                 pieces.append(piece)
                 out.print(piece, end="", highlight=False, markup=False)
                 out.file.flush()
@@ -590,15 +591,10 @@ def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> No
             return
         manifest = read_manifest(artifact)
         tokens = ControlTokens.load(artifact)
-    bb = manifest["backbone"]
     out.print(
         f"[bold]{artifact}[/]  format v{manifest['format_version']}, library {manifest.get('library_version')}"
     )
-    out.print(
-        f"backbone: {bb['name']}  hidden {bb['hidden_size']}  vocab {bb.get('vocab_size')}  "
-        f"fingerprint {bb['fingerprint']}",
-        highlight=False,
-    )
+    _print_backbone(manifest["backbone"])
     layers = tokens.deep_layers
     deep = f"deep: offsets in {layers} layer{'s' if layers != 1 else ''}   " if layers else ""
     out.print(
@@ -610,12 +606,7 @@ def info(artifact: Path = typer.Argument(..., help="Artifact directory.")) -> No
         t.add_row(c["name"], str(c["m"]), c["display"], c["refusal"].replace("{display}", c["display"]))
     out.print(t)
     training = manifest.get("training", {})
-    if training:
-        out.print(
-            f"training: {training.get('steps')} steps, {training.get('seconds')}s, suite {training.get('suite')},"
-            f" data hash {training.get('data_hash')}",
-            highlight=False,
-        )
+    _print_training(training)
     chosen = training.get("selected_epochs")
     if isinstance(chosen, dict) and chosen:
         out.print(
@@ -634,16 +625,11 @@ def _describe_method_artifact(
     artifact: Path, method: str, manifest: dict[str, Any], tensors: dict[str, Any], registry: Any
 ) -> None:
     """`mosaic info` for a comparison method's artifact (LoRA, magic tokens, DSA); secrets stay hidden."""
-    bb = manifest["backbone"]
     out.print(
         f"[bold]{artifact}[/]  method {method}, format v{manifest['format_version']}, "
         f"library {manifest.get('library_version')}"
     )
-    out.print(
-        f"backbone: {bb.get('name')}  hidden {bb.get('hidden_size')}  vocab {bb.get('vocab_size')}  "
-        f"fingerprint {bb.get('fingerprint')}",
-        highlight=False,
-    )
+    _print_backbone(manifest["backbone"])
     trainable = sum(t.numel() for t in tensors.values())
     out.print(f"registry: {registry.name}   trainable parameters: {trainable:,}", highlight=False)
     options = ", ".join(f"{k}={v}" for k, v in sorted(manifest["options"].items()))
@@ -653,7 +639,18 @@ def _describe_method_artifact(
     for c in registry.categories:
         t.add_row(c.name, c.display, c.refusal_text)
     out.print(t)
-    training = manifest.get("training") or {}
+    _print_training(manifest.get("training") or {})
+
+
+def _print_backbone(bb: dict[str, Any]) -> None:
+    out.print(
+        f"backbone: {bb.get('name')}  hidden {bb.get('hidden_size')}  vocab {bb.get('vocab_size')}  "
+        f"fingerprint {bb.get('fingerprint')}",
+        highlight=False,
+    )
+
+
+def _print_training(training: dict[str, Any]) -> None:
     if training:
         out.print(
             f"training: {training.get('steps')} steps, {training.get('seconds')}s, suite {training.get('suite')},"

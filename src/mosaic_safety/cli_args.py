@@ -15,14 +15,18 @@ def nonempty_path(value: str) -> Path:
     return Path(value)
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The file that stops ``path`` from being a directory: itself or its nearest existing parent."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def check_output_dir(path: Path, option: str = "--out") -> None:
     """Fail before the work, not after it: a directory to be written must not be a file, nor sit
     under one (``-o results.json/x``)."""
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise NotADirectoryError(f"{option} {path}: {p} is a file, not a directory")
-            return
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise NotADirectoryError(f"{option} {path}: {blocker} is a file, not a directory")
 
 
 def check_output_file(path: Path, option: str = "--out") -> None:
@@ -38,8 +42,6 @@ def check_cache_dir() -> None:
     from .backbone import BackboneError, cache_root
 
     root = cache_root()
-    for p in (root, *root.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise BackboneError(f"the cache {root} cannot be created: {p} is a file (set MOSAIC_CACHE)")
-            return
+    blocker = _file_in_the_way(root)
+    if blocker is not None:
+        raise BackboneError(f"the cache {root} cannot be created: {blocker} is a file (set MOSAIC_CACHE)")

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 NEUTRAL = "neutral"
-BOUNDARY = "boundary"  # the evaluation's group of near-miss prompts that must be answered
 """Label of examples that belong to no category."""
+BOUNDARY = "boundary"  # the evaluation's group of near-miss prompts that must be answered
 
 BUILTIN_REGISTRIES = ("minors", "harm")
 

@@ -161,7 +161,7 @@ def claim_output(out: Path, overwrite: bool = False) -> None:
 class Replacement:
     """What :func:`replacing_run` did with the earlier run, for the message a stopped run prints."""
 
-    restored: bool = False  # the new run stopped before writing anything, and the earlier one is back
+    restored: bool = False  # the new run stopped before its first checkpoint, and the earlier one is back
 
 
 @contextmanager
