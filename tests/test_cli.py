@@ -776,3 +776,35 @@ def test_serve_names_a_taken_port_or_a_bad_host_before_loading_anything(trained)
     assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
     host = mosaic("serve", "--artifact", str(art), "--host", "bad host!", cache=root / "cache", check=False)
     assert host.returncode == 2 and "not an address or a known host name" in host.stderr
+
+
+def test_chat_prints_each_piece_as_the_model_produces_it(trained, monkeypatch):
+    """The reply streams: when the model yields a piece, every earlier piece is already on screen
+    (a loop that collected the stream first, as one regression did, prints nothing until the end)."""
+    import io
+
+    from rich.console import Console
+
+    from mosaic_safety import cli
+    from mosaic_safety.controlled import ControlledModel
+
+    root, art, _ = trained
+    monkeypatch.setenv("MOSAIC_CACHE", str(root / "cache"))
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=screen, width=200))
+    lines = iter(["hello", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen: list[tuple[str, str]] = []  # (piece the model yields, screen at that moment)
+    real_stream = ControlledModel.stream
+
+    def observed_stream(self, *args, **kwargs):
+        for piece in real_stream(self, *args, **kwargs):
+            seen.append((piece, screen.getvalue()))
+            yield piece
+
+    monkeypatch.setattr(ControlledModel, "stream", observed_stream)
+    cli.chat(artifact=art, policy="", model=None, max_new_tokens=8, device="cpu", dtype="auto")
+    assert len(seen) >= 2, "the tiny model stopped too early for this test to mean anything"
+    for i, (_, shown) in enumerate(seen):
+        assert shown.endswith("bot> " + "".join(p for p, _ in seen[:i])) or i == 0
+    assert screen.getvalue().rstrip("\n").endswith("".join(p for p, _ in seen))
