@@ -131,6 +131,12 @@ def test_unreadable_config_files_are_one_line_errors(tmp_path):
         ("", ["eval.max_new_tokens=-1"], "eval.max_new_tokens must be >= 0"),
         ("", ["optim.lr=.inf"], "optim.lr must be a finite number, got inf"),
         ("", ["sampling.neg_ratio=.nan"], "sampling.neg_ratio must be a finite number, got nan"),
+        (
+            "",
+            ["optim.autocast=bfloat16", "method=lora_sft"],
+            "method 'lora_sft' trains in the backbone's dtype",
+        ),
+        ("", ["optim.autocast=bfloat16", "method=dsa"], "method 'dsa' trains in the backbone's dtype"),
     ],
 )
 def test_bad_configs(tmp_path, text, overrides, message):

@@ -482,8 +482,28 @@ def test_resume_refuses_a_different_recipe(tmp_path, tiny_backbone):
 
     Trainer(tiny_config(tmp_path, "optim.epochs=1"), backbone=tiny_backbone).train(tmp_path / "run")
     other = Trainer(tiny_config(tmp_path, "optim.lr=0.5"), backbone=tiny_backbone)
-    with pytest.raises(ArtifactError, match="different config"):
+    with pytest.raises(ArtifactError, match=r"different config \(optim.lr 0.01 → 0.5\)"):
         other.train(tmp_path / "run", resume=True)
+
+
+def test_resume_accepts_another_spelling_of_the_same_device_and_dtype(tmp_path):
+    """``auto`` is the dtype it stands for, and the device holding the weights changes no step: a
+    run started on ``cuda`` resumes on ``cuda:1``; one in bfloat16 does not resume in float32."""
+    from mosaic_safety.tokens import ArtifactError
+    from mosaic_safety.training.checkpoint import check_same_recipe
+
+    def config(**model):
+        return tiny_config(tmp_path, *(f"model.{k}={v}" for k, v in model.items())).to_dict()
+
+    saved = config(device="cpu", dtype="auto")
+    check_same_recipe(tmp_path, saved, config(device="cpu", dtype="float32"))
+    check_same_recipe(tmp_path, saved, config(device="auto", dtype="float32"))
+    cuda = {**saved, "model": {**saved["model"], "device": "cuda", "dtype": "bfloat16"}}
+    check_same_recipe(
+        tmp_path, cuda, {**cuda, "model": {**cuda["model"], "device": "cuda:1", "dtype": "auto"}}
+    )
+    with pytest.raises(ArtifactError, match="model.dtype 'float32' → 'bfloat16'"):
+        check_same_recipe(tmp_path, saved, config(device="cpu", dtype="bfloat16"))
 
 
 def test_resume_refuses_edited_prompts_fewer_epochs_and_a_damaged_checkpoint(tmp_path, tiny_backbone):

@@ -204,6 +204,11 @@ class TrainConfig:
                 "optim.deep_lr_scale scales the deep offsets: it needs tokens.deep=true",
             ),
             (self.optim.autocast in ("off", "bfloat16"), "optim.autocast: off | bfloat16"),
+            (  # the comparison methods' loops run in the backbone's dtype: accepting it would be a no-op
+                self.optim.autocast == "off" or self.method == "mosaic",
+                f"optim.autocast casts the control-token training passes; method {self.method!r} trains in "
+                "the backbone's dtype (set model.dtype instead)",
+            ),
             (
                 self.optim.positive_credit in ("all", "own"),
                 f"optim.positive_credit {self.optim.positive_credit!r}: choose all | own",

@@ -62,7 +62,7 @@ def silhouette_samples(x: torch.Tensor, labels: Sequence[Any], metric: str = "co
         raise DataError(
             f"silhouette needs 2 <= clusters <= samples - 1, got {len(names)} clusters of {x.shape[0]} samples"
         )
-    code = torch.tensor([names.index(v) for v in labels])
+    code = torch.tensor([names.index(v) for v in labels], device=x.device)  # beside x on any device
     onehot = torch.nn.functional.one_hot(code, len(names)).to(torch.float64)
     d = pairwise_distances(x, metric)
     sums = d @ onehot  # (N, K): total distance from i to each cluster

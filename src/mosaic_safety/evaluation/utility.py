@@ -128,9 +128,8 @@ def sequence_logprobs(
         rows = method.target_logits(prompts[sl], policies[sl], targets[sl])
         for logits, target in zip(rows, targets[sl]):
             logp = torch.log_softmax(logits[: len(target)].float(), dim=-1)
-            out.append(
-                logp.gather(-1, torch.tensor(list(target), dtype=torch.long).unsqueeze(-1)).squeeze(-1)
-            )
+            index = torch.tensor(list(target), dtype=torch.long, device=logp.device)  # CUDA needs it there
+            out.append(logp.gather(-1, index.unsqueeze(-1)).squeeze(-1))
         if progress is not None:
             progress(len(rows))
     return out

@@ -158,11 +158,26 @@ def check_same_recipe(
     ckpt: Path, saved: dict[str, Any], config: dict[str, Any], longer: str = "optim.epochs"
 ) -> None:
     """Refuse to resume a checkpoint made with another recipe (only the epoch count, ``longer``, may grow)."""
-    if resume_key(saved) != resume_key(config):
+    before, now = _flat(resume_key(saved)), _flat(resume_key(config))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k} {before.get(k)!r} → {now.get(k)!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise ArtifactError(
-            f"{ckpt}: checkpoint was made with a different config; resume needs the same one "
-            f"(only {longer} may change, to train longer)"
+            f"{ckpt}: checkpoint was made with a different config ({shown}{more}); resume needs the "
+            f"same one (only {longer} may change, to train longer)"
         )
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` as ``{"optim.lr": 1}``: the settings a message can name."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def check_continuation(
@@ -204,4 +219,20 @@ def resume_key(config: dict[str, Any]) -> dict[str, Any]:
             value = {k: value.get(k, d) for k, d in default.items()}
         key[name] = value
     speed_only = {"epochs", "cache_mb"}  # more epochs; a cache that only changes float rounding
-    return {**key, "optim": {k: v for k, v in key["optim"].items() if k not in speed_only}}
+    return {
+        **key,
+        "model": _model_key(key["model"]),
+        "optim": {k: v for k, v in key["optim"].items() if k not in speed_only},
+    }
+
+
+def _model_key(model: dict[str, Any]) -> dict[str, Any]:
+    """The model as the optimisation sees it: its weights and the dtype they run in. Which device
+    holds them (``cuda`` or ``cuda:1``) changes no step, and ``auto`` is the dtype it stands for."""
+    device = str(model.get("device") or "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = model.get("dtype")
+    if dtype in (None, "auto"):
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return {**{k: v for k, v in model.items() if k != "device"}, "dtype": dtype}
