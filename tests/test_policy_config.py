@@ -46,7 +46,15 @@ def test_suggestion_for_typo(minors):
             "  - {name: a, display: A, description: d, refusal: r}",
             "defined twice",
         ),
-        ("categories: [\n", "not valid YAML"),
+        (  # one line, without PyYAML's excerpt and caret
+            "categories: [\n",
+            "not valid YAML: line 2, column 1: expected the node content, but found '<stream end>'$",
+        ),
+        (
+            "categories:\n  - {name: a, display: A, description: d, refusal: 'No {displayy} here.'}",
+            r"categories\[0\] \(a\) refusal has \{displayy\}: the only placeholder is \{display\}",
+        ),
+        ("categories:\n  - {name: a, display: A, description: d, refusal: 'No {} here.'}", r"has \{\}"),
         (
             "categories:\n  - {name: neutral, display: N, description: d, refusal: 'no {display}'}",
             "'neutral' is reserved",
@@ -64,6 +72,20 @@ def test_bad_registry_files(tmp_path, text, message):
         CategoryRegistry.load(path)
 
 
+def test_registry_that_is_not_utf8_says_so(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"categories:\n  - {name: a, display: \xe9, description: d, refusal: r}\n")
+    with pytest.raises(PolicyError, match=r"r.yaml: not UTF-8 text \(byte 35\)"):
+        CategoryRegistry.load(path)
+
+
+def test_hand_written_refusals_without_display_still_load(tmp_path):
+    """Each category may word its own refusal; only a shared template must name ``{display}``."""
+    path = tmp_path / "r.yaml"
+    path.write_text("categories:\n  - {name: a, display: A, description: d, refusal: 'Not about A.'}\n")
+    assert CategoryRegistry.load(path)["a"].refusal_text == "Not about A."
+
+
 def test_missing_registry():
     with pytest.raises(PolicyError, match="not found"):
         CategoryRegistry.load("no-such-registry")
@@ -75,7 +97,7 @@ def test_one_refusal_wording_for_every_category(minors):
     assert sorry["betting"].refusal_text == "Sorry, I can't help with gambling and betting here."
     assert [c.description for c in sorry] == [c.description for c in minors]
     assert minors["betting"].refusal_text.startswith("I'm sorry, but")  # the suite's own is untouched
-    for bad in ("Sorry, I can't help with that.", "{display}", "  {display} "):
+    for bad in ("Sorry, I can't help with that.", "{display}", "  {display} ", "No {display} on {site}."):
         with pytest.raises(PolicyError, match="must contain {display}"):
             minors.with_refusal(bad)
 

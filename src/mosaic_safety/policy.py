@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,14 +68,23 @@ def _check_name(name: Any, where: str) -> str:
 
 
 REFUSAL_TEMPLATE_RULE = (
-    "must contain {display} and some text: each category's refusal names its rule, so serving and "
-    "the judges can tell which one fired"
+    "must contain {display}, no other {...} placeholder, and some text: each category's refusal names "
+    "its rule, so serving and the judges can tell which one fired"
 )
 
 
 def usable_refusal_template(template: str) -> bool:
     """A shared refusal wording must still tell the categories apart (see ``REFUSAL_TEMPLATE_RULE``)."""
-    return "{display}" in template and bool(template.replace("{display}", "").strip())
+    return (
+        "{display}" in template
+        and bool(template.replace("{display}", "").strip())
+        and not unknown_placeholders(template)
+    )
+
+
+def unknown_placeholders(template: str) -> list[str]:
+    """``{...}`` fields other than ``{display}`` (``{displayy}``, ``{Display}``, ``{}``)."""
+    return [f"{{{m}}}" for m in re.findall(r"\{([^{}]*)\}", template) if m != "display"]
 
 
 @dataclass(frozen=True)
@@ -144,9 +154,21 @@ class CategoryRegistry:
             )
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
-        return cls.from_dict(data, source=str(path))
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        except yaml.YAMLError as exc:
+            from .config import yaml_problem
+
+            raise PolicyError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+        registry = cls.from_dict(data, source=str(path))
+        for i, cat in enumerate(registry.categories):  # a file a person wrote: typos are caught here
+            odd = unknown_placeholders(cat.refusal)
+            if odd:
+                raise PolicyError(
+                    f"{path}: categories[{i}] ({cat.name}) refusal has {', '.join(odd)}: the only "
+                    "placeholder is {display}, and any other would be trained and said literally"
+                )
+        return registry
 
     def to_dict(self) -> dict[str, Any]:
         return {
