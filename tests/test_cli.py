@@ -630,6 +630,24 @@ def test_sigterm_stops_training_like_ctrl_c(trained, tmp_path):
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_sigterm_stops_an_evaluation_like_ctrl_c(trained, tmp_path):
+    """The responses so far stay cached either way; SIGTERM now also says so (it died silently, 143)."""
+    root, art, _ = trained
+    env = {**os.environ, "MOSAIC_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "MOSAIC_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "mosaic_safety.cli", "eval", "-a", str(art), "--out", str(tmp_path / "ev")]
+    proc = subprocess.Popen(
+        [*cmd, "--limit", "0", "--batch-size", "1", "--max-new-tokens", "64", "--seed", "99"],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in proc.stderr:  # under way: responses are being generated
+        if "responses:" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "the same command reuses them" in err, err
+    assert not (tmp_path / "ev" / "results.json").exists()
+
+
 def test_a_checkpoint_with_a_damaged_marker_is_passed_over(trained, tmp_path):
     from mosaic_safety.training.checkpoint import latest_checkpoint
 

@@ -458,6 +458,7 @@ def generate(
         raise typer.BadParameter("give exactly one of --prompt or --file")
     if prompt is not None and not prompt.strip():
         raise typer.BadParameter("--prompt is empty")
+    _stop_on_sigterm()  # a --file run keeps its finished windows and says so, as on Ctrl-C
     with friendly_errors():
         prompts = [prompt] if prompt is not None else _read_prompts(file)
         cm = _load_controlled(artifact, model, device, dtype)
@@ -708,6 +709,7 @@ def eval_command(
     from .methods import load_method
 
     kept = "the responses generated so far are cached, and the same command reuses them"
+    _stop_on_sigterm()
     with friendly_errors(interrupted=kept):
         check_output_dir(out)  # found before the evaluation, not after it
         check_cache_dir()
