@@ -826,3 +826,16 @@ def test_chat_prints_each_piece_as_the_model_produces_it(trained, monkeypatch):
     for i, (_, shown) in enumerate(seen):
         assert shown.endswith("bot> " + "".join(p for p, _ in seen[:i])) or i == 0
     assert screen.getvalue().rstrip("\n").endswith("".join(p for p, _ in seen))
+
+
+def test_info_shows_the_lineage_of_an_extended_artifact(trained, tmp_path):
+    root, art, _ = trained
+    ext = tmp_path / "ext"
+    flags = ("optim.epochs=1", "eval.max_new_tokens=0", f"init_artifact={art}", "data.categories=[sex]")
+    mosaic("train", "-c", "configs/tiny-test.yaml", "-o", str(ext), *flags, cache=root / "cache")
+    info = mosaic("info", str(ext), cache=root / "cache").stdout
+    sha = json.loads((art / "mosaic.json").read_text())["tokens_sha256"][:12]
+    assert (
+        f"extends {art.resolve()} (tokens sha256 {sha}): alcohol, betting, horror kept from it unchanged"
+        in info
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from math import comb
 from pathlib import Path
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from mosaic_safety.config import ConfigError, load_config
 from mosaic_safety.controlled import ControlledModel
 from mosaic_safety.data.schema import DataError
+from mosaic_safety.tokens import read_manifest
 from mosaic_safety.training.losses import response_cross_entropy, response_kl
 from mosaic_safety.training.sampler import OrderSampler
 from mosaic_safety.training.teacher import BaseResponseCache
@@ -463,6 +465,36 @@ def test_incremental_training_keeps_old_tokens_bitwise(tmp_path, tiny_backbone):
     for name in ("alcohol", "betting"):
         assert torch.equal(new.blocks[name], old.blocks[name])
     assert all(item.policy and "horror" in item.policy for item in second.sampler.epoch_items(0))
+    # the lineage: how the frozen tokens were trained stays in the extended artifact
+    base = read_manifest(tmp_path / "second")["training"]["base"]
+    assert base["tokens_sha256"] == read_manifest(tmp_path / "first")["tokens_sha256"]
+    assert base["path"] == str((tmp_path / "first").resolve())
+    assert base["training"]["config"]["data"]["categories"] == ["alcohol", "betting"]
+
+
+def test_incremental_resume_refuses_a_base_changed_since_and_a_reworded_refusal(tmp_path, tiny_backbone):
+    """Resuming took the frozen tokens from the checkpoint while the manifest named the base as it is
+    now: an overwritten base is refused instead of shipping the old tokens under its name."""
+    from mosaic_safety.tokens import ArtifactError
+    from mosaic_safety.training.trainer import Trainer
+
+    def train(out, *overrides, resume=False):
+        cfg = tiny_config(tmp_path, "optim.epochs=1", *overrides)
+        return Trainer(cfg, backbone=tiny_backbone).train(tmp_path / out, resume=resume)
+
+    train("first", "data.categories=alcohol")
+    with pytest.raises(ArtifactError, match=r"its refusal differs \(data.refusal must be the base run's\)"):
+        train(
+            "x", "data.categories=horror", f"init_artifact={tmp_path / 'first'}", "data.refusal=No {display}."
+        )
+    train("second", "data.categories=horror", f"init_artifact={tmp_path / 'first'}")
+    longer = ("data.categories=horror", f"init_artifact={tmp_path / 'first'}", "optim.epochs=2")
+    shutil.rmtree(tmp_path / "first")
+    train("first", "data.categories=alcohol", "optim.seed=7")  # the base overwritten since
+    with pytest.raises(
+        ArtifactError, match="the tokens of alcohol in .*first changed since this run started"
+    ):
+        train("second", *longer, resume=True)
 
 
 def test_first_token_weight_reweights_the_decision_token():

@@ -658,6 +658,17 @@ def _print_training(training: dict[str, Any]) -> None:
             f" data hash {training.get('data_hash')}",
             highlight=False,
         )
+    base = training.get("base")
+    while isinstance(base, dict):  # incremental training: each earlier artifact, newest first
+        frozen = ", ".join(training.get("frozen_categories") or []) or "none"
+        earlier = base.get("training") if isinstance(base.get("training"), dict) else {}
+        out.print(
+            f"  extends {base.get('path')} (tokens sha256 {str(base.get('tokens_sha256'))[:12]}): {frozen} "
+            f"kept from it unchanged; it trained {earlier.get('steps')} steps, data hash {earlier.get('data_hash')}",
+            highlight=False,
+            soft_wrap=True,  # a path stays whole, for copying
+        )
+        training, base = earlier, earlier.get("base")
 
 
 @app.command("eval")

@@ -232,6 +232,7 @@ class Trainer:
         self.report = reporter or (lambda kind, data: None)
         self.backbone, self.suite, self.categories = load_inputs(config, backbone, self.report)
         registry = self.suite.registry
+        self.base_record: dict[str, Any] | None = None
         self.tokens, self.frozen = self._init_tokens()
         self.model = ControlledModel(self.backbone, self.tokens)
         self.pools = training_pools(
@@ -325,11 +326,25 @@ class Trainer:
                 f"{cfg.tokens.placement!r}; incremental training must keep it"
             )
         for name in old.categories:
-            if name not in registry or registry[name] != old.registry[name]:
+            if name not in registry:
+                raise ArtifactError(
+                    f"{cfg.init_artifact}: category {name!r} is not in suite {self.suite.name!r}"
+                )
+            ours, theirs = registry[name].to_dict(), old.registry[name].to_dict()
+            differ = [k for k in theirs if ours.get(k) != theirs[k]]
+            if differ:
+                hint = " (data.refusal must be the base run's)" if "refusal" in differ else ""
                 raise ArtifactError(
                     f"{cfg.init_artifact}: category {name!r} is not defined identically in suite "
-                    f"{self.suite.name!r}"
+                    f"{self.suite.name!r}: its {', '.join(differ)} differ{'s' if len(differ) == 1 else ''}"
+                    f"{hint}; the frozen tokens were trained on the artifact's"
                 )
+        manifest = read_manifest(cfg.init_artifact)
+        self.base_record = {  # the lineage: how the frozen tokens were trained, kept in the artifact
+            "path": str(Path(cfg.init_artifact).resolve()),
+            "tokens_sha256": manifest.get("tokens_sha256"),
+            "training": manifest.get("training", {}),
+        }
         new = [c for c in self.categories if c not in old.categories]
         if not new:
             raise ArtifactError(f"{cfg.init_artifact} already has every requested category; nothing to train")
@@ -580,6 +595,7 @@ class Trainer:
                 "data_hash": data_hash(self.pools),
                 "suite": self.suite.name,
                 "frozen_categories": sorted(self.frozen),
+                **({"base": self.base_record} if self.base_record else {}),
                 **training,
             },
             "metrics": metrics or {},
@@ -648,6 +664,19 @@ class Trainer:
         self.report("selected", {"epochs": chosen, "scores": {c: history[e][c] for c, e in chosen.items()}})
         return chosen, history
 
+    def _check_frozen_unchanged(self, ckpt: Path, saved: dict[str, torch.Tensor]) -> None:
+        """The checkpoint froze the base artifact's tokens as they were; if ``init_artifact`` now
+        holds others (overwritten since), resuming would ship the old ones under the new name."""
+        frozen = {k: v for k, v in self.tokens.named_tensors().items() if _category_of(k) in self.frozen}
+        changed = sorted(
+            {_category_of(k) for k, v in frozen.items() if not torch.equal(v.cpu(), saved[k].cpu())}
+        )
+        if changed:
+            raise ArtifactError(
+                f"{ckpt}: the tokens of {', '.join(changed)} in {self.config.init_artifact} changed since "
+                "this run started; restore that artifact or train afresh"
+            )
+
     def _checkpointed(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Every learned tensor under its optimizer-state name: the category (blocks), ``deep.<name>``."""
         return [(k.removeprefix("category."), p) for k, p in self.tokens.named_tensors().items()]
@@ -662,6 +691,7 @@ class Trainer:
         check_continuation(ckpt, training, data_hash(self.pools), self.config.optim.epochs)
         self.clock.prior = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
         saved = ControlTokens.load(ckpt, self.backbone.describe()).named_tensors()
+        self._check_frozen_unchanged(ckpt, saved)
         with torch.no_grad():
             for name, param in self._checkpointed():
                 param.copy_(saved[_artifact_key(name)].to(param.device))
@@ -690,6 +720,11 @@ def _category_of(name: str) -> str:
 def _artifact_key(name: str) -> str:
     """The artifact key of a checkpointed tensor name (see ``Trainer._checkpointed``)."""
     return name if name.startswith("deep.") else f"category.{name}"
+
+
+def _category_of(key: str) -> str:
+    """The category an artifact key belongs to (``category.alcohol``, ``deep.alcohol``: ``alcohol``)."""
+    return key.split(".", 1)[1]
 
 
 def _tensorboard(out: Path) -> Any:
