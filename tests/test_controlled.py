@@ -197,6 +197,18 @@ def test_sampling_is_seeded(tiny_backbone, tiny_tokens):
     b = cm.generate_ids(PROMPTS, [""] * 3, max_new_tokens=6, do_sample=True, temperature=1.5, seed=3)
     c = cm.generate_ids(PROMPTS, [""] * 3, max_new_tokens=6, do_sample=True, temperature=1.5, seed=4)
     assert a == b and a != c
+    # each row draws from its own generator: the batch size (how rows are grouped) changes nothing
+    one = cm.generate_ids(
+        PROMPTS, ["", "alcohol", ""], max_new_tokens=6, do_sample=True, temperature=1.5, seed=3, batch_size=1
+    )
+    all_ = cm.generate_ids(
+        PROMPTS, ["", "alcohol", ""], max_new_tokens=6, do_sample=True, temperature=1.5, seed=3, batch_size=3
+    )
+    assert one == all_ and one[0] == a[0] and one[2] == a[2]
+    # ... and row i's draws are those of a call whose first row it is, seeded seed + i
+    assert cm.generate_ids(PROMPTS[2:], [""], max_new_tokens=6, do_sample=True, temperature=1.5, seed=5) == [
+        a[2]
+    ]
 
 
 def test_chat_messages_and_empty_inputs(tiny_backbone, tiny_tokens):

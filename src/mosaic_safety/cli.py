@@ -447,7 +447,9 @@ def generate(
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(0.7, "--temperature"),
     top_p: float = typer.Option(0.95, "--top-p"),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1),
+    seed: int = typer.Option(
+        0, "--seed", min=0, max=2**63 - 1, help="With --sample: row i of the file uses seed + i."
+    ),
     batch_size: int = typer.Option(16, "--batch-size"),
     stream: bool = typer.Option(False, "--stream", help="Print text as it is produced (single prompt)."),
     device: str = typer.Option("cpu", "--device"),

@@ -41,6 +41,7 @@ from .policy import CategoryRegistry, Policy, PolicyError
 from .tokens import ControlTokens
 
 Prompt = str | Sequence[dict[str, str]]  # a user message, or a list of chat messages
+Generators = torch.Generator | Sequence[torch.Generator] | None  # sampling: one, one per row, or greedy
 
 _SENTINEL = "\u2063MOSAIC\u2063"  # invisible separators: never produced by real prompts
 
@@ -556,7 +557,7 @@ class ControlledModel:
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, step by step, reusing the KV cache.
 
@@ -586,7 +587,7 @@ class ControlledModel:
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> Iterator[torch.Tensor]:
         """:meth:`decode_steps` for rows whose prompt heads are already computed (``heads.rows``).
 
@@ -640,7 +641,7 @@ class ControlledModel:
         do_sample: bool,
         temperature: float,
         top_p: float,
-        generator: torch.Generator | None,
+        generator: Generators,
     ) -> Iterator[torch.Tensor]:
         """The decoding loop after a prefill whose last logits are in ``out``."""
         eos = torch.tensor(self.eos_ids, device=self.device)
@@ -687,12 +688,18 @@ class ControlledModel:
         ]
         if lengths:
             self.check_fits(max(lengths), max_new_tokens)
-        generator = None
-        if do_sample:
-            generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
-        options = (max_new_tokens, do_sample, temperature, top_p, generator)
+        # one generator per row, seeded by its place in the input: a row's sample does not depend on
+        # the batch size or on which rows it is batched with
+        first_seed = 0 if seed is None else seed
+        row_generators = (
+            [torch.Generator(device=self.device).manual_seed(first_seed + i) for i in range(len(prompts))]
+            if do_sample
+            else None
+        )
         results: list[list[int]] = [[] for _ in prompts]
         for idx in length_batches(lengths, batch_size, keys):
+            generators = [row_generators[i] for i in idx] if row_generators is not None else None
+            options = (max_new_tokens, do_sample, temperature, top_p, generators)
             distinct = list(dict.fromkeys(keys[i] for i in idx))
             heads = None
             if (
@@ -962,9 +969,10 @@ def until_eos(row: list[int], eos_ids: list[int], keep: bool = False) -> list[in
 
 
 def pick_token(
-    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: Generators
 ) -> torch.Tensor:
-    """Next token per row from ``(B, V)`` logits: argmax, or a temperature / top-p sample."""
+    """Next token per row from ``(B, V)`` logits: argmax, or a temperature / top-p sample (drawn
+    from one generator, or from each row's own when ``generator`` is a list of them)."""
     if not do_sample:
         return logits.argmax(-1)
     if temperature <= 0:
@@ -976,4 +984,10 @@ def pick_token(
         keep[..., 0] = True  # the likeliest token always: a top_p that rounds to 0 leaves nothing
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+        return torch.cat(
+            [torch.multinomial(p[None], 1, generator=g) for p, g in zip(probs, generator)]
+        ).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
