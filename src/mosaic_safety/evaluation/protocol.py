@@ -324,6 +324,7 @@ def evaluate(
         # which prompts were asked: a comparison refuses rows that asked different ones
         "prompt_set": prompt_set((g, p) for g, items in groups.items() for p in items),
         "generation": {**stats, "seconds": round(seconds, 2)},
+        "runtime": _runtime(method),  # dtype and device change greedy text: a comparison checks them
         "cost": {
             "trainable_parameters": method.trainable_parameters(),
             "prompt_overhead": {p.key: method.prompt_overhead(p) for p in policies if p.order <= 1},

@@ -57,6 +57,13 @@ def write_results(results: dict[str, Any], out: str | Path, plots: bool = True) 
     return paths
 
 
+def _runtime_note(runtime: Any) -> str:
+    """``; float32 on cpu`` where the results recorded it (older ones did not)."""
+    if isinstance(runtime, dict) and runtime.get("dtype"):
+        return f"; {str(runtime['dtype']).removeprefix('torch.')} on {runtime.get('device')}"
+    return ""
+
+
 def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
     m = results["method"]
     plan = results["plan"]
@@ -71,7 +78,8 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
         + ")",
         f"- trainable parameters: {results['cost']['trainable_parameters']:,}; fingerprint `{m['fingerprint']}`",
         f"- generation: {results['generation'].get('generated', 0)} new responses in "
-        f"{results['generation']['seconds']:.0f}s ({results['generation']['rows']} rows)",
+        f"{results['generation']['seconds']:.0f}s ({results['generation']['rows']} rows)"
+        + _runtime_note(results.get("runtime")),
         "",
         "## By order (mean over subsets; pooled 95% Wilson interval)",
         "",
@@ -233,6 +241,11 @@ def differences(loaded: Sequence[dict[str, Any]], names: Sequence[str]) -> list[
         ]:
             if a != b:
                 out.append(f"{label}: {a!r} in {ref}, {b!r} in {name}")
+        ours, theirs = (str((x.get("runtime") or {}).get("dtype", "")) for x in (first, r))
+        if ours and theirs and ours != theirs:  # bf16 and float32 greedy texts differ
+            out.append(
+                f"dtype: {ours.removeprefix('torch.')} in {ref}, {theirs.removeprefix('torch.')} in {name}"
+            )
         asked, other = _asked(first), _asked(r)
         if first["groups"] != r["groups"] or (asked and other and asked != other):
             out.append(f"prompts: {name} asked other prompts than {ref}")
