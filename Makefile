@@ -26,7 +26,7 @@ setup: $(STAMP)
 # orders 1-4 (10 prompts per group, 1 sampled subset per order for orders 2-4; the full comparison
 # with 20 prompts and 3 subsets is in docs/experiments.md). No --fast: on mosaic it re-decodes most
 # rows and costs more than it saves (docs/evaluation.md).
-DEMO_EVAL := --limit 10 --max-order 4 --subsets-per-order 1 --max-new-tokens 24
+DEMO_EVAL := --limit 10 --max-order 4 --subsets-per-order 1 --max-new-tokens 24 --overwrite
 ARTIFACT := runs/smollm2-minors
 demo: $(STAMP)
 	$(BIN)/mosaic train --config configs/smollm2-minors.yaml --overwrite eval.max_new_tokens=0

@@ -410,6 +410,23 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
     assert r.returncode == 0, r.stderr
     assert "| mosaic |" in r.stdout and (tmp_path / "c" / "compare_by_order.png").exists()
     assert "**mosaic** margin: SAM" in r.stdout
+    # another evaluation into the same --out would replace those results: refused without --overwrite
+    before = (tmp_path / "mosaic" / "results.json").read_bytes()
+    into_mosaic = [
+        "eval",
+        "--method",
+        "none",
+        "--model",
+        "tiny-random-llama",
+        "--out",
+        str(tmp_path / "mosaic"),
+    ]
+    r = _mosaic(*into_mosaic, *common, env=env)
+    assert r.returncode == 2 and "holds the results of another evaluation (its method differ)" in r.stderr
+    assert (tmp_path / "mosaic" / "results.json").read_bytes() == before
+    r = _mosaic(*into_mosaic, *common, "--overwrite", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "mosaic" / "results.json").read_text())["method"]["method"] == "none"
     # clear errors, no tracebacks
     r = _mosaic(
         "eval", "--method", "lora", "--model", "tiny-random-llama", "--out", str(tmp_path / "x"), env=env

@@ -713,6 +713,9 @@ def eval_command(
     jailbreak_templates: int = typer.Option(
         0, min=0, help="DSR under N in-the-wild jailbreak templates (0: off)."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the results of a different evaluation in --out."
+    ),
 ) -> None:
     """Measure defense success (DSR) and over-refusal (OR) per composition order; write a report."""
     from .data.suites import load_suite
@@ -742,6 +745,10 @@ def eval_command(
         )
         # A method trained with its own refusal wording (data.refusal) is judged by it too.
         the_judge = _make_judge(judge, [data.registry, m.registry])
+        if not overwrite:
+            _check_earlier_results(
+                out, {"method": m.describe(), "suite": data.name, "judge": the_judge.name}, plan
+            )
         console.print(
             f"[cyan]•[/] evaluating {m.name} on {data.name}/{split} (orders 1–{max_order}, judge {the_judge.name})",
             highlight=False,
@@ -784,6 +791,35 @@ def eval_command(
     console.print(
         f"[green]✓[/] report: {paths[1]}  plots: {', '.join(str(p) for p in paths[2:])}", highlight=False
     )
+
+
+def _check_earlier_results(out: Path, what: dict[str, Any], plan: Any) -> None:
+    """Refuse to replace another evaluation's results in ``out`` (rerunning the same one is fine:
+    that is how an interrupted evaluation continues)."""
+    import dataclasses
+
+    from .config import ConfigError
+
+    path = out / "results.json"
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        raise ConfigError(
+            f"--out {out} holds a results.json that is not an evaluation's; pass --overwrite to replace it"
+        )
+    ours = {**what, "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "batch_size"}}
+    theirs = {k: earlier.get(k) for k in what}
+    theirs["plan"] = {k: v for k, v in (earlier.get("plan") or {}).items() if k != "batch_size"}
+    differ = [k for k in ours if ours[k] != theirs[k]]
+    if differ:
+        raise ConfigError(
+            f"--out {out} holds the results of another evaluation (its {', '.join(differ)} differ); "
+            "pass --overwrite to replace them, or choose another --out"
+        )
 
 
 def _make_judge(spec: str, registry: Any) -> Any:
