@@ -839,3 +839,22 @@ def test_info_shows_the_lineage_of_an_extended_artifact(trained, tmp_path):
         f"extends {art.resolve()} (tokens sha256 {sha}): alcohol, betting, horror kept from it unchanged"
         in info
     )
+
+
+def test_eval_defaults_to_the_suite_the_artifact_was_trained_on(tmp_path):
+    """A custom suite's artifact is evaluated on that suite's test prompts without --suite."""
+    from mosaic_safety.data.suites import BUILTIN_DIR
+
+    suite = tmp_path / "mysuite"
+    shutil.copytree(BUILTIN_DIR / "minors", suite)
+    art, cache = tmp_path / "art", tmp_path / "cache"
+    mosaic(
+        "train", "-c", "configs/tiny-test.yaml", "-o", str(art), f"data.suite={suite}", "optim.epochs=1",
+        "eval.max_new_tokens=0", cache=cache,
+    )  # fmt: skip
+    ask = ("eval", "-a", str(art), "--limit", "1", "--max-order", "1", "--max-new-tokens", "2")
+    mosaic(*ask, "--out", str(tmp_path / "ev"), cache=cache)
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["suite"] == "mysuite"
+    shutil.rmtree(suite)
+    proc = mosaic(*ask, "--out", str(tmp_path / "ev2"), cache=cache, check=False)
+    assert proc.returncode == 2 and "(the suite the artifact was trained on; give --suite)" in proc.stderr

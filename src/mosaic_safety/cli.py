@@ -683,7 +683,12 @@ def eval_command(
         "(default: the method that wrote --artifact)",
     ),
     artifact: Path | None = typer.Option(None, "--artifact", "-a", help="Artifact of a trained method."),
-    suite: str = typer.Option("minors", "--suite", "-s", help="Built-in suite name or suite directory."),
+    suite: str | None = typer.Option(
+        None,
+        "--suite",
+        "-s",
+        help="Built-in suite name or suite directory (default: the artifact's training suite, else minors).",
+    ),
     out: Path = typer.Option(
         ..., "--out", "-o", parser=nonempty_path, help="Directory for results.json, report.md and plots."
     ),
@@ -718,6 +723,7 @@ def eval_command(
     ),
 ) -> None:
     """Measure defense success (DSR) and over-refusal (OR) per composition order; write a report."""
+    from .data.schema import DataError
     from .data.suites import load_suite
     from .evaluation.extras import ExtrasPlan, run_extras
     from .evaluation.protocol import EvalPlan, evaluate
@@ -729,7 +735,14 @@ def eval_command(
     with friendly_errors(interrupted=kept):
         check_output_dir(out)  # found before the evaluation, not after it
         check_cache_dir()
-        data = load_suite(suite)
+        if suite is not None:
+            data = load_suite(suite)
+        else:
+            trained_on = _trained_suite(artifact)
+            try:
+                data = load_suite(trained_on)
+            except DataError as exc:
+                raise DataError(f"{exc} (the suite the artifact was trained on; give --suite)") from None
         m = load_method(
             method, artifact=artifact, model=model, registry=data.registry, device=device, dtype=dtype
         )
@@ -791,6 +804,20 @@ def eval_command(
     console.print(
         f"[green]✓[/] report: {paths[1]}  plots: {', '.join(str(p) for p in paths[2:])}", highlight=False
     )
+
+
+def _trained_suite(artifact: Path | None) -> str:
+    """The suite an artifact was trained on (a custom suite's test split is its own), else ``minors``."""
+    from .tokens import load_manifest_json
+
+    if artifact is None:
+        return "minors"
+    manifest, _ = load_manifest_json(artifact)  # a missing or corrupt artifact: its own clear error
+    training = manifest.get("training") if isinstance(manifest, dict) else None
+    config = training.get("config") if isinstance(training, dict) else None
+    data = config.get("data") if isinstance(config, dict) else None
+    spec = data.get("suite") if isinstance(data, dict) else None
+    return spec if isinstance(spec, str) and spec else "minors"
 
 
 def _check_earlier_results(out: Path, what: dict[str, Any], plan: Any) -> None:
