@@ -839,6 +839,14 @@ def test_info_shows_the_lineage_of_an_extended_artifact(trained, tmp_path):
         f"extends {art.resolve()} (tokens sha256 {sha}): alcohol, betting, horror kept from it unchanged"
         in info
     )
+    trained_more = mosaic(
+        "train", "-c", "configs/tiny-test.yaml", "-o", str(tmp_path / "ext2"), "tokens.m=3", *flags,
+        cache=root / "cache",
+    )  # fmt: skip
+    assert (
+        "(alcohol, betting, horror frozen), tokens alcohol 2, betting 2, horror 2, sex 3,"
+        in trained_more.stderr
+    )
 
 
 def test_eval_defaults_to_the_suite_the_artifact_was_trained_on(tmp_path):

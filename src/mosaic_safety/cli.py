@@ -258,10 +258,17 @@ def train(
         with stopped, fresh as replacement[0], _progress() as progress:
             display = TrainDisplay(progress)
             trainer = Trainer(cfg, reporter=display)
+            sizes = {n: int(b.shape[0]) for n, b in trainer.tokens.blocks.items() if n in trainer.categories}
+            each = (
+                f"{cfg.tokens.m} tokens each"
+                if set(sizes.values()) <= {cfg.tokens.m}
+                else "tokens "
+                + ", ".join(f"{n} {k}" for n, k in sizes.items())  # a base trained with another m
+            )
+            frozen = f" ({', '.join(sorted(trainer.frozen))} frozen)" if trainer.frozen else ""
             console.print(
                 f"[cyan]•[/] model {trainer.backbone.name} (d={trainer.backbone.hidden_size}), "
-                f"categories {', '.join(trainer.categories)}, {cfg.tokens.m} tokens each, "
-                f"placement {cfg.tokens.placement}",
+                f"categories {', '.join(trainer.categories)}{frozen}, {each}, placement {cfg.tokens.placement}",
                 highlight=False,
             )
             result = trainer.train(target, resume=resume, overwrite=overwrite)
