@@ -211,9 +211,9 @@ class CategoryRegistry:
         try:
             return self._index[name]
         except KeyError:
-            raise PolicyError(self._unknown_message(name)) from None
+            raise PolicyError(self.unknown_message(name)) from None
 
-    def _unknown_message(self, name: str) -> str:
+    def unknown_message(self, name: str) -> str:
         msg = f"unknown category {name!r}; valid categories: {', '.join(self.names)}"
         close = difflib.get_close_matches(str(name).lower(), self.names, n=1)
         return msg + (f" (did you mean {close[0]!r}?)" if close else "")
@@ -246,7 +246,7 @@ class Policy:
             items = [str(n).strip() for n in names]
         for n in items:
             if n not in registry:  # exact match only: "Alcohol" or confusables are not "alcohol"
-                raise PolicyError(registry._unknown_message(n))
+                raise PolicyError(registry.unknown_message(n))
         unique = set(items)
         return cls(tuple(n for n in registry.names if n in unique))
 

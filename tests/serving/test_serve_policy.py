@@ -93,6 +93,9 @@ def test_confusable_or_differently_cased_categories_are_400(url, name):
     message = r.json()["error"]["message"]
     assert "valid categories: addiction, alcohol, betting, horror, sex" in message
     assert r.json()["error"]["param"] == "safety.categories"
+    if name in ("Alcohol", " alcohol", "alcohol "):  # the CLI accepts the spaced ones: say why not here
+        assert "(did you mean 'alcohol'?)" in message
+        assert ("no spaces" in message) == (name != "Alcohol")
 
 
 @pytest.mark.parametrize("bad", ["alcohol", {"x": 1}, [1], [None]])

@@ -181,7 +181,7 @@ def check_policy(registry: CategoryRegistry, policy: Policy) -> None:
     """A policy naming a category the method was not trained for is a ``PolicyError``."""
     for name in policy:
         if name not in registry:
-            raise PolicyError(registry._unknown_message(name))
+            raise PolicyError(registry.unknown_message(name))
 
 
 def with_system(prompt: Prompt, system: str) -> list[dict[str, str]]:

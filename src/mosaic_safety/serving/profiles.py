@@ -217,7 +217,12 @@ def request_categories(
         if not isinstance(name, str) or name not in registry:  # exact: no strip, no case folding
             raise ServeError(
                 400,
-                f"unknown category {name!r}; valid categories: {', '.join(registry.names)}",
+                registry.unknown_message(name)  # with a "did you mean" for " alcohol" or "Alcohol"
+                + (
+                    " (names in a list are exact: no spaces)"
+                    if isinstance(name, str) and name.strip() != name
+                    else ""
+                ),
                 param="safety.categories",
             )
         out.append(name)
