@@ -317,6 +317,7 @@ def test_compare_refuses_runs_that_measured_different_things(tiny_backbone, mino
         compare(dirs, tmp_path / "cmp")
     md, _, _ = compare(dirs, tmp_path / "cmp", allow_mismatch=True)
     assert "**Not comparable**" in md.read_text() and "- plan.seed: 0 in a, 1 in b" in md.read_text()
+    assert "Suite `minors`, split `test`;" in md.read_text()
     # greedy text depends on the dtype: results record it (the report says it) and compare checks it
     assert "; float32 on cpu" in (dirs[0] / "report.md").read_text()
     record = json.loads((dirs[0] / "results.json").read_text())
@@ -328,6 +329,9 @@ def test_compare_refuses_runs_that_measured_different_things(tiny_backbone, mino
     del record["runtime"]  # results from before it was recorded stay comparable
     (tmp_path / "c" / "results.json").write_text(json.dumps(record))
     compare([dirs[0], tmp_path / "c"], tmp_path / "cmp")
+    (tmp_path / "c" / "results.json").write_text(json.dumps({**record, "suite": "pets"}))
+    md, _, _ = compare([dirs[0], tmp_path / "c"], tmp_path / "cmp", allow_mismatch=True)
+    assert "Suites `minors`, `pets`, split `test`;" in md.read_text()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text("[]")
     with pytest.raises(ValueError, match="not a results file of `mosaic eval`"):

@@ -263,6 +263,12 @@ def _asked(results: dict[str, Any]) -> str | None:
     return None
 
 
+def _each(label: str, values: Sequence[Any]) -> str:
+    """``Suite `minors``` when the runs agree, ``Suites `minors`, `pets``` when they do not."""
+    distinct = list(dict.fromkeys(values))
+    return f"{label}{'s' if len(distinct) > 1 else ''} " + ", ".join(f"`{v}`" for v in distinct)
+
+
 def compare(
     result_dirs: Sequence[str | Path],
     out: str | Path,
@@ -311,7 +317,10 @@ def compare(
     lines = [
         "# Method comparison",
         "",
-        f"Suite `{loaded[0]['suite']}`, split `{loaded[0]['plan']['split']}`; judges: "
+        _each("Suite", [r["suite"] for r in loaded])
+        + ", "
+        + _each("split", [r["plan"]["split"] for r in loaded])
+        + "; judges: "
         + ", ".join(sorted({r["judge"] for r in loaded}))
         + ". Order-k figures are means over subsets.",
         "",
