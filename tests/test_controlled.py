@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import chat_ids
 
-from mosaic_safety.controlled import ControlledModel
+from mosaic_safety.controlled import ControlledModel, pick_token
 from mosaic_safety.policy import Policy
 
 PROMPTS = ["How do I bake sourdough bread at home?", "Tell me a scary story", "What is 17 times 23, and why?"]
@@ -453,3 +453,82 @@ def test_prefill_head_matches_the_models_own_last_logits(tiny_backbone, deep_tok
         ((layer.keys, layer.values) for layer in theirs.past_key_values.layers),
     ):
         assert torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
+
+
+# -- controlled.py: behaviour a mutation audit found unpinned ------------------------------
+def test_encoded_labels_are_the_tokens_each_logit_predicts(tiny_backbone, tiny_tokens, minors):
+    """``encode(..., targets)`` labels (used by the LoRA / ORPO losses) line up with the logits of
+    ``logits(batch)``: window index j predicts sequence position L - window + j + 1."""
+    from mosaic_safety.training.losses import response_cross_entropy
+
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    policies = [minors.policy("alcohol"), Policy(())]
+    targets = [[5, 6, 7], [8]]
+    batch = cm.encode(PROMPTS[:2], policies, targets)
+    assert batch.window == 4
+    assert batch.labels.tolist() == [[5, 6, 7, -100], [-100, -100, 8, -100]]
+    with torch.no_grad():
+        full = response_cross_entropy(cm.logits(batch), batch.labels)
+        logits, labels = cm.response_logits(PROMPTS[:2], policies, targets)
+        aligned = response_cross_entropy(logits, labels)
+    assert torch.allclose(full, aligned, atol=1e-5)
+
+
+def test_decoding_pads_finished_rows_and_stops_once_all_have_finished(tiny_backbone, tiny_tokens):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    pad = tiny_backbone.tokenizer.pad_token_id
+    batch = cm.encode(PROMPTS[:2], [Policy(())] * 2)
+    free = torch.stack(list(cm.decode_steps(batch, max_new_tokens=6)), 1).tolist()
+    # a token row 0 produces and row 1 never does: make it the stop token
+    j, stop = next((j, t) for j, t in enumerate(free[0]) if t not in free[1] and t != pad and j < 5)
+    cm.eos_ids = [stop]
+    steps = torch.stack(list(cm.decode_steps(batch, max_new_tokens=6)), 1).tolist()
+    assert steps[1] == free[1]  # the other row runs to the budget
+    assert steps[0][: j + 1] == free[0][: j + 1]
+    assert steps[0][j + 1 :] == [pad] * (6 - j - 1)  # a finished row yields the pad id
+    alone = cm.encode(PROMPTS[:1], [Policy(())])
+    assert len(list(cm.decode_steps(alone, max_new_tokens=6))) == j + 1  # all finished: stop
+    assert cm.generate_ids(PROMPTS[:1], [""], max_new_tokens=6) == [free[0][:j]]
+    assert cm.generate_ids(PROMPTS[:1], [""], max_new_tokens=6, keep_eos=True) == [free[0][: j + 1]]
+
+
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
+    """probs 0.5 / 0.3 / 0.2 with top_p 0.6: the nucleus is the first two tokens (0.5 < 0.6)."""
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(4000, -1)
+    gen = torch.Generator().manual_seed(0)
+    drawn = pick_token(logits, True, 1.0, 0.6, gen).bincount(minlength=3).tolist()
+    assert drawn[2] == 0
+    assert 0.55 < drawn[0] / 4000 < 0.70 and 0.30 < drawn[1] / 4000 < 0.45  # 5/8 and 3/8
+
+
+def test_temperature_divides_the_logits():
+    logits = torch.tensor([[2.0, 0.0]]).expand(4000, -1)
+    gen = torch.Generator().manual_seed(0)
+    cold = pick_token(logits, True, 0.5, 1.0, gen).eq(0).float().mean().item()  # softmax(4, 0): 0.982
+    hot = pick_token(logits, True, 2.0, 1.0, gen).eq(0).float().mean().item()  # softmax(1, 0): 0.731
+    assert cold > 0.96 and 0.69 < hot < 0.77
+
+
+def test_response_logits_take_a_hand_built_policy_in_canonical_order(tiny_backbone, tiny_tokens, minors):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    with torch.no_grad():
+        a, _ = cm.response_logits(PROMPTS[:1], [Policy(("sex", "alcohol", "sex"))], [[5, 6]])
+        b, _ = cm.response_logits(PROMPTS[:1], [minors.policy("alcohol,sex")], [[5, 6]])
+    assert torch.equal(a, b)
+
+
+def test_stream_never_yields_half_a_character(tiny_backbone, tiny_tokens, monkeypatch):
+    """A character split over several byte tokens is held back until it is complete."""
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    ids = tiny_backbone.tokenizer("é😀 ok", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(cm, "decode_steps", lambda *a, **k: iter(torch.tensor([t]) for t in ids))
+    pieces = list(cm.stream(PROMPTS[0], None, max_new_tokens=len(ids)))
+    assert "".join(pieces) == "é😀 ok"
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_eos_ids_include_the_generation_configs(tiny_backbone, tiny_tokens, monkeypatch):
+    """Llama 3 style: the generation config lists more stop tokens than the tokenizer's EOS."""
+    eos = tiny_backbone.tokenizer.eos_token_id
+    monkeypatch.setattr(tiny_backbone.model.generation_config, "eos_token_id", [eos, 7])
+    assert ControlledModel(tiny_backbone, tiny_tokens).eos_ids == sorted({eos, 7})

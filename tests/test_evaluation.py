@@ -510,3 +510,68 @@ def test_explicit_empty_cache_is_used(tiny_backbone, minors, tmp_path, monkeypat
         cache=cache,
     )
     assert cache.path.exists() and not (tmp_path / "default" / "generations").exists()
+
+
+# -- evaluation/metrics.py: behaviour a mutation audit found unpinned ------------------------------
+def test_wilson_bounds_stay_inside_zero_and_one():
+    """At k = 0 or k = n the bounds are 0 and 1 up to float rounding; rounding must not leak out
+    (wilson(16, 16) computes an upper bound of 1 + 2e-16 before clamping)."""
+    from mosaic_safety.evaluation.metrics import wilson
+
+    for n in range(1, 120):
+        for k in (0, n):
+            lo, hi = wilson(k, n)
+            assert 0.0 <= lo <= hi <= 1.0
+    assert wilson(16, 16)[1] == 1.0 and wilson(0, 21)[0] == 0.0
+
+
+def test_pooled_never_claims_more_prompts_than_were_asked():
+    from mosaic_safety.evaluation.metrics import pooled, rate, wilson
+
+    p = pooled([rate([True, False])], distinct=5)  # 'distinct' above the answers counted
+    assert "n_eff" not in p and (p["lo"], p["hi"]) == pytest.approx(wilson(1, 2))
+
+
+def test_mean_rate_skips_subsets_without_prompts_among_others():
+    from mosaic_safety.evaluation.metrics import mean_rate, rate
+
+    assert mean_rate([rate([True, True]), rate([]), rate([False, True])]) == 0.75
+
+
+def test_negative_counts_are_refused_by_wilson():
+    from mosaic_safety.evaluation.metrics import wilson
+
+    for k, n in ((-1, 10), (-1, 100), (-2, 1)):
+        with pytest.raises(ValueError, match="need 0 <= k <= n"):
+            wilson(k, n)
+
+
+# -- evaluation/protocol.py: behaviour a mutation audit found unpinned ------------------------------
+def test_an_order_whose_subsets_all_have_prompts_reports_no_dsr_subsets():
+    from mosaic_safety.evaluation.protocol import summarise
+    from mosaic_safety.evaluation.report import subsets_cell
+
+    cats = ["a", "b"]
+    groups = {"a": 2, "b": 2, "neutral": 2}
+    policies = [Policy(("a",)), Policy(("b",))]
+    votes = {(p.key, g): [True, False] for p in policies for g in groups}
+    order = summarise(policies, groups, votes, cats)["orders"]["1"]
+    assert "dsr_subsets" not in order and subsets_cell(order) == "2"
+
+
+def test_order_intervals_count_the_inactive_prompts_the_sampled_subsets_ask():
+    """Two sampled subsets of order 2 over a, b, c, d: {a,b} and {a,c} leave out {c,d} and {b,d},
+    30 different prompts (a's are never inactive), asked 40 times."""
+    from mosaic_safety.evaluation.metrics import wilson
+    from mosaic_safety.evaluation.protocol import summarise
+
+    cats = ["a", "b", "c", "d"]
+    groups = {c: 10 for c in cats}
+    policies = [Policy(("a", "b")), Policy(("a", "c"))]
+    votes = {(p.key, g): [i == 0 for i in range(10)] for p in policies for g in groups}
+    order = summarise(policies, groups, votes, cats)["orders"]["2"]
+    inactive = order["or_inactive_pooled"]
+    assert (inactive["k"], inactive["n"], inactive["n_eff"]) == (4, 40, 30)
+    assert (inactive["lo"], inactive["hi"]) == pytest.approx(wilson(3, 30))
+    dsr = order["dsr_pooled"]  # {a,b} and {a,c} ask a, b and c: 30 prompts, 40 answers
+    assert (dsr["n"], dsr["n_eff"]) == (40, 30)

@@ -289,3 +289,34 @@ def test_deep_offsets_must_cover_every_block(tiny_tokens, minors):
         ControlTokens(minors, blocks, deep={"alcohol": torch.zeros(1, 3, 32)})
     with pytest.raises(ArtifactError, match="expected"):
         ControlTokens(minors, blocks, deep={n: torch.zeros(1, 2, 32) for n in blocks})
+
+
+# -- tokens.py: behaviour a mutation audit found unpinned ------------------------------
+def _rewrite_tensors(artifact, tensors) -> None:
+    import hashlib
+
+    save_file(tensors, str(artifact / "tokens.safetensors"))
+    manifest = json.loads((artifact / "mosaic.json").read_text())
+    manifest["tokens_sha256"] = hashlib.sha256((artifact / "tokens.safetensors").read_bytes()).hexdigest()
+    (artifact / "mosaic.json").write_text(json.dumps(manifest))
+
+
+def test_artifact_tensors_must_be_float32(tmp_path, tiny_backbone, tiny_tokens):
+    artifact = tiny_tokens.save(tmp_path / "art", tiny_backbone.describe())
+    tensors = load_file(str(artifact / "tokens.safetensors"))
+    tensors["category.alcohol"] = tensors["category.alcohol"].half()
+    _rewrite_tensors(artifact, tensors)
+    with pytest.raises(ArtifactError, match="float32"):
+        ControlTokens.load(artifact)
+
+
+def test_text_init_shorter_than_m_repeats_the_whole_text(tiny_backbone):
+    from mosaic_safety.tokens import init_from_text
+
+    emb, tok = tiny_backbone.model.get_input_embeddings(), tiny_backbone.tokenizer
+    ids = tok("ab", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 2
+    rows = init_from_text(emb, tok, "ab", 5)
+    vectors = emb.weight[torch.tensor(ids)].float()
+    expected = torch.stack([vectors[0], vectors[1], vectors[0], vectors[1], vectors[0]])
+    assert torch.allclose(rows, expected)

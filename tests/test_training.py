@@ -973,3 +973,74 @@ def test_a_max_order_above_the_categories_is_said_not_silently_clamped(tmp_path,
     stages = [d["name"] for k, d in events if k == "stage"]
     assert "sampling.max_order=5 is above the 3 categories: orders 1 to 3 are trained" in stages
     assert [b["order"] for k, d in events if k == "budgets" for b in d["budgets"]] == [1, 2, 3]
+
+
+# -- training/losses.py: behaviour a mutation audit found unpinned ------------------------------
+def test_first_token_weight_finds_the_first_response_token_after_leading_padding():
+    """``encode``'s labels (the LoRA / ORPO losses) are end-aligned: a short row starts with -100,
+    and the weighted token must be its first real one, not index 0."""
+    import torch.nn.functional as F
+
+    from mosaic_safety.training.losses import response_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 5)
+    labels = torch.tensor([[-100, 1, 2, 3]])
+    ce = F.cross_entropy(logits[0, 1:], labels[0, 1:], reduction="none")
+    heavy = response_cross_entropy(logits, labels, first_weight=4.0)
+    assert torch.allclose(heavy, ((4 * ce[0] + ce[1] + ce[2]) / 6).reshape(1))
+
+
+# -- training/sampler.py: behaviour a mutation audit found unpinned ------------------------------
+SAMPLER_CATS = ["a", "b", "c", "d", "e"]
+
+
+def _sampler(**kw):
+    from mosaic_safety.training.sampler import OrderSampler
+
+    prompts = {c: [f"{c} prompt {i}" for i in range(30)] for c in SAMPLER_CATS}
+    neutral = [f"neutral {i}" for i in range(30)]
+    boundary = [f"boundary {i}" for i in range(10)]
+    return OrderSampler(SAMPLER_CATS, prompts, neutral, boundary, **kw)
+
+
+def test_incremental_default_cap_counts_only_the_new_categories():
+    """Adding one category: the per-order budget is that one category's order-1 total, split over the
+    subsets that contain it (4 pairs with 'e' share 10 positives: 2 each), not the whole registry's."""
+    s = _sampler(max_order=2, per_subset=10, trainable=["e"])
+    assert [(b.subsets, b.positives_per_subset) for b in s.budgets] == [(1, 10), (4, 2)]
+
+
+def test_positives_of_a_combined_policy_come_from_each_of_its_categories():
+    from collections import Counter
+
+    s = _sampler(max_order=3, per_subset=12)
+    for order in (2, 3):
+        for subset in s.subsets[order]:
+            mine = Counter(i.category for i in s.epoch_items(0) if i.positive and tuple(i.policy) == subset)
+            n = s.budgets[order - 1].positives_per_subset
+            assert set(mine) == set(subset)  # every active category is taught, not only the first
+            assert max(mine.values()) - min(mine.values()) <= 1 and sum(mine.values()) == n
+
+
+def test_boundary_share_is_the_share_of_boundary_prompts_among_the_plain_negatives():
+    s = _sampler(max_order=1, per_subset=50, neg_ratio=2.0, inactive_share=0.0, boundary_share=0.25)
+    plain = [i for i in s.epoch_items(0) if not i.positive]
+    assert len(plain) == 500 and all(i.category == "neutral" for i in plain)
+    share = sum(i.prompt.startswith("boundary") for i in plain) / len(plain)
+    assert 0.18 < share < 0.32
+
+
+def test_steps_per_epoch_counts_the_last_partial_batch_of_each_order():
+    s = _sampler(max_order=3, per_subset=6)
+    for batch_size in (4, 7, 16):
+        assert len(s.epoch_batches(0, batch_size)) == s.steps_per_epoch(batch_size)
+    assert s.steps_per_epoch(7) == 3 * 9  # 60 items per order: 9 batches of up to 7
+
+
+def test_hard_negative_pull_is_the_largest_active_rate_for_each_inactive_category():
+    """Under {a, b}: c's pull is max(0.8, 0.2) and d's max(0.1, 0.3); with two confused categories
+    the normalisation no longer hides which rate was taken."""
+    s = _sampler(max_order=2, per_subset=4, inactive_share=1.0, hard_negatives=1.0)
+    confusion = {"a": {"c": 0.8, "d": 0.1}, "b": {"c": 0.2, "d": 0.3}}
+    assert s.inactive_weights(("a", "b"), ["c", "d"], confusion) == pytest.approx([0.8 / 1.1, 0.3 / 1.1])
