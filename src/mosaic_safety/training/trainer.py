@@ -667,9 +667,13 @@ class Trainer:
     def _check_frozen_unchanged(self, ckpt: Path, saved: dict[str, torch.Tensor]) -> None:
         """The checkpoint froze the base artifact's tokens as they were; if ``init_artifact`` now
         holds others (overwritten since), resuming would ship the old ones under the new name."""
-        frozen = {k: v for k, v in self.tokens.named_tensors().items() if _category_of(k) in self.frozen}
+        frozen = [(n, p) for n, p in self._checkpointed() if _category_of(n) in self.frozen]
         changed = sorted(
-            {_category_of(k) for k, v in frozen.items() if not torch.equal(v.cpu(), saved[k].cpu())}
+            {
+                _category_of(n)
+                for n, p in frozen
+                if not torch.equal(p.detach().cpu(), saved[_artifact_key(n)].cpu())
+            }
         )
         if changed:
             raise ArtifactError(
@@ -720,11 +724,6 @@ def _category_of(name: str) -> str:
 def _artifact_key(name: str) -> str:
     """The artifact key of a checkpointed tensor name (see ``Trainer._checkpointed``)."""
     return name if name.startswith("deep.") else f"category.{name}"
-
-
-def _category_of(key: str) -> str:
-    """The category an artifact key belongs to (``category.alcohol``, ``deep.alcohol``: ``alcohol``)."""
-    return key.split(".", 1)[1]
 
 
 def _tensorboard(out: Path) -> Any:
