@@ -846,6 +846,7 @@ def _check_earlier_results(out: Path, what: dict[str, Any], plan: Any) -> None:
             f"--out {out} holds a results.json that is not an evaluation's; pass --overwrite to replace it"
         )
     ours = {**what, "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "batch_size"}}
+    ours = json.loads(json.dumps(ours, default=str))  # as results.json holds it: tuples are lists
     theirs = {k: earlier.get(k) for k in what}
     theirs["plan"] = {k: v for k, v in (earlier.get("plan") or {}).items() if k != "batch_size"}
     differ = [k for k in ours if ours[k] != theirs[k]]
