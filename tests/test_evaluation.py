@@ -390,17 +390,8 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
     assert set(extras) == {"utility", "kl_to_base", "margin", "jailbreak"}
     assert extras["kl_to_base"]["mean_per_token"] >= 0 and -1 <= extras["margin"]["sam"] <= 1
     assert "truthfulness" in (tmp_path / "mosaic" / "report.md").read_text()
-    r = _mosaic(
-        "eval",
-        "--method",
-        "none",
-        "--model",
-        "tiny-random-llama",
-        "--out",
-        str(tmp_path / "none"),
-        *common,
-        env=env,
-    )
+    eval_none = ["eval", "--method", "none", "--model", "tiny-random-llama", *common]
+    r = _mosaic(*eval_none, "--out", str(tmp_path / "none"), env=env)
     assert r.returncode == 0, r.stderr
     r = _mosaic(
         "report",
@@ -416,19 +407,11 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
     assert "**mosaic** margin: SAM" in r.stdout
     # another evaluation into the same --out would replace those results: refused without --overwrite
     before = (tmp_path / "mosaic" / "results.json").read_bytes()
-    into_mosaic = [
-        "eval",
-        "--method",
-        "none",
-        "--model",
-        "tiny-random-llama",
-        "--out",
-        str(tmp_path / "mosaic"),
-    ]
-    r = _mosaic(*into_mosaic, *common, env=env)
+    into_mosaic = [*eval_none, "--out", str(tmp_path / "mosaic")]
+    r = _mosaic(*into_mosaic, env=env)
     assert r.returncode == 2 and "holds the results of another evaluation (its method differ)" in r.stderr
     assert (tmp_path / "mosaic" / "results.json").read_bytes() == before
-    r = _mosaic(*into_mosaic, *common, "--overwrite", env=env)
+    r = _mosaic(*into_mosaic, "--overwrite", env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "mosaic" / "results.json").read_text())["method"]["method"] == "none"
     # clear errors, no tracebacks

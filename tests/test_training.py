@@ -992,29 +992,17 @@ def test_first_token_weight_finds_the_first_response_token_after_leading_padding
 
 
 # -- training/sampler.py: behaviour a mutation audit found unpinned ------------------------------
-SAMPLER_CATS = ["a", "b", "c", "d", "e"]
-
-
-def _sampler(**kw):
-    from mosaic_safety.training.sampler import OrderSampler
-
-    prompts = {c: [f"{c} prompt {i}" for i in range(30)] for c in SAMPLER_CATS}
-    neutral = [f"neutral {i}" for i in range(30)]
-    boundary = [f"boundary {i}" for i in range(10)]
-    return OrderSampler(SAMPLER_CATS, prompts, neutral, boundary, **kw)
-
-
 def test_incremental_default_cap_counts_only_the_new_categories():
     """Adding one category: the per-order budget is that one category's order-1 total, split over the
     subsets that contain it (4 pairs with 'e' share 10 positives: 2 each), not the whole registry's."""
-    s = _sampler(max_order=2, per_subset=10, trainable=["e"])
+    s = make_sampler(max_order=2, per_subset=10, trainable=["e"])
     assert [(b.subsets, b.positives_per_subset) for b in s.budgets] == [(1, 10), (4, 2)]
 
 
 def test_positives_of_a_combined_policy_come_from_each_of_its_categories():
     from collections import Counter
 
-    s = _sampler(max_order=3, per_subset=12)
+    s = make_sampler(max_order=3, per_subset=12)
     for order in (2, 3):
         for subset in s.subsets[order]:
             mine = Counter(i.category for i in s.epoch_items(0) if i.positive and tuple(i.policy) == subset)
@@ -1024,7 +1012,7 @@ def test_positives_of_a_combined_policy_come_from_each_of_its_categories():
 
 
 def test_boundary_share_is_the_share_of_boundary_prompts_among_the_plain_negatives():
-    s = _sampler(max_order=1, per_subset=50, neg_ratio=2.0, inactive_share=0.0, boundary_share=0.25)
+    s = make_sampler(max_order=1, per_subset=50, neg_ratio=2.0, inactive_share=0.0, boundary_share=0.25)
     plain = [i for i in s.epoch_items(0) if not i.positive]
     assert len(plain) == 500 and all(i.category == "neutral" for i in plain)
     share = sum(i.prompt.startswith("boundary") for i in plain) / len(plain)
@@ -1032,7 +1020,7 @@ def test_boundary_share_is_the_share_of_boundary_prompts_among_the_plain_negativ
 
 
 def test_steps_per_epoch_counts_the_last_partial_batch_of_each_order():
-    s = _sampler(max_order=3, per_subset=6)
+    s = make_sampler(max_order=3, per_subset=6)
     for batch_size in (4, 7, 16):
         assert len(s.epoch_batches(0, batch_size)) == s.steps_per_epoch(batch_size)
     assert s.steps_per_epoch(7) == 3 * 9  # 60 items per order: 9 batches of up to 7
@@ -1041,6 +1029,6 @@ def test_steps_per_epoch_counts_the_last_partial_batch_of_each_order():
 def test_hard_negative_pull_is_the_largest_active_rate_for_each_inactive_category():
     """Under {a, b}: c's pull is max(0.8, 0.2) and d's max(0.1, 0.3); with two confused categories
     the normalisation no longer hides which rate was taken."""
-    s = _sampler(max_order=2, per_subset=4, inactive_share=1.0, hard_negatives=1.0)
+    s = make_sampler(max_order=2, per_subset=4, inactive_share=1.0, hard_negatives=1.0)
     confusion = {"a": {"c": 0.8, "d": 0.1}, "b": {"c": 0.2, "d": 0.3}}
     assert s.inactive_weights(("a", "b"), ["c", "d"], confusion) == pytest.approx([0.8 / 1.1, 0.3 / 1.1])
