@@ -192,3 +192,28 @@ def test_probe_size_is_part_of_the_recipe_and_the_validation_size_is_not(tmp_pat
     assert [d["epoch"] for k, d in events if k == "confusion"] == [2]  # epoch 1's stored measure is reused
     # epoch 2 validated as it ends; epoch 1, scored on 2 prompts, is scored again on 3 for the choice
     assert [d["epoch"] for k, d in events if k == "validation"] == [2, 1]
+
+
+# --- mutation-testing round 2 (mut2): gap found in hard_negatives.py ---------------------------
+
+
+def test_confusion_probe_sample_follows_the_seed():
+    """The probe's prompts are a seeded sample: the same seed draws the same prompts (``--resume``
+    reuses a stored measure only under the same settings), another seed another sample, and a
+    group smaller than ``per_group`` is taken whole."""
+    from mosaic_safety.training.hard_negatives import confusion_probe
+
+    prompts = {"alcohol": [f"alcohol {i}" for i in range(40)], "betting": [f"bet {i}" for i in range(40)]}
+    prompts["horror"] = ["boo", "eek"]
+    prompts["sex"] = []
+    refusals = {"alcohol": [5, 6, 7, 2], "betting": [8, 9, 2]}
+
+    def probe(seed):
+        return confusion_probe(prompts, ["alcohol", "betting"], refusals, 5, 2, seed)
+
+    a = probe(0)
+    assert a.groups == probe(0).groups and a.settings["seed"] == 0
+    assert set(a.groups) == {"alcohol", "betting", "horror"}  # an empty group is left out
+    assert sorted(a.groups["horror"]) == ["boo", "eek"] and len(a.groups["alcohol"]) == 5
+    assert all(probe(seed).groups["alcohol"] != a.groups["alcohol"] for seed in (1, 2, 3))
+    assert a.prefixes == {"alcohol": [5, 6], "betting": [8, 9]}

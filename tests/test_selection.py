@@ -134,3 +134,82 @@ def test_selection_scores_an_older_run_when_resumed_with_it(tmp_path, tiny_backb
     for c, epoch in chosen.items():
         source = last if epoch == 2 else ControlTokens.load(tmp_path / "run" / "checkpoints" / "epoch-1")
         assert torch.equal(again.tokens.blocks[c], source.blocks[c])
+
+
+# --- mutation-testing round 2 (mut2) ------------------------------------------------------------
+
+
+def test_neutral_counts_once_not_also_among_the_other_categories():
+    """``neutral`` is subtracted on its own; averaging it into "other categories" as well would
+    halve the other categories' weight and count neutral over-refusal twice."""
+    from mosaic_safety.training.selection import other_categories_rate
+
+    rates = {"a": {"a": 1.0, "b": 0.0, "neutral": 0.5}}
+    assert other_categories_rate(rates["a"], "a") == 0.0
+    assert selectivity(rates, "a") == pytest.approx(0.5)
+    rates = {"a": {"a": 1.0, "b": 0.2, "c": 0.4, "neutral": 0.0}}
+    assert other_categories_rate(rates["a"], "a") == pytest.approx(0.3)
+
+
+def test_a_stored_validation_record_is_reused_only_with_the_same_probe_settings(tmp_path, tiny_backbone):
+    """Resuming with another validation sample size scores the checkpoints again: scores measured
+    on another sample are not comparable, so they must not decide the shipped epochs."""
+    from mosaic_safety.training.checkpoint import checkpoint_dir
+    from mosaic_safety.training.selection import stored_record
+    from mosaic_safety.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    cfg = tiny_config(tmp_path, "optim.lr=0.3", "select.mode=per_category", "select.per_group=3")
+    first = Trainer(cfg, backbone=tiny_backbone)
+    first.train(run)
+    settings = dict(first.probe.settings)
+    assert stored_record(checkpoint_dir(run, 1), settings)["settings"] == settings
+    assert stored_record(checkpoint_dir(run, 1), {**settings, "per_group": 2}) is None
+    assert stored_record(checkpoint_dir(run, 1), {**settings, "seed": settings["seed"] + 1}) is None
+
+    events = []
+    again = Trainer(
+        tiny_config(tmp_path, "optim.lr=0.3", "select.mode=per_category", "select.per_group=2"),
+        backbone=tiny_backbone,
+        reporter=lambda kind, data: events.append((kind, data)),
+    )
+    again.train(run, resume=True)
+    validated = [d for k, d in events if k == "validation"]
+    assert [d["epoch"] for d in validated] == [1, 2]  # both checkpoints scored afresh
+    assert all(d["settings"]["per_group"] == 2 for d in validated)
+
+
+def test_refusal_prefix_stays_inside_the_refusal_text():
+    """A refusal's ids end with EOS; the probe's prefix never includes it, however long it is asked
+    to be (greedy decoding ending the refusal early is not "the trained refusal")."""
+    from mosaic_safety.training.selection import refusal_prefixes
+
+    refusals = {"a": [5, 6, 7, 2], "b": [9, 2]}
+    assert refusal_prefixes(refusals, ["a", "b"], 2) == {"a": [5, 6], "b": [9]}
+    assert refusal_prefixes(refusals, ["a", "b"], 10) == {"a": [5, 6, 7], "b": [9]}
+
+
+def test_take_epochs_copies_each_categorys_deep_offsets_with_its_block(tmp_path, tiny_backbone, minors):
+    """Deep prompt tuning: a category shipped from epoch e gets that epoch's per-layer offsets too,
+    not the last epoch's offsets beside an earlier epoch's block."""
+    from mosaic_safety.training.selection import take_epochs
+
+    layers = tiny_backbone.model.config.num_hidden_layers
+    emb = tiny_backbone.model.get_input_embeddings()
+
+    def tokens(fill):
+        t = ControlTokens.initialise(minors, emb, tiny_backbone.tokenizer, m=2, deep_layers=layers - 1)
+        with torch.no_grad():
+            for c in t.blocks:
+                t.blocks[c].fill_(fill)
+                t.deep[c].fill_(fill)
+        return t
+
+    for epoch in (1, 2):
+        tokens(float(epoch)).save(tmp_path / f"epoch-{epoch}", tiny_backbone.describe())
+    live = tokens(9.0)
+    chosen = {"alcohol": 1, "betting": 2}
+    take_epochs(live, chosen, lambda e: tmp_path / f"epoch-{e}", tiny_backbone.describe())
+    for c, value in (("alcohol", 1.0), ("betting", 2.0), ("horror", 9.0)):
+        assert torch.all(live.blocks[c] == value), c
+        assert torch.all(live.deep[c] == value), c

@@ -165,3 +165,25 @@ def test_training_with_and_without_the_cache_agrees(tiny_backbone, tmp_path, pla
 def test_negative_budget_is_a_config_error():
     with pytest.raises(ConfigError, match="cache_mb"):
         load_config("configs/tiny-test.yaml", ["optim.cache_mb=-1"])
+
+
+# --- mutation-testing round 2 (mut2): gap found in base_states.py -----------------------------
+
+
+def test_base_states_budget_bounds_the_cache_and_pairs_past_it_still_work(tiny_backbone, tiny_tokens):
+    """The base-state cache keeps no more than its byte budget (a large model on a small device
+    must only lose the saving, never run out of memory); pairs past it are recomputed, alike."""
+    tiny_tokens.placement = "user_end"
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    targets = [[5, 6, 7, 2], [9, 2], [11, 12, 13, 2]]
+    probe = BaseStates(cm, 2**30)
+    probe.logits(prompts[:1], targets[:1])
+    one = probe.bytes
+    assert one > 0
+    cache = BaseStates(cm, one)  # room for exactly the first pair
+    first = cache.logits(prompts, targets)
+    assert cache.bytes <= one and len(cache) == 1
+    again = cache.logits(prompts, targets)  # one from the cache, two recomputed
+    assert len(cache) == 1 and cache.hits == 1 and cache.misses == 5
+    torch.testing.assert_close(again, first)

@@ -1032,3 +1032,84 @@ def test_hard_negative_pull_is_the_largest_active_rate_for_each_inactive_categor
     s = make_sampler(max_order=2, per_subset=4, inactive_share=1.0, hard_negatives=1.0)
     confusion = {"a": {"c": 0.8, "d": 0.1}, "b": {"c": 0.2, "d": 0.3}}
     assert s.inactive_weights(("a", "b"), ["c", "d"], confusion) == pytest.approx([0.8 / 1.1, 0.3 / 1.1])
+
+
+# --- behaviour a mutation audit found unpinned: checkpoint.py / schedule.py ---------------
+
+
+def _mark_complete(ckpt, epoch):
+    """A checkpoint directory whose completion marker is written the way training writes it."""
+    from mosaic_safety.training.checkpoint import save_optimizer_state
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([p])
+    p.sum().backward()
+    opt.step()
+    save_optimizer_state(ckpt, opt, [("x", p)], epoch, epoch * 10)
+
+
+def test_latest_checkpoint_is_the_highest_complete_epoch_by_number(tmp_path):
+    """``epoch-10`` comes after ``epoch-9`` (numbers, not names), and a checkpoint whose marker a
+    kill left missing or cut short is passed over for the one before."""
+    from mosaic_safety.training.checkpoint import checkpoint_dir, latest_checkpoint
+
+    assert latest_checkpoint(tmp_path) is None
+    for epoch in (2, 9, 10):
+        _mark_complete(checkpoint_dir(tmp_path, epoch), epoch)
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 10)
+    checkpoint_dir(tmp_path, 11).mkdir()  # started, no marker yet
+    (checkpoint_dir(tmp_path, 12)).mkdir()
+    (checkpoint_dir(tmp_path, 12) / "trainer_state.json").write_text('{"epoch": 12, "st')  # cut short
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 10)
+    (checkpoint_dir(tmp_path, 10) / "trainer_state.json").unlink()
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 9)
+
+
+def test_a_resumed_log_keeps_the_step_its_checkpoint_was_written_at(tmp_path, tiny_backbone):
+    """The resumed log has exactly the steps of an uninterrupted run: the lines up to the
+    checkpoint's step are kept (that step is not trained again), only later ones are dropped."""
+    from mosaic_safety.training.checkpoint import open_log
+    from mosaic_safety.training.trainer import Trainer
+
+    cfg = ("optim.epochs=2", "log.every=1")
+    whole = tmp_path / "whole"
+    Trainer(tiny_config(tmp_path, *cfg), backbone=tiny_backbone).train(whole)
+    want = [json.loads(line)["step"] for line in (whole / "train_log.jsonl").read_text().splitlines()]
+
+    run = tmp_path / "run"
+    Trainer(tiny_config(tmp_path, *cfg), backbone=tiny_backbone).train(run)
+    shutil.rmtree(run / "checkpoints" / "epoch-2")  # stopped during epoch 2, after logging all of it
+    Trainer(tiny_config(tmp_path, *cfg), backbone=tiny_backbone).train(run, resume=True)
+    got = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert got == want
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)))
+    open_log(tmp_path, resumed_step=3).close()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_refuses_another_refusal_wording(tmp_path, tiny_backbone):
+    """``data.refusal`` is the target every positive is trained on: a resumed run with another
+    wording would train half a run on each, while the prompts (and so the data hash) are the same."""
+    from mosaic_safety.tokens import ArtifactError
+    from mosaic_safety.training.trainer import Trainer
+
+    Trainer(tiny_config(tmp_path, "optim.epochs=1"), backbone=tiny_backbone).train(tmp_path / "run")
+    other = Trainer(
+        tiny_config(tmp_path, "optim.epochs=2", "data.refusal=Sorry, I can't help with {display}."),
+        backbone=tiny_backbone,
+    )
+    with pytest.raises(ArtifactError, match=r"different config \(data.refusal"):
+        other.train(tmp_path / "run", resume=True)
+
+
+def test_decaying_schedules_hold_their_floor_past_the_last_step():
+    """Cosine and linear decay end at ``FLOOR`` of the peak and stay there: a step past ``total``
+    (the trainer never asks for one today) must not climb back up (cosine) or go negative (linear)."""
+    from mosaic_safety.training.schedule import FLOOR, lr_at
+
+    for schedule in ("cosine", "linear"):
+        for step in (10, 11, 15, 40):
+            assert lr_at(step, 11, 0.1, schedule) == pytest.approx(0.1 * FLOOR), (schedule, step)
+        assert lr_at(25, 20, 0.1, schedule, warmup=4) == pytest.approx(0.1 * FLOOR)

@@ -199,3 +199,59 @@ def test_in_context_rules_keep_the_clients_system_message(tiny_backbone):
         messages[0]["content"] == in_context_rules(server.registry, policy) + "\n\nAlways answer in French."
     )
     assert server._rewrite(conversation, Policy(()))[0] == conversation  # no rules: as sent
+
+
+# --- behaviour a mutation audit found unpinned: engine.py / app.py ------------------------
+
+
+def test_prompt_tokens_count_the_control_positions(live):
+    """``usage.prompt_tokens`` is every position the prompt occupies, the policy's control vectors
+    included (they take context like text does): the kids floor costs its block length more than
+    no policy at all, and the count is the encoded row's length."""
+    url, server = live
+    model = server.method.model
+    messages = [{"role": "user", "content": "What is 17 times 23?"}]
+    got = {}
+    for who in ("adult", "kids"):
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat_body(), headers=auth(who))
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        policy = Policy(tuple(r.json()["safety"]["categories"]))
+        batch = model.encode([messages], [policy])
+        assert usage["prompt_tokens"] == int(batch.attention_mask[0].sum())
+        got[who] = usage["prompt_tokens"]
+    kids = Policy(("addiction", "alcohol", "betting", "horror", "sex"))
+    assert model.block_length(kids) > 0
+    assert got["kids"] - got["adult"] == model.block_length(kids)
+
+
+def test_the_earliest_stop_string_wins(live):
+    """With several stop strings the text ends before the one that starts first, whichever is
+    listed first: ``stop=["o w", "lo w"]`` on "hello world" gives "hel"."""
+    url, _ = live
+    body = chat_body("Plan a trip to Lisbon", max_tokens=24)
+    full = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth("adult")).json()
+    text = full["choices"][0]["message"]["content"]
+    # two stop strings ending at the same character, the longer starting one earlier; neither
+    # occurs before: both become visible with the same token
+    end = next(
+        b
+        for b in range(6, len(text))
+        if text.find(text[b - 5 : b]) == b - 5 and text.find(text[b - 4 : b]) == b - 4
+    )
+    longer, shorter = text[end - 5 : end], text[end - 4 : end]
+    for stream in (False, True):
+        req = {**body, "stop": [shorter, longer]}
+        if not stream:
+            r = httpx.post(f"{url}/v1/chat/completions", json=req, headers=auth("adult")).json()
+            assert r["choices"][0]["message"]["content"] == text[: end - 5]
+            assert r["choices"][0]["finish_reason"] == "stop"
+        else:
+            with httpx.stream(
+                "POST", f"{url}/v1/chat/completions", json={**req, "stream": True}, headers=auth("adult")
+            ) as s:
+                events = _sse_events(s)
+            chunks = [e for e in events if e != "[DONE]" and e["choices"]]
+            pieces = [e["choices"][0]["delta"].get("content", "") for e in chunks]
+            assert "".join(pieces) == text[: end - 5]

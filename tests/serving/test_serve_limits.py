@@ -308,3 +308,79 @@ def test_a_job_cancelled_while_it_queued_is_ended_not_forgotten(tiny_backbone):
         assert job.events.get_nowait() == ("done", "cancelled")
     finally:
         loop.close()
+
+
+# --- behaviour a mutation audit found unpinned: engine.py ---------------------------------
+
+
+def _decode_rows(engine, rows):
+    """Run one batch of (prompt, Sampling) rows through the engine's worker step; each row's
+    (token ids, finish reason)."""
+    import asyncio
+
+    from mosaic_safety.serving.engine import Job
+
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [Job(prompt, Policy(()), sampling, loop, asyncio.Queue()) for prompt, sampling in rows]
+        engine._decode(jobs)
+        loop.run_until_complete(asyncio.sleep(0))  # deliver call_soon_threadsafe
+        out = []
+        for job in jobs:
+            ids, finish = [], None
+            while not job.events.empty():
+                kind, value = job.events.get_nowait()
+                if kind == "token":
+                    ids.append(value)
+                else:
+                    finish = value
+            out.append((ids, finish))
+        return out
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-3])
+def test_min_tokens_holds_eos_back_for_exactly_that_many_tokens(tiny_backbone, temperature):
+    """``min_tokens=k`` bans EOS at steps 0..k-1 only: a model whose token at step k is EOS stops
+    right there with k tokens (as vLLM does), not one token later, greedy or sampled (a near-zero
+    temperature with a seed samples the greedy path, through the sampling code)."""
+    from mosaic_safety.serving.engine import Engine, Sampling
+
+    model = ControlledModel(tiny_backbone)  # its own instance: the eos ids are changed below
+    engine = Engine(model)
+    prompt = "What is 17 times 23?"
+
+    def sampling(**kw):
+        return Sampling(max_new_tokens=8, temperature=temperature, seed=3, **kw)
+
+    ((ids, finish),) = _decode_rows(engine, [(prompt, sampling())])
+    assert finish == "length" and len(ids) == 8
+    # the first step whose token has not appeared before becomes the "EOS" of this model
+    k = next(i for i in range(1, 8) if ids[i] not in ids[:i])
+    model.eos_ids = [ids[k]]
+    for min_tokens in (0, k):
+        assert _decode_rows(engine, [(prompt, sampling(min_tokens=min_tokens))]) == [(ids[:k], "stop")]
+    ((got, _),) = _decode_rows(engine, [(prompt, sampling(min_tokens=k + 1))])
+    assert got[:k] == ids[:k] and len(got) > k and got[k] != ids[k]  # held back at step k
+
+
+def test_a_batch_never_exceeds_max_batch_size(tiny_backbone):
+    """``max_batch_size`` rows at most per batch (it bounds the worker's memory); the rest wait for
+    the next batch, in order."""
+    import asyncio
+
+    from mosaic_safety.serving.engine import Engine, Job, Sampling
+
+    loop = asyncio.new_event_loop()
+    try:
+        engine = Engine(ControlledModel(tiny_backbone), max_batch_size=2, max_wait_ms=0)
+        jobs = [Job(f"q{i}", Policy(()), Sampling(max_new_tokens=2), loop, asyncio.Queue()) for i in range(5)]
+        for job in jobs:
+            engine.submit(job)
+        assert engine._collect() == jobs[:2]
+        assert engine._collect() == jobs[2:4]
+        assert engine._collect() == jobs[4:]
+        assert engine._collect() == []
+    finally:
+        loop.close()

@@ -176,3 +176,26 @@ def test_shipped_example_profiles_load(minors):
     path = Path(__file__).resolve().parents[2] / "configs" / "profiles.example.yaml"
     book = ProfileBook.load(path, minors)
     assert {"kids", "teen-eu", "adult"} <= set(book.profiles)
+
+
+# --- behaviour a mutation audit found unpinned: profiles.py -------------------------------
+
+
+def test_a_key_without_a_profile_takes_the_default_profile(minors):
+    """A key that names no profile runs under ``default_profile``, not under whichever profile the
+    file happens to list first (here ``kids``): the floor must be the one the operator chose."""
+    data = {**profiles_dict(), "keys": [{"name": "plain", "key": "sk-plain"}]}
+    book = ProfileBook.from_dict(data, minors)
+    (key,) = book.keys
+    assert key.profile == "adult" and key.floor == ()
+    data = {**data, "default_profile": "teen-eu"}
+    (key,) = ProfileBook.from_dict(data, minors).keys
+    assert key.profile == "teen-eu" and key.floor == ("addiction", "alcohol", "betting", "sex")
+
+
+def test_the_bearer_scheme_is_case_insensitive(url):
+    """HTTP auth schemes are case-insensitive (RFC 7235): ``bearer <key>`` authenticates the key."""
+    for scheme in ("bearer", "BEARER"):
+        r = _post(url, chat_body(), headers={"Authorization": f"{scheme} {KEYS['kids']}"})
+        assert r.status_code == 200, r.text
+        assert r.json()["safety"]["key"] == "kids-app" and r.json()["safety"]["floor"] == ALL
