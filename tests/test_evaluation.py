@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -326,9 +327,15 @@ def test_compare_refuses_runs_that_measured_different_things(tiny_backbone, mino
     (tmp_path / "c" / "results.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"not comparable: dtype: float32 in a, bfloat16 in c"):
         compare([dirs[0], tmp_path / "c"], tmp_path / "cmp")
-    del record["runtime"]  # results from before it was recorded stay comparable
+    shutil.copytree(dirs[0], tmp_path / "old")  # results from before it was recorded are not checked ...
+    old = json.loads((tmp_path / "old" / "results.json").read_text())
+    del old["runtime"]
+    (tmp_path / "old" / "results.json").write_text(json.dumps(old))
+    compare([tmp_path / "old", dirs[0]], tmp_path / "cmp")
+    with pytest.raises(ValueError, match=r"dtype: float32 in a, bfloat16 in c"):  # ... but the others are
+        compare([tmp_path / "old", dirs[0], tmp_path / "c"], tmp_path / "cmp")
+    del record["runtime"]
     (tmp_path / "c" / "results.json").write_text(json.dumps(record))
-    compare([dirs[0], tmp_path / "c"], tmp_path / "cmp")
     (tmp_path / "c" / "results.json").write_text(json.dumps({**record, "suite": "pets"}))
     md, _, _ = compare([dirs[0], tmp_path / "c"], tmp_path / "cmp", allow_mismatch=True)
     assert "Suites `minors`, `pets`, split `test`;" in md.read_text()
@@ -409,7 +416,7 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
     before = (tmp_path / "mosaic" / "results.json").read_bytes()
     into_mosaic = [*eval_none, "--out", str(tmp_path / "mosaic")]
     r = _mosaic(*into_mosaic, env=env)
-    assert r.returncode == 2 and "holds the results of another evaluation (its method differ)" in r.stderr
+    assert r.returncode == 2 and "holds the results of another evaluation (its method differs)" in r.stderr
     assert (tmp_path / "mosaic" / "results.json").read_bytes() == before
     r = _mosaic(*into_mosaic, "--overwrite", env=env)
     assert r.returncode == 0, r.stderr

@@ -495,6 +495,12 @@ def test_incremental_resume_refuses_a_base_changed_since_and_a_reworded_refusal(
         ArtifactError, match="the tokens of alcohol in .*first changed since this run started"
     ):
         train("second", *longer, resume=True)
+    shutil.rmtree(tmp_path / "first")
+    train("first", "data.categories=alcohol,betting")  # a base with other categories
+    with pytest.raises(
+        ArtifactError, match="froze alcohol from its base; .*first now gives alcohol, betting"
+    ):
+        train("second", *longer, resume=True)
 
 
 def test_first_token_weight_reweights_the_decision_token():

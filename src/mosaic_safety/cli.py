@@ -852,7 +852,8 @@ def _check_earlier_results(out: Path, what: dict[str, Any], plan: Any) -> None:
     differ = [k for k in ours if ours[k] != theirs[k]]
     if differ:
         raise ConfigError(
-            f"--out {out} holds the results of another evaluation (its {', '.join(differ)} differ); "
+            f"--out {out} holds the results of another evaluation (its {', '.join(differ)} "
+            f"differ{'s' if len(differ) == 1 else ''}); "
             "pass --overwrite to replace them, or choose another --out"
         )
 

@@ -241,14 +241,17 @@ def differences(loaded: Sequence[dict[str, Any]], names: Sequence[str]) -> list[
         ]:
             if a != b:
                 out.append(f"{label}: {a!r} in {ref}, {b!r} in {name}")
-        ours, theirs = (str((x.get("runtime") or {}).get("dtype", "")) for x in (first, r))
-        if ours and theirs and ours != theirs:  # bf16 and float32 greedy texts differ
-            out.append(
-                f"dtype: {ours.removeprefix('torch.')} in {ref}, {theirs.removeprefix('torch.')} in {name}"
-            )
         asked, other = _asked(first), _asked(r)
         if first["groups"] != r["groups"] or (asked and other and asked != other):
             out.append(f"prompts: {name} asked other prompts than {ref}")
+    # bf16 and float32 decode different greedy text; runs from before `runtime` was recorded have none
+    dtypes = {
+        n: str((r.get("runtime") or {}).get("dtype", "")).removeprefix("torch.")
+        for r, n in zip(loaded, names)
+    }
+    recorded = {n: d for n, d in dtypes.items() if d}
+    if len(set(recorded.values())) > 1:
+        out.append("dtype: " + ", ".join(f"{d} in {n}" for n, d in recorded.items()))
     return out
 
 

@@ -692,6 +692,13 @@ class Trainer:
             return 0, 0
         training = read_manifest(ckpt)["training"]
         check_same_recipe(ckpt, training["config"], self.config.to_dict())
+        frozen_then = training.get("frozen_categories")
+        if isinstance(frozen_then, list) and sorted(frozen_then) != sorted(self.frozen):  # before the data
+            raise ArtifactError(  # hash, which such a change also moves, and less clearly
+                f"{ckpt}: the run froze {', '.join(sorted(frozen_then)) or 'no categories'} from its base; "
+                f"{self.config.init_artifact or 'the config'} now gives {', '.join(sorted(self.frozen)) or 'none'}: "
+                "the base changed since this run started; restore it or train afresh"
+            )
         check_continuation(ckpt, training, data_hash(self.pools), self.config.optim.epochs)
         self.clock.prior = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
         saved = ControlTokens.load(ckpt, self.backbone.describe()).named_tensors()
