@@ -524,6 +524,25 @@ def test_resume_refuses_a_different_recipe(tmp_path, tiny_backbone):
         other.train(tmp_path / "run", resume=True)
 
 
+def test_resume_refuses_a_run_that_trained_in_another_resolved_dtype(tmp_path, tiny_backbone):
+    """``auto`` is bf16 on a GPU and float32 on a CPU: the config reads the same on both machines,
+    so the checkpoint records the dtype it trained in and a resume elsewhere is refused."""
+    from mosaic_safety.tokens import ArtifactError
+    from mosaic_safety.training.trainer import Trainer
+
+    Trainer(tiny_config(tmp_path, "optim.epochs=1"), backbone=tiny_backbone).train(tmp_path / "run")
+    manifest = tmp_path / "run" / "checkpoints" / "epoch-1" / "mosaic.json"
+    record = json.loads(manifest.read_text())
+    assert record["training"]["dtype"] == "float32"
+    record["training"]["dtype"] = "bfloat16"  # as a GPU run with model.dtype=auto writes it
+    manifest.write_text(json.dumps(record))
+    again = Trainer(tiny_config(tmp_path, "optim.epochs=2"), backbone=tiny_backbone)
+    with pytest.raises(
+        ArtifactError, match=r"trained in bfloat16; this one would go on in float32 .*=bfloat16"
+    ):
+        again.train(tmp_path / "run", resume=True)
+
+
 def test_resume_accepts_another_spelling_of_the_same_device_and_dtype(tmp_path):
     """``auto`` is the dtype it stands for, and the device holding the weights changes no step: a
     run started on ``cuda`` resumes on ``cuda:1``; one in bfloat16 does not resume in float32."""

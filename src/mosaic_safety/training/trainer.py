@@ -595,6 +595,7 @@ class Trainer:
                 "data_hash": data_hash(self.pools),
                 "suite": self.suite.name,
                 "frozen_categories": sorted(self.frozen),
+                "dtype": _dtype_name(self.backbone.dtype),  # as resolved: `auto` differs by machine
                 **({"base": self.base_record} if self.base_record else {}),
                 **training,
             },
@@ -692,6 +693,12 @@ class Trainer:
             return 0, 0
         training = read_manifest(ckpt)["training"]
         check_same_recipe(ckpt, training["config"], self.config.to_dict())
+        dtype_then, dtype_now = training.get("dtype"), _dtype_name(self.backbone.dtype)
+        if isinstance(dtype_then, str) and dtype_then != dtype_now:  # e.g. `auto` on a GPU, then on a CPU
+            raise ArtifactError(
+                f"{ckpt}: the run trained in {dtype_then}; this one would go on in {dtype_now} (model.dtype "
+                f"{self.config.model.dtype!r} on {self.backbone.device.type}): set model.dtype={dtype_then}"
+            )
         frozen_then = training.get("frozen_categories")
         if isinstance(frozen_then, list) and sorted(frozen_then) != sorted(self.frozen):  # before the data
             raise ArtifactError(  # hash, which such a change also moves, and less clearly
@@ -726,6 +733,10 @@ class Trainer:
 def _category_of(name: str) -> str:
     """The category a checkpointed tensor name belongs to (``addiction``, ``deep.addiction``)."""
     return name.removeprefix("deep.")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _artifact_key(name: str) -> str:
