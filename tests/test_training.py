@@ -491,15 +491,11 @@ def test_incremental_resume_refuses_a_base_changed_since_and_a_reworded_refusal(
     longer = ("data.categories=horror", f"init_artifact={tmp_path / 'first'}", "optim.epochs=2")
     shutil.rmtree(tmp_path / "first")
     train("first", "data.categories=alcohol", "optim.seed=7")  # the base overwritten since
-    with pytest.raises(
-        ArtifactError, match="the tokens of alcohol in .*first changed since this run started"
-    ):
+    with pytest.raises(ArtifactError, match="first changed since this run started"):
         train("second", *longer, resume=True)
     shutil.rmtree(tmp_path / "first")
     train("first", "data.categories=alcohol,betting")  # a base with other categories
-    with pytest.raises(
-        ArtifactError, match="froze alcohol from its base; .*first now gives alcohol, betting"
-    ):
+    with pytest.raises(ArtifactError, match="first changed since this run started"):
         train("second", *longer, resume=True)
 
 

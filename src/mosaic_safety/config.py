@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from .data.schema import SPLITS
-from .policy import REFUSAL_TEMPLATE_RULE, usable_refusal_template
+from .policy import REFUSAL_TEMPLATE_RULE, comma_list, usable_refusal_template
 from .tokens import INITS, PLACEMENTS
 
 
@@ -276,11 +276,10 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         return _build(kind, value, path)
     if origin is list:
         if isinstance(value, str):
-            # "a,b" is a list; "" the empty one; "," or "a,,b" a typo (an empty list of categories
-            # means all of them: a typo must not widen a run)
-            text, value = value, [v.strip() for v in value.split(",")] if value.strip() else []
-            if "" in value:
-                raise ConfigError(f"{path}: empty item in {text!r}; separate items with single commas")
+            items = comma_list(value)
+            if items is None:  # an empty list of categories means all of them: a typo must not widen a run
+                raise ConfigError(f"{path}: empty item in {value!r}; separate items with single commas")
+            value = items
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (inner,) = typing.get_args(kind)

@@ -82,6 +82,13 @@ def usable_refusal_template(template: str) -> bool:
     )
 
 
+def comma_list(text: str) -> list[str] | None:
+    """``"a, b"`` as ``["a", "b"]`` and blanks as ``[]``; ``None`` for an empty item (``","``,
+    ``"a,,b"``): a typo, which each caller reports in its own terms."""
+    items = [n.strip() for n in text.split(",")] if text.strip() else []
+    return None if "" in items else items
+
+
 def unknown_placeholders(template: str) -> list[str]:
     """``{...}`` fields other than ``{display}`` (``{displayy}``, ``{Display}``, ``{}``)."""
     return [f"{{{m}}}" for m in re.findall(r"\{([^{}]*)\}", template) if m != "display"]
@@ -234,10 +241,8 @@ class Policy:
         if names is None:
             items: list[str] = []
         elif isinstance(names, str):
-            # "" (or blanks) is the empty policy; "," or "alcohol,,betting" is a typo, and reading it
-            # as fewer categories would silently restrict less than was asked
-            items = [n.strip() for n in names.split(",")] if names.strip() else []
-            if "" in items:
+            items = comma_list(names)
+            if items is None:  # read as fewer categories, it would restrict less than was asked
                 raise PolicyError(
                     f"policy {names!r} has an empty category name: separate names with single commas "
                     "(the empty policy is written '')"

@@ -665,23 +665,6 @@ class Trainer:
         self.report("selected", {"epochs": chosen, "scores": {c: history[e][c] for c, e in chosen.items()}})
         return chosen, history
 
-    def _check_frozen_unchanged(self, ckpt: Path, saved: dict[str, torch.Tensor]) -> None:
-        """The checkpoint froze the base artifact's tokens as they were; if ``init_artifact`` now
-        holds others (overwritten since), resuming would ship the old ones under the new name."""
-        frozen = [(n, p) for n, p in self._checkpointed() if _category_of(n) in self.frozen]
-        changed = sorted(
-            {
-                _category_of(n)
-                for n, p in frozen
-                if not torch.equal(p.detach().cpu(), saved[_artifact_key(n)].cpu())
-            }
-        )
-        if changed:
-            raise ArtifactError(
-                f"{ckpt}: the tokens of {', '.join(changed)} in {self.config.init_artifact} changed since "
-                "this run started; restore that artifact or train afresh"
-            )
-
     def _checkpointed(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Every learned tensor under its optimizer-state name: the category (blocks), ``deep.<name>``."""
         return [(k.removeprefix("category."), p) for k, p in self.tokens.named_tensors().items()]
@@ -699,17 +682,18 @@ class Trainer:
                 f"{ckpt}: the run trained in {dtype_then}; this one would go on in {dtype_now} (model.dtype "
                 f"{self.config.model.dtype!r} on {self.backbone.device.type}): set model.dtype={dtype_then}"
             )
-        frozen_then = training.get("frozen_categories")
-        if isinstance(frozen_then, list) and sorted(frozen_then) != sorted(self.frozen):  # before the data
-            raise ArtifactError(  # hash, which such a change also moves, and less clearly
-                f"{ckpt}: the run froze {', '.join(sorted(frozen_then)) or 'no categories'} from its base; "
-                f"{self.config.init_artifact or 'the config'} now gives {', '.join(sorted(self.frozen)) or 'none'}: "
-                "the base changed since this run started; restore it or train afresh"
+        # the base the run froze its categories from, by the lineage record's hash (checked before the
+        # data hash, which another base also moves, and less clearly)
+        base_then = (training.get("base") or {}).get("tokens_sha256")
+        base_now = (self.base_record or {}).get("tokens_sha256")
+        if "base" in training and base_then != base_now:
+            raise ArtifactError(
+                f"{ckpt}: {self.config.init_artifact} changed since this run started (its tokens hash "
+                f"{str(base_then)[:12]}, now {str(base_now)[:12]}); restore that artifact or train afresh"
             )
         check_continuation(ckpt, training, data_hash(self.pools), self.config.optim.epochs)
         self.clock.prior = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
         saved = ControlTokens.load(ckpt, self.backbone.describe()).named_tensors()
-        self._check_frozen_unchanged(ckpt, saved)
         with torch.no_grad():
             for name, param in self._checkpointed():
                 param.copy_(saved[_artifact_key(name)].to(param.device))
