@@ -293,6 +293,12 @@ def test_empty_inputs(trained, tmp_path):
     empty.write_text("\n")
     proc = mosaic("generate", "-a", str(art), "-f", str(empty), cache=root / "cache", check=False)
     assert proc.returncode == 2 and "no prompts" in proc.stderr
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    proc = mosaic(
+        "generate", "-a", str(art), "-f", str(prompts), "--stream", cache=root / "cache", check=False
+    )
+    assert proc.returncode == 2 and "--stream is for one --prompt" in proc.stderr, proc.stderr
 
 
 def test_bad_generation_inputs_are_one_line_errors(trained, tmp_path):

@@ -321,6 +321,8 @@ def test_compare_refuses_runs_that_measured_different_things(tiny_backbone, mino
     assert "Suite `minors`, split `test`;" in md.read_text()
     # greedy text depends on the dtype: results record it (the report says it) and compare checks it
     assert "; float32 on cpu" in (dirs[0] / "report.md").read_text()
+    # order 1 always runs every category, so the sample is said to cap the orders above it
+    assert "at most 2 sampled subsets per order from order 2)" in (dirs[0] / "report.md").read_text()
     record = json.loads((dirs[0] / "results.json").read_text())
     (tmp_path / "c").mkdir()
     record["runtime"]["dtype"] = "torch.bfloat16"

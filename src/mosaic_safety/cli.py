@@ -467,6 +467,10 @@ def generate(
         raise typer.BadParameter("give exactly one of --prompt or --file")
     if prompt is not None and not prompt.strip():
         raise typer.BadParameter("--prompt is empty")
+    if stream and file is not None:
+        raise typer.BadParameter(
+            "--stream is for one --prompt; --file already writes each row as it finishes"
+        )
     _stop_on_sigterm()  # a --file run keeps its finished windows and says so, as on Ctrl-C
     with friendly_errors():
         prompts = [prompt] if prompt is not None else _read_prompts(file)
@@ -479,7 +483,7 @@ def generate(
             "top_p": top_p,
             "seed": seed,
         }
-        if stream and prompt is not None:
+        if stream:
             for piece in cm.stream(prompt, active, **options):
                 out.print(piece, end="", highlight=False, markup=False)
                 out.file.flush()

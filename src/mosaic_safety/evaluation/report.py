@@ -74,7 +74,7 @@ def markdown(results: dict[str, Any], images: Sequence[str] = ()) -> str:
         + (f" (fast path from {plan['fast_tokens']})" if plan.get("fast") else ""),
         f"- prompts per group: {', '.join(f'{g} {n}' for g, n in results['groups'].items())}",
         f"- policies: {len(results['policies'])} (orders 0–{max(int(k) for k in results['orders'])}"
-        + (f", {plan['subsets_per_order']} sampled subsets per order" if plan["subsets_per_order"] else "")
+        + (f", {_sampled_subsets(plan['subsets_per_order'])}" if plan["subsets_per_order"] else "")
         + ")",
         f"- trainable parameters: {results['cost']['trainable_parameters']:,}; fingerprint `{m['fingerprint']}`",
         f"- generation: {results['generation'].get('generated', 0)} new responses in "
@@ -376,3 +376,8 @@ def compare(
     (out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / "compare.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     return [out / "compare.md", out / "compare.json", image]
+
+
+def _sampled_subsets(n: int) -> str:
+    """Order 1 always runs every category (``choose_policies``), so the sample caps orders 2 and up."""
+    return f"at most {n} sampled subset{'s' if n != 1 else ''} per order from order 2"
