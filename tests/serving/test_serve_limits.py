@@ -257,6 +257,44 @@ def test_a_client_that_hangs_up_on_a_plain_request_frees_its_row(make_server):
         assert _metric(url, hung_up) == 1  # counted as the client's doing, not as a server error
 
 
+def test_a_client_that_hangs_up_while_queued_frees_its_slot_before_the_batch_ends(make_server):
+    """A plain request queued behind a running batch, whose client hangs up, must give its
+    concurrency slot back at once, not when the worker reaches it after that batch: gone clients
+    would otherwise crowd live ones out with 429s for as long as a batch runs."""
+    server = make_server(max_concurrency=2, max_batch_size=1)
+    gate, busy = threading.Event(), threading.Event()
+    decode = server.engine._decode
+
+    def held(jobs):  # the first batch runs until the test lets it go
+        busy.set()
+        gate.wait(60)
+        return decode(jobs)
+
+    server.engine._decode = held
+    with ServerThread(create_app(server)) as url:
+        results = {}
+        first = threading.Thread(
+            target=lambda: results.update(
+                first=httpx.post(f"{url}{ENDPOINT}", json=chat_body(), headers=auth("kids"), timeout=60)
+            )
+        )
+        first.start()
+        try:
+            assert busy.wait(20)
+            with pytest.raises(httpx.ReadTimeout):  # queued behind the held batch, then gone
+                httpx.post(f"{url}{ENDPOINT}", json=chat_body(), headers=auth("kids"), timeout=0.5)
+            deadline = time.time() + 20
+            while server.admitted > 1 and time.time() < deadline:
+                time.sleep(0.05)
+            assert server.admitted == 1 and not gate.is_set()  # freed while the batch still runs
+        finally:
+            gate.set()
+            first.join(60)
+        assert results["first"].status_code == 200
+        hung_up = 'mosaic_requests_total{endpoint="/v1/chat/completions",status="499"}'
+        assert _metric(url, hung_up) == 1
+
+
 def test_a_top_p_that_rounds_to_zero_samples_the_likeliest_token(url):
     """A request's tiny top_p must not break sampling, least of all for the requests batched with it."""
     bodies = [chat_body(temperature=1.0, top_p=1e-300)] + [chat_body(f"question {i}") for i in range(3)]

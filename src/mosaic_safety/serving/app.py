@@ -318,6 +318,9 @@ async def _cancel_on_disconnect(request: Request, jobs: list[Job], every_s: floa
         await asyncio.sleep(every_s)
     for job in jobs:
         job.cancelled.set()
+        # a row still queued behind a running batch hears its "done" from the worker only once that
+        # batch ends: end the handler's wait now, or a gone client holds a concurrency slot until then
+        job.events.put_nowait(("done", "cancelled"))
 
 
 def _error(exc: ServeError) -> JSONResponse:
