@@ -255,3 +255,34 @@ def test_the_earliest_stop_string_wins(live):
             chunks = [e for e in events if e != "[DONE]" and e["choices"]]
             pieces = [e["choices"][0]["delta"].get("content", "") for e in chunks]
             assert "".join(pieces) == text[: end - 5]
+
+
+def test_a_stop_string_the_last_flush_shows_finishes_with_stop(url):
+    """A budget-cut answer that ends inside a character is decoded once more at the end; a stop
+    string that only this flush makes visible still cuts the text, and the choice finished because
+    of it ("stop", as OpenAI and vLLM report it), not "length", streamed or not."""
+    full = None
+    for i in range(40):  # the first prompt whose answer the budget cuts inside a character
+        body = chat_body(f"question {i}", max_tokens=8)
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth("adult")).json()
+        text = r["choices"][0]["message"]["content"]
+        if r["choices"][0]["finish_reason"] == "length" and len(text) > 2 and text.endswith("\ufffd"):
+            full = text
+            break
+    assert full is not None
+    stop = full[-2:]  # visible only once the trailing incomplete character is flushed
+    expected = full[: full.find(stop)]
+    cut = httpx.post(
+        f"{url}/v1/chat/completions", json={**body, "stop": [stop]}, headers=auth("adult")
+    ).json()
+    assert cut["choices"][0]["message"]["content"] == expected
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json={**body, "stop": [stop], "stream": True},
+        headers=auth("adult"),
+    ) as s:
+        events = [e for e in _sse_events(s) if e != "[DONE]" and e["choices"]]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == expected
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"

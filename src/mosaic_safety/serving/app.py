@@ -285,7 +285,10 @@ class _Generation:
             if kind == "done":
                 self.finish = "length" if value == "length" else "stop"
                 if self.ids:  # flush a trailing incomplete UTF-8 sequence, as generate() does
-                    self.text = self._cut(self._decode())
+                    text = self._decode()
+                    self.text = self._cut(text)
+                    if len(self.text) < len(text):  # a stop string that only this flush shows
+                        self.finish = "stop"
                 break
             self.ids.append(value)
             text = self._decode()
