@@ -98,7 +98,8 @@ def validate(
         None, help="llm: model name (default $MOSAIC_JUDGE_MODEL or gpt-4o-mini)"
     ),
     base_url: str | None = typer.Option(
-        None, help="llm: endpoint ending in /v1 (default $MOSAIC_JUDGE_BASE_URL, else http://127.0.0.1:8000/v1)"
+        None,
+        help="llm: endpoint ending in /v1 (default $MOSAIC_JUDGE_BASE_URL, else http://127.0.0.1:8000/v1)",
     ),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="llm: environment variable holding the API key"),
     timeout: float = typer.Option(60.0, min=0.001, max=86400.0, help="llm: seconds per request"),
