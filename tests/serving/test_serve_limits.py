@@ -403,6 +403,30 @@ def test_min_tokens_holds_eos_back_for_exactly_that_many_tokens(tiny_backbone, t
     assert got[:k] == ids[:k] and len(got) > k and got[k] != ids[k]  # held back at step k
 
 
+def test_rows_whose_clients_left_take_no_place_in_a_batch(tiny_backbone):
+    """Cancelled rows end when the worker meets them; the batch fills with the live rows behind
+    them, or gone clients would leave batches short while live requests wait."""
+    import asyncio
+
+    from mosaic_safety.serving.engine import Engine, Job, Sampling
+
+    loop = asyncio.new_event_loop()
+    try:
+        engine = Engine(ControlledModel(tiny_backbone), max_batch_size=2, max_wait_ms=0)
+        jobs = [Job(f"q{i}", Policy(()), Sampling(max_new_tokens=2), loop, asyncio.Queue()) for i in range(5)]
+        for i in (0, 2):
+            jobs[i].cancelled.set()
+        for job in jobs:
+            engine.submit(job)
+        assert engine._collect() == [jobs[1], jobs[3]]
+        assert engine._collect() == [jobs[4]]
+        loop.run_until_complete(asyncio.sleep(0))  # deliver call_soon_threadsafe
+        assert [jobs[i].events.get_nowait() for i in (0, 2)] == [("done", "cancelled")] * 2
+        assert all(jobs[i].events.empty() for i in (1, 3, 4))
+    finally:
+        loop.close()
+
+
 def test_a_batch_never_exceeds_max_batch_size(tiny_backbone):
     """``max_batch_size`` rows at most per batch (it bounds the worker's memory); the rest wait for
     the next batch, in order."""

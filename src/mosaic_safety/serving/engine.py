@@ -119,22 +119,29 @@ class Engine:
 
     # -- worker -------------------------------------------------------------------------------
     def _collect(self) -> list[Job]:
-        try:
-            first = self._jobs.get(timeout=0.05)
-        except queue.Empty:
-            return []
-        jobs = [first]
-        deadline = time.monotonic() + self.max_wait
+        """The next batch: up to ``max_batch_size`` live rows, waiting ``max_wait`` after the first.
+
+        A row whose client left while it queued ends here with its "done" and takes no place, so
+        gone clients never leave a batch short while live rows wait behind it.
+        """
+        jobs: list[Job] = []
+        deadline: float | None = None
         while len(jobs) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
             try:
-                jobs.append(self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait())
+                if deadline is None:
+                    job = self._jobs.get(timeout=0.05)
+                else:
+                    remaining = deadline - time.monotonic()
+                    job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
             except queue.Empty:
                 break
-        for job in jobs:
-            if job.cancelled.is_set():  # its client left while it queued: it ends without a batch
+            if job.cancelled.is_set():
                 job.emit("done", "cancelled")
-        return [j for j in jobs if not j.cancelled.is_set()]
+                continue
+            jobs.append(job)
+            if deadline is None:
+                deadline = time.monotonic() + self.max_wait
+        return jobs
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
