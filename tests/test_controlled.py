@@ -234,6 +234,71 @@ def test_model_without_tokens_only_takes_empty_policy(tiny_backbone):
         cm.policy("alcohol")
 
 
+def test_model_with_a_registry_but_no_tokens_only_takes_empty_policy(tiny_backbone, minors):
+    """A registry names the categories but holds no vectors: a policy is refused, not an AttributeError."""
+    from mosaic_safety.policy import PolicyError
+
+    cm = ControlledModel(tiny_backbone, registry=minors)
+    with pytest.raises(PolicyError, match="no control tokens"):
+        cm.generate([PROMPTS[0]], ["alcohol"], max_new_tokens=2)
+    with pytest.raises(PolicyError, match="unknown category"):
+        cm.policy("alcohool")
+    assert len(cm.generate([PROMPTS[0]], [""], max_new_tokens=2)) == 1
+
+
+def test_unknown_placement_is_refused(tiny_backbone, tiny_tokens):
+    """Any placement outside the list was silently read as ``system``."""
+    with pytest.raises(ValueError, match="unknown placement 'middle'"):
+        ControlledModel(tiny_backbone, tiny_tokens, placement="middle")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda cm: cm.generate("hi", ["", ""], max_new_tokens=2),  # was answered as rows "h" and "i"
+        lambda cm: cm.generate_ids(["hi"], "alcohol", max_new_tokens=2),
+        # a Policy iterates its categories: it was one category per row
+        lambda cm: cm.generate(["hi", "yo"], Policy(("alcohol", "betting")), max_new_tokens=2),
+        lambda cm: cm.forward("hi", ["alcohol", "betting"]),
+        lambda cm: cm.next_token_logits(["hi"], "alcohol"),
+        lambda cm: cm.encode("ab", ["", ""]),
+    ],
+)
+def test_a_single_text_or_policy_is_not_read_as_a_batch(tiny_backbone, tiny_tokens, call):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    with pytest.raises(TypeError, match="one entry per row"):
+        call(cm)
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([{"content": "hi"}], "message 0 of a prompt"),  # was rendered with an empty role
+        ([{"role": "user", "content": None}], "message 0 of a prompt"),  # was rendered as "None"
+        (["hi", "there"], "message 0 of a prompt"),
+        ({"role": "user", "content": "hi"}, "wrap it in a list"),
+        (3, "a text or a list of chat messages"),
+    ],
+)
+def test_malformed_prompts_are_named(tiny_backbone, tiny_tokens, prompt, message):
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    with pytest.raises(TypeError, match=message):
+        cm.generate([prompt], ["alcohol"], max_new_tokens=2)
+    with pytest.raises(TypeError, match=message):
+        list(cm.stream(prompt, "alcohol", max_new_tokens=2))
+
+
+def test_prompt_split_follows_a_changed_chat_template(tiny_backbone, tiny_tokens, monkeypatch):
+    """The split cache kept the ids of the template a prompt was first seen with."""
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    before = cm.split_prompt(PROMPTS[0])
+    template = tiny_backbone.tokenizer.chat_template.replace("tiny test assistant", "pirate")
+    monkeypatch.setattr(tiny_backbone.tokenizer, "chat_template", template)
+    after = cm.split_prompt(PROMPTS[0])
+    assert after != before
+    assert after == ControlledModel(tiny_backbone, tiny_tokens).split_prompt(PROMPTS[0])
+
+
 def test_unknown_category_lists_valid_ones(tiny_backbone, tiny_tokens):
     from mosaic_safety.policy import PolicyError
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -38,7 +38,7 @@ from jinja2 import TemplateError
 from .backbone import Backbone
 from .logits import output_logits
 from .policy import CategoryRegistry, Policy, PolicyError
-from .tokens import ControlTokens
+from .tokens import PLACEMENTS, ControlTokens
 
 Prompt = str | Sequence[dict[str, str]]  # a user message, or a list of chat messages
 Generators = torch.Generator | Sequence[torch.Generator] | None  # sampling: one, one per row, or greedy
@@ -117,6 +117,8 @@ class ControlledModel:
         self.tokens = tokens
         self.registry = registry or (tokens.registry if tokens is not None else None)
         self.placement = placement or (tokens.placement if tokens is not None else "prefix")
+        if self.placement not in PLACEMENTS:  # an unknown one would be read as ``system`` below
+            raise ValueError(f"unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
         if tokens is not None:
             if tokens.hidden_size != backbone.hidden_size:
                 raise ValueError(
@@ -129,7 +131,7 @@ class ControlledModel:
                     f"deep control tokens for a {tokens.deep_layers + 1}-layer model, "
                     f"but this model has {layers} layers"
                 )
-        self._split_cache: OrderedDict[tuple[str, str], tuple[list[int], list[int]]] = OrderedDict()
+        self._split_cache: OrderedDict[tuple[str, str, str], tuple[list[int], list[int]]] = OrderedDict()
         self._cache_size = prompt_cache_size
         gen_eos = getattr(backbone.model.generation_config, "eos_token_id", None)
         eos = {backbone.tokenizer.eos_token_id}
@@ -190,7 +192,13 @@ class ControlledModel:
                     "this model has no control tokens (no artifact); only the empty policy is allowed"
                 )
             return Policy(())
-        return self.registry.policy(names)
+        policy = self.registry.policy(names)
+        if policy and self.tokens is None:  # a registry alone names categories but has no vectors for them
+            raise PolicyError(
+                f"this model has no control tokens (no artifact); policy {policy.key!r} cannot be applied, "
+                "only the empty policy"
+            )
+        return policy
 
     # -- prompt encoding ----------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:
@@ -201,7 +209,8 @@ class ControlledModel:
 
     def split_prompt(self, prompt: Prompt) -> tuple[list[int], list[int]]:
         """Token ids of the templated prompt, split where the control tokens go."""
-        key = (prompt_key(prompt), self.placement)
+        # the template too: a prompt's ids change with it, and ``render`` always reads the current one
+        key = (prompt_key(prompt), self.placement, str(self.tokenizer.chat_template))
         hit = self._split_cache.get(key)
         if hit is not None:
             self._split_cache.move_to_end(key)
@@ -278,6 +287,7 @@ class ControlledModel:
 
         ``credit`` names, per row, the one category whose tokens get that row's gradient (None: all).
         """
+        check_rows(prompts, policies)
         if len(prompts) != len(policies) or (targets is not None and len(targets) != len(prompts)):
             raise ValueError("prompts, policies and targets must have the same length")
         credit = _row_credit(credit, len(prompts))
@@ -540,11 +550,13 @@ class ControlledModel:
 
     def forward(self, prompts: Sequence[Prompt], policies: Sequence[Any]) -> torch.Tensor:
         """Full-sequence logits ``(B, L, V)`` (left-padded) for prompts under per-row policies."""
+        check_rows(prompts, policies)
         batch = self.encode(prompts, [self.policy(p) for p in policies])
         return self.logits(batch, window=0)
 
     def next_token_logits(self, prompts: Sequence[Prompt], policies: Sequence[Any]) -> torch.Tensor:
         """Logits of the first response token ``(B, V)``: cheap input to margins and probes."""
+        check_rows(prompts, policies)
         batch = self.encode(prompts, [self.policy(p) for p in policies])
         return self.logits(batch, window=1)[:, -1]
 
@@ -678,6 +690,7 @@ class ControlledModel:
         past a sliding window (:meth:`heads_share_exactly`); batches of distinct prompts take the
         plain path.
         """
+        check_rows(prompts, policies)
         if len(prompts) != len(policies):
             raise ValueError("prompts and policies must have the same length")
         check_decoding(max_new_tokens, do_sample, temperature, top_p, batch_size)
@@ -778,6 +791,18 @@ class ControlledModel:
             yield text[len(emitted) :]
 
 
+def check_rows(prompts: Any, policies: Any) -> None:
+    """Batch calls take a list of prompts and a list of policies, one of each per row. A bare text
+    or ``Policy`` iterates too, by character or by category (``generate("hi", ["", ""])`` answered
+    "h" and "i"), so it is refused instead of read as several rows."""
+    for value, what in ((prompts, "prompts"), (policies, "policies")):
+        if isinstance(value, (str, Policy, Mapping)):
+            raise TypeError(
+                f"{what} must be a list with one entry per row, got a single {type(value).__name__}: "
+                f"for one row pass [{value!r}]"
+            )
+
+
 def check_decoding(
     max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, batch_size: int = 1
 ) -> None:
@@ -813,15 +838,35 @@ def prompt_key(prompt: Prompt) -> str:
     ``m:``): a user who types what a message list's repr looks like asks something else."""
     if isinstance(prompt, str):
         return "t:" + prompt
-    return "m:" + json.dumps([dict(m) for m in prompt], sort_keys=True, ensure_ascii=False)
+    return "m:" + json.dumps([dict(m) for m in _messages(prompt)], sort_keys=True, ensure_ascii=False)
 
 
 def _messages(prompt: Prompt) -> list[dict[str, str]]:
+    """A prompt as chat messages, checked: the chat template renders a missing role or a
+    non-text content as empty or as ``None`` without a word, and the placements index them."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, (Mapping, bytes)) or not isinstance(prompt, Sequence):
+        raise TypeError(
+            f"a prompt is a text or a list of chat messages, got {type(prompt).__name__} {prompt!r}"
+            + (
+                "; a list of messages is one prompt: wrap it in a list for a batch"
+                if isinstance(prompt, Mapping)
+                else ""
+            )
+        )
     messages = list(prompt)
     if not messages:
         raise ValueError("a prompt needs at least one message")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, Mapping)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise TypeError(
+                f"message {i} of a prompt must be a mapping with a 'role' and a 'content' text, got {m!r}"
+            )
     return messages
 
 
