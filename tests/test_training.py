@@ -1134,3 +1134,26 @@ def test_decaying_schedules_hold_their_floor_past_the_last_step():
         for step in (10, 11, 15, 40):
             assert lr_at(step, 11, 0.1, schedule) == pytest.approx(0.1 * FLOOR), (schedule, step)
         assert lr_at(25, 20, 0.1, schedule, warmup=4) == pytest.approx(0.1 * FLOOR)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("select", "mode", "best", "select.mode 'best'"),  # trained as 'last' without a word
+        ("optim", "positive_credit", "mine", "optim.positive_credit 'mine'"),  # trained as 'all'
+        ("optim", "autocast", "bf16", "optim.autocast"),  # trained in float32
+        ("optim", "epochs", "2", r"optim.epochs: expected int, got '2'"),  # a TypeError in a check
+        ("data", "categories", "alcohol,betting", "data.categories: expected a list of texts"),
+        (None, "model", {"name": "tiny-random-llama"}, "model: expected a ModelConfig"),
+        (None, "method", "lora_sft", "method_module"),  # trained control tokens, recorded as lora_sft
+    ],
+)
+def test_trainer_checks_a_config_built_in_python(tmp_path, tiny_backbone, section, key, value, message):
+    """A TrainConfig made or changed in Python never went through load_config's checks."""
+    from mosaic_safety.config import ConfigError
+    from mosaic_safety.training.trainer import Trainer
+
+    config = tiny_config(tmp_path)
+    setattr(getattr(config, section) if section else config, key, value)
+    with pytest.raises(ConfigError, match=message):
+        Trainer(config, backbone=tiny_backbone)

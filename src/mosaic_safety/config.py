@@ -147,6 +147,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
+        """Check every setting; a config built in Python gets the checks a YAML recipe gets."""
+        _check_types(self)  # first: a value set by hand can be of any type, and the bounds compare it
         for path, value in _numbers(self):  # first: nan fails every bound below with a wrong message
             if not math.isfinite(value):
                 raise ConfigError(f"{path} must be a finite number, got {value}")
@@ -266,6 +268,34 @@ def _numbers(config: Any, prefix: str = "") -> list[tuple[str, float]]:
         elif isinstance(value, float):
             out.append((path, value))
     return out
+
+
+def _check_types(config: Any, prefix: str = "") -> None:
+    """Each setting of the type it is declared with. ``load_config`` converts what YAML reads;
+    a ``TrainConfig`` built or changed in Python skips that, and ``epochs = "2"`` failed as a
+    ``TypeError`` inside a check, a section given as a dict as an ``AttributeError``."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, kind, path = getattr(config, f.name), hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, kind):
+                raise ConfigError(f"{path}: expected a {kind.__name__}, got {value!r}")
+            _check_types(value, f"{path}.")
+            continue
+        origin = typing.get_origin(kind)
+        if origin is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        elif origin is dict:
+            ok = isinstance(value, dict)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            name = "a list of texts" if origin is list else getattr(kind, "__name__", str(kind))
+            raise ConfigError(f"{path}: expected {name}, got {value!r}")
 
 
 def _coerce(value: Any, kind: Any, path: str) -> Any:

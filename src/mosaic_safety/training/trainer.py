@@ -22,7 +22,7 @@ from typing import IO, Any
 import torch
 
 from ..backbone import Backbone, cache_root, load_backbone
-from ..config import DataConfig, TrainConfig
+from ..config import ConfigError, DataConfig, TrainConfig
 from ..controlled import ControlledModel, PromptHeads, decoder_layers
 from ..data import load_suite
 from ..data.suites import Suite
@@ -227,6 +227,14 @@ class Trainer:
     def __init__(
         self, config: TrainConfig, backbone: Backbone | None = None, reporter: Reporter | None = None
     ):
+        # a config built in Python has not been through ``load_config``: unchecked, a typo in a
+        # choice (``select.mode``, ``optim.positive_credit``) silently trained with the default
+        config.validate()
+        if config.method != "mosaic":  # the other methods train through their own module
+            raise ConfigError(
+                f"Trainer trains control tokens (method 'mosaic'); train {config.method!r} with "
+                f"mosaic_safety.methods.method_module({config.method!r}).train(config, output)"
+            )
         self.config = config
         self.clock = TrainingClock()
         self.report = reporter or (lambda kind, data: None)
