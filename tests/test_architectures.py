@@ -203,3 +203,14 @@ def test_devices_and_dtypes_that_cannot_work_here_are_clear_errors():
             load_backbone("tiny-random-llama", device="cuda")
     with pytest.raises(BackboneError, match="unknown dtype 'float16'"):
         load_backbone("tiny-random-llama", dtype="float16")
+
+
+def test_a_model_path_that_does_not_exist_is_a_clear_error_as_a_path_too(tmp_path):
+    """A ``Path`` failed with "'PosixPath' object has no attribute 'count'"."""
+    from pathlib import Path
+
+    from mosaic_safety.backbone import BackboneError, load_backbone
+
+    for spec in (str(tmp_path / "missing"), Path(tmp_path / "missing")):
+        with pytest.raises(BackboneError, match="not found"):
+            load_backbone(spec)

@@ -174,6 +174,22 @@ def test_policy_independent_method_generates_once_per_prompt(tiny_backbone, mino
     assert method.rows == sum(res["groups"].values())  # not × number of policies
 
 
+def test_categories_may_be_written_as_a_policy_is(tiny_backbone, minors, plan, tmp_path):
+    """``categories="alcohol"`` was read character by character ("does not know ['a', 'l', ...]")."""
+    from mosaic_safety.data import load_suite
+
+    method = base_method(tiny_backbone, minors)
+    suite = load_suite("minors")
+    res = evaluate(
+        method, suite, PhraseJudge(), plan, categories="horror, alcohol", cache=GenerationCache("c", tmp_path)
+    )
+    assert res["categories"] == ["alcohol", "horror"]
+    from mosaic_safety.config import ConfigError
+
+    with pytest.raises(ConfigError, match="empty name"):
+        evaluate(method, suite, PhraseJudge(), plan, categories="alcohol,,horror")
+
+
 class StoppedMethod(CountingMethod):
     """A real method whose user presses Ctrl-C during its third batch."""
 

@@ -221,3 +221,20 @@ def test_a_stray_comma_is_an_error_not_fewer_categories(minors):
             load_config("configs/tiny-test.yaml", [f"data.categories={typo}"])
     assert not minors.policy("") and not minors.policy("  ")  # the empty policy, written out
     assert minors.policy(" alcohol , betting ").categories == ("alcohol", "betting")
+
+
+def test_policy_built_from_a_text_is_refused_and_from_a_list_is_hashable(minors):
+    """Policy("alcohol") was the 7-category policy a,l,c,o,h,o,l; Policy(["alcohol"]) was unhashable."""
+    with pytest.raises(PolicyError, match=r"Policy\(\('alcohol',\)\)"):
+        Policy("alcohol")
+    listed = Policy(["alcohol"])
+    assert listed == Policy(("alcohol",)) and hash(listed) == hash(Policy(("alcohol",)))
+
+
+def test_package_lists_its_lazy_exports():
+    """``dir(mosaic_safety)`` (what tab completion reads) listed none of the public names before use."""
+    import mosaic_safety
+
+    assert set(mosaic_safety.__all__) <= set(dir(mosaic_safety))
+    for name in mosaic_safety.__all__:
+        assert getattr(mosaic_safety, name) is not None

@@ -46,6 +46,8 @@ def test_save_load_round_trip(tmp_path, tiny_backbone, tiny_tokens):
     assert manifest["composition_order"] == list(tiny_tokens.registry.names)
     assert manifest["backbone"]["fingerprint"] == tiny_backbone.fingerprint
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # the Backbone itself, as a user writes it, is checked as its describe() is: it was "not subscriptable"
+    assert ControlTokens.load(str(out), tiny_backbone).categories == tiny_tokens.categories
 
 
 def test_save_keeps_other_files_in_the_directory(tmp_path, tiny_backbone, tiny_tokens):

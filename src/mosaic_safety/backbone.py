@@ -345,8 +345,9 @@ def _remove_orphaned_conversions(models: Path, keep: Path) -> None:
             shutil.rmtree(copy, ignore_errors=True)
 
 
-def resolve_model_path(spec: str) -> tuple[str, str]:
+def resolve_model_path(spec: str | os.PathLike[str]) -> tuple[str, str]:
     """Map a model spec to (path or hub id to load, display name)."""
+    spec = os.fspath(spec)  # a Path that does not exist failed on ``.count`` below
     if spec in ALIASES:
         return str(convert_gguf(_alias_gguf(spec))), spec
     path = Path(spec).expanduser()
@@ -367,10 +368,12 @@ def resolve_model_path(spec: str) -> tuple[str, str]:
 
 
 def load_backbone(
-    spec: str = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | None = "auto"
+    spec: str | os.PathLike[str] = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | None = "auto"
 ) -> Backbone:
-    """Load and freeze a causal LM with its tokenizer."""
+    """Load and freeze a causal LM with its tokenizer (an alias, a hub id, or a local path)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = os.fspath(spec)
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

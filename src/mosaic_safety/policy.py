@@ -236,6 +236,15 @@ class Policy:
 
     categories: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        # a text iterates by character: Policy("alcohol") was the 7-category policy "a,l,c,o,h,o,l"
+        if isinstance(self.categories, str):
+            raise PolicyError(
+                f"Policy takes a tuple of category names, got the text {self.categories!r}: write "
+                f"Policy(({self.categories!r},)), or registry.policy({self.categories!r}) to parse 'a,b'"
+            )
+        object.__setattr__(self, "categories", tuple(self.categories))  # a list would be unhashable
+
     @classmethod
     def parse(cls, names: str | Iterable[str] | None, registry: CategoryRegistry) -> Policy:
         if names is None:

@@ -281,8 +281,11 @@ class ControlTokens(nn.Module):
         return out
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, backbone: dict[str, Any] | None = None) -> ControlTokens:
-        """Load and validate an artifact; with ``backbone`` (from ``Backbone.describe()``), check it fits."""
+    def load(cls, artifact_dir: str | Path, backbone: dict[str, Any] | Any = None) -> ControlTokens:
+        """Load and validate an artifact; with ``backbone`` (``Backbone.describe()``, or the
+        ``Backbone`` itself), check it fits."""
+        if hasattr(backbone, "describe"):  # the Backbone was passed: "not subscriptable" said nothing
+            backbone = backbone.describe()
         manifest = read_manifest(artifact_dir)
         path = Path(artifact_dir) / TOKENS_FILE
         data = read_hashed(path, manifest.get("tokens_sha256"))  # absent in artifacts from before it

@@ -126,3 +126,11 @@ def test_a_local_folder_named_like_a_builtin_does_not_replace_it(tmp_path, monke
     assert len(CategoryRegistry.load("harm").names) == 6
     (tmp_path / "minors.yaml").write_text(REGISTRY_YAML, encoding="utf-8")
     assert CategoryRegistry.load("./minors.yaml").names == ("cats", "dogs")
+
+
+def test_suite_repr_is_a_summary_not_every_example():
+    """The generated repr printed all 3,250 examples (835,000 characters) at a notebook prompt."""
+    suite = load_suite("minors")
+    text = repr(suite)
+    assert len(text) < 200
+    assert "minors" in text and "alcohol" in text and f"examples={len(suite)}" in text

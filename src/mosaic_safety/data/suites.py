@@ -19,13 +19,17 @@ BUILTIN_SUITES: tuple[str, ...] = ("minors", "harm")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".csv")
 
 
-@dataclass
+@dataclass(repr=False)
 class Suite:
     """A named registry and its examples, with the views training and evaluation need."""
 
     name: str
     registry: CategoryRegistry
     examples: list[Example]
+
+    def __repr__(self) -> str:
+        # the generated repr printed every example: 835,000 characters for ``minors`` in a notebook
+        return f"Suite(name={self.name!r}, categories={self.registry.names!r}, examples={len(self.examples)})"
 
     def split(self, name: str) -> list[Example]:
         """Examples of one split (train, val or test)."""

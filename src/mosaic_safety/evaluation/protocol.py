@@ -23,7 +23,7 @@ from typing import Any
 from ..config import ConfigError
 from ..data.suites import Suite
 from ..methods.base import Method
-from ..policy import Policy
+from ..policy import Policy, comma_list
 from .cache import GenerationCache
 from .judges import AnyJudge, Judge, PhraseJudge, TemplateJudge, _norm
 from .metrics import mean_rate, pooled, prompt_set, rate
@@ -270,7 +270,7 @@ def evaluate(
     suite: Suite,
     judge: Judge,
     plan: EvalPlan,
-    categories: Sequence[str] | None = None,
+    categories: Sequence[str] | str | None = None,
     cache: GenerationCache | None = None,
     progress: Progress = None,
     keep_responses: bool = True,
@@ -278,9 +278,17 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the protocol for one method on one suite split; returns the results dict (JSON-ready).
 
-    ``on_total`` receives the number of (prompt, policy) rows before generation starts (to size a
-    progress bar); ``progress`` then receives increments.
+    ``categories`` is a list of names or ``"a,b"`` (as a policy is written); ``None``: all of the
+    method's. ``on_total`` receives the number of (prompt, policy) rows before generation starts (to
+    size a progress bar); ``progress`` then receives increments.
     """
+    if isinstance(categories, str):  # listed, it was one category per character
+        names = comma_list(categories)
+        if names is None:
+            raise ConfigError(
+                f"categories {categories!r} has an empty name: separate names with single commas"
+            )
+        categories = names
     categories = list(categories or method.registry.names)
     missing = [c for c in categories if c not in method.registry]
     if missing:
