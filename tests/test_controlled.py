@@ -246,6 +246,14 @@ def test_model_with_a_registry_but_no_tokens_only_takes_empty_policy(tiny_backbo
     assert len(cm.generate([PROMPTS[0]], [""], max_new_tokens=2)) == 1
 
 
+def test_reprs_are_summaries(tiny_backbone, tiny_tokens):
+    """A notebook prints these: the generated Backbone repr dumped the module tree and tokenizer."""
+    text = repr(tiny_backbone)
+    assert len(text) < 300 and f"fingerprint={tiny_backbone.fingerprint!r}" in text and "float32" in text
+    cm = repr(ControlledModel(tiny_backbone, tiny_tokens))
+    assert len(cm) < 300 and repr(list(tiny_tokens.categories)) in cm and "placement=" in cm
+
+
 def test_unknown_placement_is_refused(tiny_backbone, tiny_tokens):
     """Any placement outside the list was silently read as ``system``."""
     with pytest.raises(ValueError, match="unknown placement 'middle'"):

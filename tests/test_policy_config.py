@@ -86,6 +86,17 @@ def test_hand_written_refusals_without_display_still_load(tmp_path):
     assert CategoryRegistry.load(path)["a"].refusal_text == "Not about A."
 
 
+def test_registry_path_that_is_a_directory(tmp_path):
+    with pytest.raises(PolicyError, match="cannot read the registry"):
+        CategoryRegistry.load(tmp_path)
+
+
+def test_overrides_given_as_one_text_are_refused():
+    """A text iterates by character: "optim.lr=0.1" was read as the overrides 'o', 'p', ..."""
+    with pytest.raises(ConfigError, match=r"pass \['optim.lr=0.1'\]"):
+        load_config("configs/tiny-test.yaml", "optim.lr=0.1")
+
+
 def test_missing_registry():
     with pytest.raises(PolicyError, match="not found"):
         CategoryRegistry.load("no-such-registry")
@@ -236,5 +247,7 @@ def test_package_lists_its_lazy_exports():
     import mosaic_safety
 
     assert set(mosaic_safety.__all__) <= set(dir(mosaic_safety))
+    # the errors a caller catches are public too
+    assert {"BackboneError", "ConfigError", "GenerationError", "PlacementError"} <= set(mosaic_safety.__all__)
     for name in mosaic_safety.__all__:
         assert getattr(mosaic_safety, name) is not None

@@ -352,6 +352,10 @@ def test_training_moves_only_the_control_tokens(tmp_path, tiny_backbone):
     assert all(not p.requires_grad for p in tiny_backbone.model.parameters())
     assert any(not torch.equal(start[n], b) for n, b in trainer.tokens.blocks.items())
     assert (tmp_path / "run" / "mosaic.json").exists() and (tmp_path / "run" / "train_log.jsonl").exists()
+    # a second run of the same object would start from these tokens and this optimizer state
+    with pytest.raises(RuntimeError, match="already run"):
+        trainer.train(tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_refusal_loss_decreases(tmp_path, tiny_backbone):

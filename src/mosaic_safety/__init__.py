@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Backbone": "backbone",
     "load_backbone": "backbone",
+    "BackboneError": "backbone",
     "Category": "policy",
     "CategoryRegistry": "policy",
     "Policy": "policy",
@@ -21,7 +22,10 @@ _EXPORTS = {
     "ControlTokens": "tokens",
     "ArtifactError": "tokens",
     "ControlledModel": "controlled",
+    "GenerationError": "controlled",
+    "PlacementError": "controlled",
     "TrainConfig": "config",
+    "ConfigError": "config",
     "load_config": "config",
     "Trainer": "training.trainer",
     "load_suite": "data",

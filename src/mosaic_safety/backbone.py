@@ -119,6 +119,14 @@ class Backbone:
     name: str
     fingerprint: str
 
+    def __repr__(self) -> str:
+        # the generated repr printed the whole module tree and tokenizer at a notebook prompt
+        return (
+            f"Backbone(name={self.name!r}, hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, "
+            f"device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')!r}, "
+            f"fingerprint={self.fingerprint!r})"
+        )
+
     @property
     def hidden_size(self) -> int:
         return int(self.model.get_input_embeddings().weight.shape[1])

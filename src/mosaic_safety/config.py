@@ -433,6 +433,8 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    if isinstance(overrides, str):  # a text iterates by character: "a=b" was read as overrides 'a', '=', 'b'
+        raise ConfigError(f"overrides are a list of 'key=value' texts: pass [{overrides!r}]")
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)

@@ -138,6 +138,14 @@ class ControlledModel:
         eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
         self.eos_ids = sorted(e for e in eos if e is not None)
 
+    def __repr__(self) -> str:
+        categories = list(self.tokens.categories) if self.tokens is not None else []
+        deep = bool(self.tokens is not None and self.tokens.deep_layers)
+        return (
+            f"ControlledModel(backbone={self.backbone.name!r}, categories={categories!r}, "
+            f"placement={self.placement!r}, deep={deep})"
+        )
+
     @property
     def model(self) -> Any:
         return self.backbone.model

@@ -167,6 +167,8 @@ class CategoryRegistry:
             from .config import yaml_problem
 
             raise PolicyError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+        except OSError as exc:  # a directory, no permission
+            raise PolicyError(f"{path}: cannot read the registry: {exc.strerror or exc}") from None
         registry = cls.from_dict(data, source=str(path))
         for i, cat in enumerate(registry.categories):  # a file a person wrote: typos are caught here
             odd = unknown_placeholders(cat.refusal)

@@ -236,6 +236,7 @@ class Trainer:
                 f"mosaic_safety.methods.method_module({config.method!r}).train(config, output)"
             )
         self.config = config
+        self._ran = False
         self.clock = TrainingClock()
         self.report = reporter or (lambda kind, data: None)
         self.backbone, self.suite, self.categories = load_inputs(config, backbone, self.report)
@@ -510,7 +511,14 @@ class Trainer:
         cache.warm(prompts, self.config.teacher.batch_size, lambda n: self.report("heads_progress", {"n": n}))
 
     def train(self, output: str | Path, resume: bool = False, overwrite: bool = False) -> TrainResult:
-        """Train into ``output``; ``resume`` continues its last checkpoint, ``overwrite`` replaces a run there."""
+        """Train into ``output``; ``resume`` continues its last checkpoint, ``overwrite`` replaces a run there.
+
+        A Trainer runs once: a second run would start from the first run's tokens and optimizer
+        state while its record told of its own steps only.
+        """
+        if self._ran:
+            raise RuntimeError("this Trainer has already run; build a new Trainer for another run")
+        self._ran = True
         out = Path(output)
         if not resume:
             claim_output(out, overwrite)
