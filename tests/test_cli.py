@@ -500,6 +500,33 @@ def test_a_stop_before_the_new_run_writes_anything_puts_the_earlier_run_back(tra
     assert not replacement.restored and sorted(p.name for p in out.iterdir()) == ["checkpoints"]
 
 
+def test_a_second_train_into_an_output_in_use_is_refused(trained, tmp_path):
+    """Two runs started into one directory both passed the occupied-output check (it comes before
+    the first file is written) and then trained over each other: mixed checkpoints, a log of two
+    runs, and the earlier run replaced although both said they had finished."""
+    import fcntl
+
+    root, art, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(art, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with (out / ".mosaic-train.lock").open("a") as held:  # what a running `mosaic train` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = mosaic(
+            "train", "-c", "configs/tiny-test.yaml", "-o", str(out), "--overwrite",
+            cache=root / "cache", check=False,
+        )  # fmt: skip
+    assert proc.returncode == 2 and "in use by another `mosaic train`" in proc.stderr, proc.stderr
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # the run in it was not touched
+    # once the other run has ended, the directory is free again; a start that fails leaves no folder
+    proc = mosaic(
+        "train", "-c", "configs/tiny-test.yaml", "-o", str(tmp_path / "new"), "model.name=./no-such-model",
+        cache=root / "cache", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and not (tmp_path / "new").exists(), proc.stderr
+
+
 def _killed_overwrite(out: Path, progress: bool) -> None:
     """What SIGKILL during `--overwrite` leaves: the earlier run in a hidden folder, maybe a partial
     new run beside it (no finally ran)."""

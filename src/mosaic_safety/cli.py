@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -224,11 +224,11 @@ def train(
     """Train control tokens (or a comparison method) on a frozen model; print the held-out refusal table."""
     from .config import ConfigError, load_config
     from .methods import method_module
-    from .training.run_dir import recover_set_aside, replacing_run
+    from .training.run_dir import exclusive_run, recover_set_aside, replacing_run
     from .training.trainer import Trainer
 
     _stop_on_sigterm()
-    with friendly_errors():
+    with friendly_errors(), ExitStack() as held:
         cfg = load_config(config, [*(overrides or []), *([f"method={method}"] if method else [])])
         target = output or Path(cfg.output)
         check_output_dir(target, "--output")  # before the model loads
@@ -240,6 +240,7 @@ def train(
         module = None if cfg.method == "mosaic" else method_module(cfg.method)
         if resume and module is not None and not getattr(module, "RESUMABLE", False):
             raise ConfigError(f"--resume is not supported for {cfg.method}; it restarts from scratch")
+        held.enter_context(exclusive_run(target))  # one run at a time writes into it
         settled = recover_set_aside(target)  # what a killed --overwrite left behind
         if settled:
             console.print(f"[yellow]•[/] {settled}", highlight=False)

@@ -9,6 +9,7 @@ moved aside first and come back unless the new run has a checkpoint or an artifa
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -60,6 +61,47 @@ def _lock(aside: Path, wait: bool) -> IO[str] | None:
     handle = (aside / LOCK).open("a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+RUN_LOCK = ".mosaic-train.lock"  # in a run directory: held by the `mosaic train` writing there
+
+
+@contextmanager
+def exclusive_run(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one training run at a time, or fail at once.
+
+    Two runs started into one directory both found it free (the check that refuses an occupied
+    one comes long before the first file is written), then wrote their checkpoints and log lines
+    over each other, and both said they had finished. The lock is a hidden file beside the run's
+    files; the operating system releases it when its process ends, however it ends. A directory
+    made for a run that then wrote nothing (a model that did not load) is removed again.
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    handle = _lock_file(out / RUN_LOCK)
+    if handle is None:
+        raise ArtifactError(
+            f"{out} is in use by another `mosaic train` (it holds {out / RUN_LOCK}); wait for it to "
+            "finish, or choose another --output"
+        )
+    try:
+        yield
+    finally:
+        if created and [p.name for p in out.iterdir()] == [RUN_LOCK]:
+            with contextlib.suppress(OSError):
+                (out / RUN_LOCK).unlink()
+                out.rmdir()
+        handle.close()
+
+
+def _lock_file(path: Path) -> IO[str] | None:
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         return None
