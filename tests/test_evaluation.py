@@ -583,3 +583,15 @@ def test_order_intervals_count_the_inactive_prompts_the_sampled_subsets_ask():
     assert (inactive["lo"], inactive["hi"]) == pytest.approx(wilson(3, 30))
     dsr = order["dsr_pooled"]  # {a,b} and {a,c} ask a, b and c: 30 prompts, 40 answers
     assert (dsr["n"], dsr["n_eff"]) == (40, 30)
+
+
+def test_earlier_results_with_a_damaged_plan_are_another_evaluations(tmp_path, plan):
+    """A results.json whose plan is not a mapping (hand-edited, another program's) raised an
+    AttributeError traceback from the check that protects --out; it differs from this evaluation."""
+    from mosaic_safety.cli import _check_earlier_results
+    from mosaic_safety.config import ConfigError
+
+    for damaged in ([1, 2], "x", 3):
+        (tmp_path / "results.json").write_text(json.dumps({"method": {"method": "none"}, "plan": damaged}))
+        with pytest.raises(ConfigError, match=r"holds the results of another evaluation \(its .*plan"):
+            _check_earlier_results(tmp_path, {"method": {"method": "none"}}, plan)

@@ -853,7 +853,12 @@ def _check_earlier_results(out: Path, what: dict[str, Any], plan: Any) -> None:
     ours = {**what, "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "batch_size"}}
     ours = json.loads(json.dumps(ours, default=str))  # as results.json holds it: tuples are lists
     theirs = {k: earlier.get(k) for k in what}
-    theirs["plan"] = {k: v for k, v in (earlier.get("plan") or {}).items() if k != "batch_size"}
+    plan_then = earlier.get("plan")  # a hand-edited file may hold anything there: it then differs
+    theirs["plan"] = (
+        {k: v for k, v in plan_then.items() if k != "batch_size"}
+        if isinstance(plan_then, dict)
+        else plan_then
+    )
     differ = [k for k in ours if ours[k] != theirs[k]]
     if differ:
         raise ConfigError(
