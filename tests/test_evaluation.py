@@ -361,6 +361,18 @@ def test_compare_refuses_runs_that_measured_different_things(tiny_backbone, mino
     (tmp_path / "bad" / "results.json").write_text("[]")
     with pytest.raises(ValueError, match="not a results file of `mosaic eval`"):
         compare([tmp_path / "bad"], tmp_path / "cmp")
+    # the right top-level shape with a damaged inside: a clear error, not a KeyError from the table
+    good = json.loads((dirs[0] / "results.json").read_text())
+    for damage in (
+        {"cost": {}},
+        {"cost": {**good["cost"], "trainable_parameters": "192"}},
+        {"orders": {**good["orders"], "1": [0.5]}},
+        {"orders": {**good["orders"], "1": {"dsr": 1.0}}},
+        {"orders": {**good["orders"], "x": good["orders"]["1"]}},
+    ):
+        (tmp_path / "bad" / "results.json").write_text(json.dumps({**good, **damage}))
+        with pytest.raises(ValueError, match="not a results file of `mosaic eval`"):
+            compare([dirs[0], tmp_path / "bad"], tmp_path / "cmp", allow_mismatch=True)
     (tmp_path / "afile").write_text("")
     with pytest.raises(ValueError, match="is a file"):
         compare(dirs[:1], tmp_path / "afile")

@@ -221,10 +221,24 @@ def _read_results(path: Path) -> dict[str, Any]:
         and isinstance(results.get("suite"), str)
         and isinstance(results.get("judge"), str)
         and isinstance(results.get("categories"), list)
+        # what the comparison reads of each run: every order's metrics, and the cost
+        and all(
+            isinstance(o, dict) and all(m in o and _rate(o[m]) for m, _ in METRICS)
+            for o in results["orders"].values()
+        )
+        and all(isinstance(k, str) and k.isdigit() for k in results["orders"])
+        and type(results["cost"].get("trainable_parameters")) is int
+        and isinstance(results["cost"].get("prompt_overhead"), dict)
+        and all(_rate(v) for v in results["cost"]["prompt_overhead"].values())
     )
     if not shape_ok:
         raise ValueError(f"{path}: not a results file of `mosaic eval` (or one from an older version)")
     return results
+
+
+def _rate(value: Any) -> bool:
+    """A number results.json may hold for a metric (``None``: not measured)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def differences(loaded: Sequence[dict[str, Any]], names: Sequence[str]) -> list[str]:
