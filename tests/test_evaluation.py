@@ -607,3 +607,22 @@ def test_earlier_results_with_a_damaged_plan_are_another_evaluations(tmp_path, p
         (tmp_path / "results.json").write_text(json.dumps({"method": {"method": "none"}, "plan": damaged}))
         with pytest.raises(ConfigError, match=r"holds the results of another evaluation \(its .*plan"):
             _check_earlier_results(tmp_path, {"method": {"method": "none"}}, plan)
+
+
+def test_a_second_eval_into_an_out_in_use_is_refused(tmp_path, tiny_backbone, tiny_tokens):
+    """Two evaluations started into one --out both passed the check of earlier results (there were
+    none yet), both wrote results.json, and both said so: one's results were silently the other's."""
+    import fcntl
+    import os
+
+    env = {**os.environ, "MOSAIC_PROGRESS": "0", "MOSAIC_CACHE": str(tmp_path / "cache")}
+    art, out = tmp_path / "art", tmp_path / "ev"
+    tiny_tokens.save(art, tiny_backbone.describe())
+    out.mkdir()
+    (out / "results.json").write_text("{}")  # what the running evaluation wrote so far
+    args = ["eval", "-a", str(art), "--model", "tiny-random-llama", "--out", str(out), "--overwrite"]
+    with (out / ".mosaic-eval.lock").open("a") as held:  # what a running `mosaic eval` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = _mosaic(*args, "--limit", "1", "--max-order", "1", "--max-new-tokens", "2", env=env)
+    assert r.returncode == 2 and "in use by another `mosaic eval`" in r.stderr, r.stderr
+    assert (out / "results.json").read_text() == "{}"

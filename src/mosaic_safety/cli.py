@@ -741,12 +741,15 @@ def eval_command(
     from .evaluation.protocol import EvalPlan, evaluate
     from .evaluation.report import write_results
     from .methods import load_method
+    from .training.run_dir import EVAL_LOCK, exclusive_run
 
     kept = "the responses generated so far are cached, and the same command reuses them"
     _stop_on_sigterm()
-    with friendly_errors(interrupted=kept):
+    with friendly_errors(interrupted=kept), ExitStack() as held:
         check_output_dir(out)  # found before the evaluation, not after it
         check_cache_dir()
+        # one evaluation at a time in --out: two would both pass the check of earlier results
+        held.enter_context(exclusive_run(out, EVAL_LOCK, "mosaic eval", "--out"))
         if suite is not None:
             data = load_suite(suite)
         else:

@@ -68,32 +68,35 @@ def _lock(aside: Path, wait: bool) -> IO[str] | None:
 
 
 RUN_LOCK = ".mosaic-train.lock"  # in a run directory: held by the `mosaic train` writing there
+EVAL_LOCK = ".mosaic-eval.lock"  # in an evaluation's --out: held by the `mosaic eval` writing there
 
 
 @contextmanager
-def exclusive_run(out: Path) -> Iterator[None]:
-    """Hold ``out`` for one training run at a time, or fail at once.
+def exclusive_run(
+    out: Path, lock: str = RUN_LOCK, command: str = "mosaic train", option: str = "--output"
+) -> Iterator[None]:
+    """Hold ``out`` for one ``command`` at a time, or fail at once.
 
     Two runs started into one directory both found it free (the check that refuses an occupied
-    one comes long before the first file is written), then wrote their checkpoints and log lines
-    over each other, and both said they had finished. The lock is a hidden file beside the run's
-    files; the operating system releases it when its process ends, however it ends. A directory
-    made for a run that then wrote nothing (a model that did not load) is removed again.
+    one, or another evaluation's results, comes long before the first file is written), then wrote
+    over each other, and both said they had finished. The lock is a hidden file beside the
+    command's files; the operating system releases it when its process ends, however it ends. A
+    directory made for a command that then wrote nothing (a model that did not load) is removed.
     """
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    handle = _lock_file(out / RUN_LOCK)
+    handle = _lock_file(out / lock)
     if handle is None:
         raise ArtifactError(
-            f"{out} is in use by another `mosaic train` (it holds {out / RUN_LOCK}); wait for it to "
-            "finish, or choose another --output"
+            f"{out} is in use by another `{command}` (it holds {out / lock}); wait for it to "
+            f"finish, or choose another {option}"
         )
     try:
         yield
     finally:
-        if created and [p.name for p in out.iterdir()] == [RUN_LOCK]:
+        if created and [p.name for p in out.iterdir()] == [lock]:
             with contextlib.suppress(OSError):
-                (out / RUN_LOCK).unlink()
+                (out / lock).unlink()
                 out.rmdir()
         handle.close()
 
