@@ -399,6 +399,17 @@ def test_resume_finishes_an_interrupted_run_as_if_never_stopped(
     with pytest.raises(ArtifactError, match="unreadable checkpoint"):
         _resumed_dsa(run, tiny_backbone)
     rng_file.write_bytes(kept["rng_state.json"])
+    # a damaged training record (a section, the guardrail's loss or a time of the wrong type)
+    manifest_file = run / "checkpoints" / "epoch-1" / MANIFEST_FILE
+    good = json.loads(kept[MANIFEST_FILE])
+    for key, value in (("config", {**good["training"]["config"], "optim": 5}), ("guard_loss", None)):
+        manifest_file.write_text(json.dumps({**good, "training": {**good["training"], key: value}}))
+        with pytest.raises(ArtifactError, match=rf"epoch-1: damaged checkpoint \('training\.{key}"):
+            _resumed_dsa(run, tiny_backbone)
+    manifest_file.write_text(json.dumps({**good, "training": {**good["training"], "adapter_seconds": "x"}}))
+    with pytest.raises(ArtifactError, match=r"damaged checkpoint \('training.adapter_seconds' is 'x'"):
+        _resumed_dsa(run, tiny_backbone)
+    manifest_file.write_bytes(kept[MANIFEST_FILE])
     assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "epoch-1").iterdir()} == kept
 
     stages = _resumed_dsa(run, tiny_backbone)

@@ -482,6 +482,18 @@ def test_resume_continues_an_adapter_run(tmp_path, tiny_backbone, monkeypatch, n
             _config(name, "optim.epochs=2", "optim.lr=0.02"), run, backbone=tiny_backbone, resume=True
         )
     assert (run / WEIGHTS_FILE).read_bytes() == before
+    # a damaged training record in the checkpoint: a clear error, not a traceback mid-resume
+    ckpt_manifest = run / "checkpoints" / "epoch-1" / MANIFEST_FILE
+    good = ckpt_manifest.read_text()
+    for key, value in (("config", {"optim": 5}), ("seconds", "x")):
+        ckpt_manifest.write_text(json.dumps({**json.loads(good), "training": {key: value}}))
+        with pytest.raises(ArtifactError, match=r"epoch-1: damaged checkpoint \('training\."):
+            module.train(_config(name, "optim.epochs=2"), run, backbone=tiny_backbone, resume=True)
+    ckpt_manifest.write_text(json.dumps({**json.loads(good), "training": [1]}))
+    with pytest.raises(ArtifactError, match=r"damaged checkpoint \('training' is not a mapping"):
+        module.train(_config(name, "optim.epochs=2"), run, backbone=tiny_backbone, resume=True)
+    ckpt_manifest.write_text(good)
+    assert (run / WEIGHTS_FILE).read_bytes() == before
 
     # the first session's training time, as its checkpoint records it, set to a value no tiny run reaches
     ckpt_manifest = run / "checkpoints" / "epoch-1" / MANIFEST_FILE

@@ -543,6 +543,35 @@ def test_resume_refuses_a_run_that_trained_in_another_resolved_dtype(tmp_path, t
         again.train(tmp_path / "run", resume=True)
 
 
+def test_resume_refuses_a_damaged_training_record_with_a_clear_error(tmp_path, tiny_backbone):
+    """A checkpoint's manifest whose ``training`` record was cut or edited (no record, no config, a
+    section or the seconds of the wrong type) ended ``--resume`` in a KeyError, AttributeError or
+    ValueError traceback; it is an ArtifactError that names the checkpoint, and nothing is written."""
+    from mosaic_safety.tokens import ArtifactError
+    from mosaic_safety.training.trainer import Trainer
+
+    Trainer(tiny_config(tmp_path, "optim.epochs=1"), backbone=tiny_backbone).train(tmp_path / "run")
+    manifest = tmp_path / "run" / "checkpoints" / "epoch-1" / "mosaic.json"
+    good = json.loads(manifest.read_text())
+    log = (tmp_path / "run" / "train_log.jsonl").read_bytes()
+    damages = {
+        "no 'training' record": lambda m: m.pop("training"),
+        "no 'training.config'": lambda m: m["training"].pop("config"),
+        "'training.config' is not a mapping": lambda m: m["training"].__setitem__("config", [1]),
+        "'training.config.optim' is not a mapping": lambda m: m["training"]["config"].__setitem__("optim", 5),
+        "'training.seconds' is 'x'": lambda m: m["training"].__setitem__("seconds", "x"),
+        "'training.base' is not a mapping": lambda m: m["training"].__setitem__("base", [1]),
+    }
+    for problem, damage in damages.items():
+        record = json.loads(json.dumps(good))
+        damage(record)
+        manifest.write_text(json.dumps(record))
+        again = Trainer(tiny_config(tmp_path, "optim.epochs=2"), backbone=tiny_backbone)
+        with pytest.raises(ArtifactError, match=rf"epoch-1: damaged checkpoint \({problem}"):
+            again.train(tmp_path / "run", resume=True)
+        assert (tmp_path / "run" / "train_log.jsonl").read_bytes() == log
+
+
 def test_resume_accepts_another_spelling_of_the_same_device_and_dtype(tmp_path):
     """``auto`` is the dtype it stands for, and the device holding the weights changes no step: a
     run started on ``cuda`` resumes on ``cuda:1``; one in bfloat16 does not resume in float32."""

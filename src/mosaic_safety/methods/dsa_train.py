@@ -41,6 +41,7 @@ from ..training.checkpoint import (
     latest_checkpoint,
     load_optimizer_state,
     save_optimizer_state,
+    training_record,
 )
 from ..training.losses import response_cross_entropy, response_kl
 from ..training.teacher import BaseResponseCache
@@ -236,11 +237,15 @@ def resume_point(
     if ckpt is None:
         return None
     manifest, tensors, _ = load_method_artifact(ckpt, "dsa", backbone.describe())
-    saved = manifest.get("training", {}).get("config")
+    saved = training_record(ckpt, manifest, required=False).get("config")
     if saved is None:
         raise ArtifactError(
             f"{ckpt}: this checkpoint predates resumable DSA runs; train afresh with --overwrite"
         )
+    # what a resumed run reads of the record besides its recipe: the guardrail's loss, the times so far
+    training_record(
+        ckpt, manifest, numbers=("seconds", "adapter_seconds", "guard_seconds"), needed=("guard_loss",)
+    )
 
     def without_epochs(cfg: dict[str, Any]) -> dict[str, Any]:
         options = {k: v for k, v in cfg.get("method_options", {}).items() if k != "adapter_epochs"}

@@ -46,6 +46,7 @@ from ..training.checkpoint import (
     load_optimizer_state,
     open_log,
     save_optimizer_state,
+    training_record,
 )
 from ..training.losses import response_cross_entropy
 from ..training.sampler import TrainItem
@@ -467,7 +468,7 @@ class AdapterTrainer:
             self.report("stage", {"name": "no checkpoint to resume from; starting fresh"})
             return 0, 0
         manifest, tensors, _ = load_method_artifact(ckpt, self.name, self.backbone.describe())
-        training = manifest.get("training", {})
+        training = training_record(ckpt, manifest, required=False)
         check_same_recipe(ckpt, training.get("config", {}), self.config.to_dict())
         check_continuation(ckpt, training, data_hash(self.pools), self.config.optim.epochs)
         self.clock.prior = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0

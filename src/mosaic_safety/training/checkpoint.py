@@ -24,6 +24,7 @@ from ..tokens import ArtifactError, safetensors_bytes
 OPTIMIZER_FILE = "optimizer.safetensors"
 LIVE = "live"  # key suffix of a trained tensor stored beside Adam's state (``save_optimizer_state``)
 STATE_FILE = "trainer_state.json"
+MANIFEST = "mosaic.json"
 
 Named = Sequence[tuple[str, torch.nn.Parameter]]
 
@@ -152,6 +153,47 @@ def load_live_tensors(ckpt: Path, names: Sequence[str]) -> dict[str, torch.Tenso
             "optim.ema resumes from (incomplete or not written by such a run)"
         )
     return {n: state[f"{n}.{LIVE}"] for n in names}
+
+
+def training_record(
+    ckpt: Path,
+    manifest: dict[str, Any],
+    required: bool = True,
+    numbers: Sequence[str] = ("seconds",),
+    needed: Sequence[str] = (),
+) -> dict[str, Any]:
+    """A checkpoint manifest's ``training`` record, checked for what ``--resume`` reads of it: the
+    config it was made with (each section a mapping), its base, and ``numbers`` (where given) and
+    ``needed`` (always), numbers. A hand-edited or damaged record is one clear error, not a
+    traceback halfway through the resume. ``required``: the record and its config must be there
+    (``False``: older checkpoints may lack them)."""
+    training = manifest.get("training", None if required else {})
+    problem = None
+    if not isinstance(training, dict):
+        problem = "no 'training' record" if training is None else "'training' is not a mapping"
+    else:
+        config = training.get("config", None if required else {})
+        defaults = TrainConfig().to_dict()
+        if config is None and not required:
+            pass  # the caller says what a checkpoint without it means
+        elif not isinstance(config, dict):
+            problem = "no 'training.config'" if config is None else "'training.config' is not a mapping"
+        elif bad := [
+            k for k, d in defaults.items() if isinstance(d, dict) and not isinstance(config.get(k, {}), dict)
+        ]:
+            problem = f"'training.config.{bad[0]}' is not a mapping"
+        for key in (*numbers, *needed):
+            value = training.get(key, None if key in needed else 0.0)
+            if problem is None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                problem = f"'training.{key}' is {value!r}, not a number"
+        if problem is None and not isinstance(training.get("base") or {}, dict):
+            problem = "'training.base' is not a mapping"
+    if problem is not None:
+        raise ArtifactError(
+            f"{ckpt}: damaged checkpoint ({problem} in {MANIFEST}); delete this epoch's folder to "
+            "resume from the one before, or train afresh with --overwrite"
+        )
+    return training
 
 
 def check_same_recipe(

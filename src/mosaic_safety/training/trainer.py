@@ -39,6 +39,7 @@ from .checkpoint import (
     load_optimizer_state,
     open_log,
     save_optimizer_state,
+    training_record,
 )
 from .hard_negatives import confusion_from_rates, confusion_probe
 from .head_cache import HeadCache
@@ -690,7 +691,7 @@ class Trainer:
         if ckpt is None:
             self.report("stage", {"name": "no checkpoint to resume from; starting fresh"})
             return 0, 0
-        training = read_manifest(ckpt)["training"]
+        training = training_record(ckpt, read_manifest(ckpt))
         check_same_recipe(ckpt, training["config"], self.config.to_dict())
         dtype_then, dtype_now = training.get("dtype"), _dtype_name(self.backbone.dtype)
         if isinstance(dtype_then, str) and dtype_then != dtype_now:  # e.g. `auto` on a GPU, then on a CPU
