@@ -247,6 +247,14 @@ def test_corrupt_artifacts_and_wrong_backbone(runs, tiny_backbone, tmp_path):
     with pytest.raises(MethodError, match="not 'orpo'"):
         load_method("orpo", artifact=src, backbone=tiny_backbone)
 
+    # a training record that is not a mapping does not stop `mosaic info` (it only describes it)
+    bad = _copy(src, tmp_path / "training")
+    manifest = json.loads((bad / MANIFEST_FILE).read_text())
+    (bad / MANIFEST_FILE).write_text(json.dumps({**manifest, "training": [1]}))
+    proc = _mosaic("info", str(bad), cache=tmp_path / "cache")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "training details are not readable" in proc.stdout
+
 
 def test_bad_method_options_are_config_errors(tiny_backbone):
     from mosaic_safety.methods.lora_sft import OPTIONS as SFT

@@ -665,7 +665,10 @@ def _print_backbone(bb: dict[str, Any]) -> None:
     )
 
 
-def _print_training(training: dict[str, Any]) -> None:
+def _print_training(training: Any) -> None:
+    if not isinstance(training, dict):  # a hand-edited or damaged record: the rest of info stands
+        out.print("training: the recorded training details are not readable", highlight=False)
+        return
     if training:
         out.print(
             f"training: {training.get('steps')} steps, {training.get('seconds')}s, suite {training.get('suite')},"
@@ -674,7 +677,8 @@ def _print_training(training: dict[str, Any]) -> None:
         )
     base = training.get("base")
     while isinstance(base, dict):  # incremental training: each earlier artifact, newest first
-        frozen = ", ".join(training.get("frozen_categories") or []) or "none"
+        kept = training.get("frozen_categories")
+        frozen = ", ".join(map(str, kept)) if isinstance(kept, list) and kept else "none"
         earlier = base.get("training") if isinstance(base.get("training"), dict) else {}
         out.print(
             f"  extends {base.get('path')} (tokens sha256 {str(base.get('tokens_sha256'))[:12]}): {frozen} "
