@@ -509,9 +509,9 @@ def test_a_second_train_into_an_output_in_use_is_refused(trained, tmp_path):
     root, art, _ = trained
     out = tmp_path / "run"
     shutil.copytree(art, out)
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with (out / ".mosaic-train.lock").open("a") as held:  # what a running `mosaic train` holds
         fcntl.flock(held, fcntl.LOCK_EX)
+        before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
         proc = mosaic(
             "train", "-c", "configs/tiny-test.yaml", "-o", str(out), "--overwrite",
             cache=root / "cache", check=False,
@@ -525,6 +525,7 @@ def test_a_second_train_into_an_output_in_use_is_refused(trained, tmp_path):
         cache=root / "cache", check=False,
     )  # fmt: skip
     assert proc.returncode == 2 and not (tmp_path / "new").exists(), proc.stderr
+    assert not list(art.glob(".mosaic-*"))  # a finished run leaves no lock behind
 
 
 def _killed_overwrite(out: Path, progress: bool) -> None:

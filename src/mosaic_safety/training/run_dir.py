@@ -80,35 +80,49 @@ def exclusive_run(
     Two runs started into one directory both found it free (the check that refuses an occupied
     one, or another evaluation's results, comes long before the first file is written), then wrote
     over each other, and both said they had finished. The lock is a hidden file beside the
-    command's files; the operating system releases it when its process ends, however it ends. A
-    directory made for a command that then wrote nothing (a model that did not load) is removed.
+    command's files while it runs (the operating system releases it when the process ends, however
+    it ends); it is removed when the command ends, and so is a directory made for a command that
+    then wrote nothing (a model that did not load).
     """
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    handle = _lock_file(out / lock)
+    path = out / lock
+    handle = _lock_file(path)
     if handle is None:
         raise ArtifactError(
-            f"{out} is in use by another `{command}` (it holds {out / lock}); wait for it to "
+            f"{out} is in use by another `{command}` (it holds {path}); wait for it to "
             f"finish, or choose another {option}"
         )
     try:
         yield
     finally:
-        if created and [p.name for p in out.iterdir()] == [lock]:
-            with contextlib.suppress(OSError):
-                (out / lock).unlink()
-                out.rmdir()
+        with contextlib.suppress(OSError):
+            path.unlink()  # while held: a process that opened it meanwhile sees it go (_lock_file)
+            if created:
+                out.rmdir()  # only if empty
         handle.close()
 
 
 def _lock_file(path: Path) -> IO[str] | None:
-    handle = path.open("a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """An exclusive lock on ``path`` (created if need be), or ``None`` while another process holds it.
+
+    Its holder removes the file before letting go, so a lock taken on a file that is no longer at
+    ``path`` is let go and taken again on the file there now.
+    """
+    while True:
+        handle = path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return handle
         handle.close()
-        return None
-    return handle
 
 
 def _put_back(aside: Path, out: Path, clear_out: bool) -> None:
