@@ -169,6 +169,31 @@ def test_resume_with_another_refusal_prefix_measures_again(tmp_path, tiny_backbo
     assert saved["confusion"]["settings"]["prefix_tokens"] == 2
 
 
+def test_a_measure_taken_on_resume_reads_the_averaged_tokens(tmp_path, tiny_backbone):
+    """With ``optim.ema`` an epoch is measured on its averaged tokens (those its checkpoint ships);
+    a resume that measures the epoch again must read the same ones, not the live tensors it
+    restored for Adam."""
+    from mosaic_safety.tokens import ControlTokens
+
+    ema = ("optim.ema=0.5", "optim.lr=0.2")
+    steered_trainer(tmp_path, tiny_backbone, "optim.epochs=1", *ema).train(tmp_path / "run")
+    ckpt = ControlTokens.load(tmp_path / "run" / "checkpoints" / "epoch-1", tiny_backbone).named_tensors()
+    resumed = steered_trainer(tmp_path, tiny_backbone, "optim.epochs=2", "select.prefix_tokens=2", *ema)
+    seen = []
+    measure = resumed._measure_confusion
+
+    def spy(epoch):
+        seen.append((epoch, {k: t.detach().clone() for k, t in resumed.tokens.named_tensors().items()}))
+        return measure(epoch)
+
+    resumed._measure_confusion = spy
+    resumed.train(tmp_path / "run", resume=True)
+    epoch, tokens = seen[0]
+    assert epoch == 1
+    for key, tensor in ckpt.items():
+        assert torch.equal(tokens[key], tensor), key
+
+
 def test_probe_size_is_part_of_the_recipe_and_the_validation_size_is_not(tmp_path, tiny_backbone):
     """``sampling.hard_negatives_per_group`` steers training, so a resume must keep it; a larger
     validation sample (``select.per_group``) only changes which epochs are shipped and leaves the

@@ -724,9 +724,12 @@ class Trainer:
                     param.copy_(live[name].to(param.device))
         if self.confusion_probe is not None:
             record = stored_record(ckpt, self.confusion_probe.settings, "confusion")
-            # the epoch's tokens are loaded, so a checkpoint without a measure from this probe
-            # (none stored: an older run; or select.prefix_tokens changed since) is measured now
-            self.confusion = record["off_target"] if record else self._measure_confusion(epoch)
+            # a checkpoint without a measure from this probe (none stored: an older run; or
+            # select.prefix_tokens changed since) is measured now, on the epoch's tokens as the run
+            # measured them: with optim.ema the average, not the live tensors Adam goes on from
+            averaged = self.average.applied() if self.average is not None else nullcontext()
+            with averaged:
+                self.confusion = record["off_target"] if record else self._measure_confusion(epoch)
         self.report("stage", {"name": f"resumed from {ckpt.name} (step {step})"})
         return epoch, step
 
