@@ -50,6 +50,17 @@ def test_save_load_round_trip(tmp_path, tiny_backbone, tiny_tokens):
     assert ControlTokens.load(str(out), tiny_backbone).categories == tiny_tokens.categories
 
 
+def test_save_refuses_what_load_refuses_non_finite_tensors(tmp_path, tiny_backbone, tiny_tokens):
+    """A diverged run's NaN tokens were written as an artifact that every loader then refused."""
+    name = tiny_tokens.categories[0]
+    with torch.no_grad():
+        tiny_tokens.blocks[name][0, 0] = float("nan")
+    with pytest.raises(ArtifactError, match=f"category.{name} contains NaN or infinite values, not saved"):
+        tiny_tokens.save(tmp_path / "a", tiny_backbone.describe())
+    assert not (tmp_path / "a" / "tokens.safetensors").exists()
+    assert not (tmp_path / "a" / "mosaic.json").exists()
+
+
 def test_save_keeps_other_files_in_the_directory(tmp_path, tiny_backbone, tiny_tokens):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "train_log.jsonl").write_text("{}\n")

@@ -671,6 +671,19 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one(tmp_path, tiny_backbone):
     assert (run / "notes.txt").read_text() == "mine"  # files that are not the run's stay
 
 
+def test_a_diverged_run_is_an_error_not_an_unloadable_artifact(tmp_path, tiny_backbone):
+    """A finite but huge loss weight sends the tokens to NaN: the run used to end as a success with
+    an artifact (and checkpoint) that `mosaic info` and every loader refused."""
+    from mosaic_safety.tokens import ArtifactError
+    from mosaic_safety.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path, "optim.first_token_weight=1e300"), backbone=tiny_backbone)
+    with pytest.raises(ArtifactError, match="NaN or infinite values, not saved"):
+        trainer.train(tmp_path / "run")
+    assert not (tmp_path / "run" / "mosaic.json").exists()
+    assert not list((tmp_path / "run").glob("checkpoints/*/trainer_state.json"))
+
+
 def test_norm_cap_keeps_control_vectors_at_token_scale(tmp_path, tiny_backbone):
     from mosaic_safety.config import ConfigError
     from mosaic_safety.training.trainer import Trainer, vocab_max_norm

@@ -263,6 +263,12 @@ class ControlTokens(nn.Module):
             ],
         } | (extra or {})
         tensors = {k: t.detach().float().cpu().contiguous() for k, t in self.named_tensors().items()}
+        for key, t in tensors.items():  # ``load`` refuses them: never write an artifact that cannot be read
+            if not torch.isfinite(t).all():
+                raise ArtifactError(
+                    f"{out}: {key} contains NaN or infinite values, not saved (training diverged: lower "
+                    "optim.lr or the loss weights)"
+                )
         # The artifact directory may also hold logs and checkpoints, so replace only our two files:
         # write both under temporary names, then rename (atomic per file on POSIX).
         out.mkdir(parents=True, exist_ok=True)
