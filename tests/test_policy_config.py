@@ -164,6 +164,9 @@ def test_unreadable_config_files_are_one_line_errors(tmp_path):
         ("", ["eval.max_new_tokens=-1"], "eval.max_new_tokens must be >= 0"),
         ("", ["optim.lr=.inf"], "optim.lr must be a finite number, got inf"),
         ("", ["sampling.neg_ratio=.nan"], "sampling.neg_ratio must be a finite number, got nan"),
+        # past torch.manual_seed's range the run died on a traceback once the model had loaded
+        ("", ["optim.seed=18446744073709551616"], "optim.seed must be from -9223372036854775808 to"),
+        ("", ["optim.seed=-9223372036854775809"], "optim.seed must be from -9223372036854775808 to"),
         (
             "",
             ["optim.autocast=bfloat16", "method=lora_sft"],
@@ -177,6 +180,13 @@ def test_bad_configs(tmp_path, text, overrides, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(message)):  # messages are literal text
         load_config(path, overrides)
+
+
+def test_seeds_at_the_ends_of_torchs_range_load():
+    from mosaic_safety.config import load_config
+
+    for seed in (-(2**63), -1, 2**64 - 1):
+        assert load_config("configs/tiny-test.yaml", [f"optim.seed={seed}"]).optim.seed == seed
 
 
 def test_yaml_anchors_and_merge_keys_still_load(tmp_path):

@@ -227,6 +227,10 @@ class TrainConfig:
                 f"optim.ema averages the control tokens; method {self.method!r} does not support it",
             ),
             (self.optim.cache_mb >= 0, "optim.cache_mb must be >= 0 (0: off)"),
+            (  # torch.manual_seed's range: past it the run died on a traceback after loading the model
+                -(2**63) <= self.optim.seed < 2**64,
+                f"optim.seed must be from {-(2**63)} to {2**64 - 1}, got {self.optim.seed}",
+            ),
             (
                 self.select.mode in ("last", "per_category"),
                 f"select.mode {self.select.mode!r}: choose last | per_category",
