@@ -476,6 +476,32 @@ def test_incremental_training_keeps_old_tokens_bitwise(tmp_path, tiny_backbone):
     assert base["training"]["config"]["data"]["categories"] == ["alcohol", "betting"]
 
 
+@pytest.mark.parametrize("recipe", ["sampling.paired=true", "optim.positive_credit=own"])
+def test_incremental_batches_that_reach_only_frozen_tokens_move_nothing(tmp_path, tiny_backbone, recipe):
+    """One-row batches: a paired twin under a frozen category alone, or (own credit) a positive of a
+    frozen category, has a loss no trained tensor enters; the step failed in backward."""
+    from mosaic_safety.tokens import ControlTokens
+    from mosaic_safety.training.trainer import Trainer
+
+    base = tiny_config(tmp_path, "data.categories=alcohol,betting", "optim.epochs=1")
+    Trainer(base, backbone=tiny_backbone).train(tmp_path / "first")
+    old = ControlTokens.load(tmp_path / "first")
+    overrides = ("data.categories=alcohol,betting,horror", "optim.batch_size=1", "optim.epochs=1", recipe)
+    second = Trainer(
+        tiny_config(tmp_path, *overrides, f"init_artifact={tmp_path / 'first'}"), backbone=tiny_backbone
+    )
+    frozen_only = [
+        i
+        for i in second.sampler.epoch_items(0)
+        if "horror" not in i.policy or (recipe.endswith("own") and i.positive and i.category != "horror")
+    ]
+    assert frozen_only  # the run meets such a batch
+    second.train(tmp_path / "second")
+    new = ControlTokens.load(tmp_path / "second", tiny_backbone.describe())
+    for name in ("alcohol", "betting"):
+        assert torch.equal(new.blocks[name], old.blocks[name])
+
+
 def test_incremental_resume_refuses_a_base_changed_since_and_a_reworded_refusal(tmp_path, tiny_backbone):
     """Resuming took the frozen tokens from the checkpoint while the manifest named the base as it is
     now: an overwritten base is refused instead of shipping the old tokens under its name."""

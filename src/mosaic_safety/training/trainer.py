@@ -168,8 +168,14 @@ def budget_rows(sampler: OrderSampler) -> list[dict[str, int]]:
 def optimizer_step(
     loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], grad_clip: float
 ) -> None:
-    """Backward, optional gradient-norm clipping (``grad_clip > 0``), update, and clear the gradients."""
-    loss.backward()
+    """Backward, optional gradient-norm clipping (``grad_clip > 0``), update, and clear the gradients.
+
+    A loss that reaches no trained tensor is constant and moves nothing (incremental training: a
+    paired twin under frozen categories only, or with ``optim.positive_credit=own`` a positive of a
+    frozen category); a batch of only such rows used to fail in ``backward``.
+    """
+    if loss.requires_grad:
+        loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
