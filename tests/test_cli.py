@@ -552,7 +552,8 @@ def test_a_killed_overwrite_is_settled_by_the_next_train(trained, tmp_path):
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     _killed_overwrite(out, progress=False)
     _killed_overwrite(out, progress=False)  # killed twice: the earlier run is two folders deep
-    assert mosaic("info", str(out), cache=root / "cache", check=False).returncode == 2
+    hidden = mosaic("info", str(out), cache=root / "cache", check=False)
+    assert hidden.returncode == 2 and "an interrupted --overwrite left the earlier run in" in hidden.stderr
     refused = mosaic(
         "train", "-c", "configs/tiny-test.yaml", "-o", str(out), cache=root / "cache", check=False
     )
@@ -773,7 +774,11 @@ def test_bad_paths_and_numbers_fail_before_the_work(trained, tmp_path):
     root, art, _ = trained
     a_file = tmp_path / "results.json"
     a_file.write_text("{}")
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone")
     cases = [
+        (["train", "-c", "configs/tiny-test.yaml", "-o", str(dangling)], "which does not exist"),
+        (["eval", "--artifact", str(art), "--out", str(dangling / "e")], "which does not exist"),
         (["train", "-c", "configs/tiny-test.yaml", "-o", str(a_file)], "is a file, not a directory"),
         (["eval", "--artifact", str(art), "--out", str(a_file / "x")], "is a file, not a directory"),
         (["eval", "--artifact", str(art), "--out", str(tmp_path / "e"), "--kl-prompts", "-5"], "kl-prompts"),

@@ -24,6 +24,11 @@ def _file_in_the_way(path: Path) -> Path | None:
 def check_output_dir(path: Path, option: str = "--out") -> None:
     """Fail before the work, not after it: a directory to be written must not be a file, nor sit
     under one (``-o results.json/x``)."""
+    dangling = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # mkdir would fail on it with a bare "File exists"
+        raise NotADirectoryError(
+            f"{option} {path}: {dangling} is a symbolic link to {dangling.readlink()}, which does not exist"
+        )
     blocker = _file_in_the_way(path)
     if blocker is not None:
         raise NotADirectoryError(f"{option} {path}: {blocker} is a file, not a directory")

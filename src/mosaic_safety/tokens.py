@@ -399,7 +399,14 @@ def load_manifest_json(artifact_dir: str | Path) -> tuple[Any, Path]:
         raise ArtifactError(f"{root}: artifact directory not found")
     path = root / MANIFEST_FILE
     if not path.exists():
-        raise ArtifactError(f"{root}: not a mosaic artifact (no {MANIFEST_FILE})")
+        aside = sorted(root.glob(".replaced-run-*"))  # training.run_dir.ASIDE_PREFIX
+        hint = (
+            f"; an interrupted --overwrite left the earlier run in {aside[0].name}, and the next "
+            f"`mosaic train --output {root}` puts it back or settles it"
+            if aside
+            else ""
+        )
+        raise ArtifactError(f"{root}: not a mosaic artifact (no {MANIFEST_FILE}){hint}")
     try:
         return json.loads(path.read_text(encoding="utf-8")), path
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
