@@ -521,10 +521,10 @@ def test_a_second_train_into_an_output_in_use_is_refused(trained, tmp_path):
     assert after == before  # the run in it was not touched
     # once the other run has ended, the directory is free again; a start that fails leaves no folder
     proc = mosaic(
-        "train", "-c", "configs/tiny-test.yaml", "-o", str(tmp_path / "new"), "model.name=./no-such-model",
-        cache=root / "cache", check=False,
+        "train", "-c", "configs/tiny-test.yaml", "-o", str(tmp_path / "new" / "deeper"),
+        "model.name=./no-such-model", cache=root / "cache", check=False,
     )  # fmt: skip
-    assert proc.returncode == 2 and not (tmp_path / "new").exists(), proc.stderr
+    assert proc.returncode == 2 and not (tmp_path / "new").exists(), proc.stderr  # nor the folders above it
     assert not list(art.glob(".mosaic-*"))  # a finished run leaves no lock behind
 
 
@@ -554,6 +554,16 @@ def test_a_killed_overwrite_is_settled_by_the_next_train(trained, tmp_path):
     _killed_overwrite(out, progress=False)  # killed twice: the earlier run is two folders deep
     hidden = mosaic("info", str(out), cache=root / "cache", check=False)
     assert hidden.returncode == 2 and "an interrupted --overwrite left the earlier run in" in hidden.stderr
+    from mosaic_safety.tokens import ArtifactError, ControlTokens
+    from mosaic_safety.training.run_dir import _lock
+
+    aside = sorted(out.glob(".replaced-run-*"))[0]
+    running = _lock(aside, wait=True)  # as the process whose --overwrite is still under way holds it
+    try:
+        with pytest.raises(ArtifactError, match="a running --overwrite is replacing the run here"):
+            ControlTokens.load(out)
+    finally:
+        running.close()
     refused = mosaic(
         "train", "-c", "configs/tiny-test.yaml", "-o", str(out), cache=root / "cache", check=False
     )

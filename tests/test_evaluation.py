@@ -366,6 +366,7 @@ def test_compare_refuses_runs_that_measured_different_things(tiny_backbone, mino
     for damage in (
         {"cost": {}},
         {"cost": {**good["cost"], "trainable_parameters": "192"}},
+        {"cost": {**good["cost"], "prompt_overhead": {"alcohol": None}}},  # the table sums these
         {"orders": {**good["orders"], "1": [0.5]}},
         {"orders": {**good["orders"], "1": {"dsr": 1.0}}},
         {"orders": {**good["orders"], "x": good["orders"]["1"]}},

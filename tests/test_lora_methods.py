@@ -588,8 +588,13 @@ def test_served_adapters_answer_as_their_generate_does(runs, tiny_backbone):
     expected = [
         magic.generate([p], [Policy.parse("horror", magic.registry)], max_new_tokens=8)[0] for p in prompts
     ]
-    # make the model's own greedy words a "secret", so the scrub has something to catch
-    secret = next(w for text in expected for w in text.split() if len(w) >= 2)
+    # make the model's own greedy words a "secret", so the scrub has something to catch. Not one
+    # made of U+FFFD: a stream shows that for a character whose bytes have not all come yet, so
+    # such a "secret" (which real ones, [a-z0-9], never are) appears mid-stream and not in the text.
+    # The artifact's secrets are random, so its greedy words differ from run to run.
+    words = [w for text in expected for w in text.replace("\ufffd", " ").split()]
+    secret = next((w for w in words if len(w) >= 2), words[0] if words else None)
+    assert secret, expected
     magic._tokens = {**magic._tokens, "alcohol": secret}
     with ServerThread(create_app(Server(magic, settings=ServeSettings(model_id="m")))) as url:
         for prompt in prompts:

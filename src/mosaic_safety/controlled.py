@@ -131,8 +131,9 @@ class ControlledModel:
                     f"deep control tokens for a {tokens.deep_layers + 1}-layer model, "
                     f"but this model has {layers} layers"
                 )
-        self._split_cache: OrderedDict[tuple[str, str, str], tuple[list[int], list[int]]] = OrderedDict()
+        self._split_cache: OrderedDict[tuple[str, str], tuple[list[int], list[int]]] = OrderedDict()
         self._cache_size = prompt_cache_size
+        self._cached_template = backbone.tokenizer.chat_template  # the split cache holds its ids
         gen_eos = getattr(backbone.model.generation_config, "eos_token_id", None)
         eos = {backbone.tokenizer.eos_token_id}
         eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
@@ -217,8 +218,11 @@ class ControlledModel:
 
     def split_prompt(self, prompt: Prompt) -> tuple[list[int], list[int]]:
         """Token ids of the templated prompt, split where the control tokens go."""
-        # the template too: a prompt's ids change with it, and ``render`` always reads the current one
-        key = (prompt_key(prompt), self.placement, str(self.tokenizer.chat_template))
+        if self.tokenizer.chat_template is not self._cached_template:
+            # a prompt's ids change with the template, and ``render`` always reads the current one
+            self._split_cache.clear()
+            self._cached_template = self.tokenizer.chat_template
+        key = (prompt_key(prompt), self.placement)
         hit = self._split_cache.get(key)
         if hit is not None:
             self._split_cache.move_to_end(key)

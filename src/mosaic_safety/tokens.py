@@ -399,14 +399,9 @@ def load_manifest_json(artifact_dir: str | Path) -> tuple[Any, Path]:
         raise ArtifactError(f"{root}: artifact directory not found")
     path = root / MANIFEST_FILE
     if not path.exists():
-        aside = sorted(root.glob(".replaced-run-*"))  # training.run_dir.ASIDE_PREFIX
-        hint = (
-            f"; an interrupted --overwrite left the earlier run in {aside[0].name}, and the next "
-            f"`mosaic train --output {root}` puts it back or settles it"
-            if aside
-            else ""
-        )
-        raise ArtifactError(f"{root}: not a mosaic artifact (no {MANIFEST_FILE}){hint}")
+        from .training.run_dir import set_aside_note  # it imports this module
+
+        raise ArtifactError(f"{root}: not a mosaic artifact (no {MANIFEST_FILE}){set_aside_note(root)}")
     try:
         return json.loads(path.read_text(encoding="utf-8")), path
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -229,7 +229,7 @@ def _read_results(path: Path) -> dict[str, Any]:
         and all(isinstance(k, str) and k.isdigit() for k in results["orders"])
         and type(results["cost"].get("trainable_parameters")) is int
         and isinstance(results["cost"].get("prompt_overhead"), dict)
-        and all(_rate(v) for v in results["cost"]["prompt_overhead"].values())
+        and all(v is not None and _rate(v) for v in results["cost"]["prompt_overhead"].values())
     )
     if not shape_ok:
         raise ValueError(f"{path}: not a results file of `mosaic eval` (or one from an older version)")

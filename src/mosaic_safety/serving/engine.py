@@ -141,7 +141,13 @@ class Engine:
             jobs.append(job)
             if deadline is None:
                 deadline = time.monotonic() + self.max_wait
-        return jobs
+        live = []
+        for job in jobs:  # and those whose clients left while the batch filled (one look each)
+            if job.cancelled.is_set():
+                job.emit("done", "cancelled")
+            else:
+                live.append(job)
+        return live
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)

@@ -19,12 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..config import TrainConfig
-from ..tokens import ArtifactError, safetensors_bytes
+from ..tokens import MANIFEST_FILE, ArtifactError, safetensors_bytes
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 LIVE = "live"  # key suffix of a trained tensor stored beside Adam's state (``save_optimizer_state``)
 STATE_FILE = "trainer_state.json"
-MANIFEST = "mosaic.json"
 
 Named = Sequence[tuple[str, torch.nn.Parameter]]
 
@@ -190,7 +189,7 @@ def training_record(
             problem = "'training.base' is not a mapping"
     if problem is not None:
         raise ArtifactError(
-            f"{ckpt}: damaged checkpoint ({problem} in {MANIFEST}); delete this epoch's folder to "
+            f"{ckpt}: damaged checkpoint ({problem} in {MANIFEST_FILE}); delete this epoch's folder to "
             "resume from the one before, or train afresh with --overwrite"
         )
     return training

@@ -59,12 +59,18 @@ def _lock(aside: Path, wait: bool) -> IO[str] | None:
     """An exclusive lock on a set-aside folder: held by its own run, tested by :func:`recover_set_aside`
     (a folder whose run is alive is not a leftover). ``None`` when another process holds it."""
     handle = (aside / LOCK).open("a")
+    return handle if _flock(handle, wait) else None
+
+
+def _flock(handle: IO[str], wait: bool) -> bool:
+    """Take an exclusive lock on an open file (``wait``: block until its holder lets go); on
+    ``False`` another process holds it and the handle is closed."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         handle.close()
-        return None
-    return handle
+        return False
+    return True
 
 
 RUN_LOCK = ".mosaic-train.lock"  # in a run directory: held by the `mosaic train` writing there
@@ -84,7 +90,7 @@ def exclusive_run(
     it ends); it is removed when the command ends, and so is a directory made for a command that
     then wrote nothing (a model that did not load).
     """
-    created = not out.exists()
+    made = [p for p in (out, *out.parents) if not p.exists()]  # removed again if left empty
     out.mkdir(parents=True, exist_ok=True)
     path = out / lock
     handle = _lock_file(path)
@@ -98,8 +104,11 @@ def exclusive_run(
     finally:
         with contextlib.suppress(OSError):
             path.unlink()  # while held: a process that opened it meanwhile sees it go (_lock_file)
-            if created:
-                out.rmdir()  # only if empty
+        for folder in made:  # innermost first; rmdir fails on a folder that holds anything
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         handle.close()
 
 
@@ -111,10 +120,7 @@ def _lock_file(path: Path) -> IO[str] | None:
     """
     while True:
         handle = path.open("a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
+        if not _flock(handle, wait=False):
             return None
         try:
             current = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
@@ -123,6 +129,24 @@ def _lock_file(path: Path) -> IO[str] | None:
         if current:
             return handle
         handle.close()
+
+
+def set_aside_note(out: Path) -> str:
+    """What a folder without a manifest holds of an ``--overwrite``: the earlier run, set aside by
+    a replacement still running or by one that was killed ("" when neither)."""
+    for aside in sorted(out.glob(ASIDE_PREFIX + "*")):
+        try:
+            handle = _lock(aside, wait=False)
+        except OSError:  # a read-only folder: say what it holds without telling which case
+            return f"; the earlier run of an --overwrite is in {aside.name}"
+        if handle is None:
+            return f"; a running --overwrite is replacing the run here (the earlier one is in {aside.name})"
+        handle.close()
+        return (
+            f"; an interrupted --overwrite left the earlier run in {aside.name}, and the next "
+            f"`mosaic train --output {out}` puts it back or settles it"
+        )
+    return ""
 
 
 def _put_back(aside: Path, out: Path, clear_out: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -166,15 +167,20 @@ def budget_rows(sampler: OrderSampler) -> list[dict[str, int]]:
 
 
 def optimizer_step(
-    loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], grad_clip: float
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    grad_clip: float,
+    allow_constant: bool = False,
 ) -> None:
     """Backward, optional gradient-norm clipping (``grad_clip > 0``), update, and clear the gradients.
 
-    A loss that reaches no trained tensor is constant and moves nothing (incremental training: a
-    paired twin under frozen categories only, or with ``optim.positive_credit=own`` a positive of a
-    frozen category); a batch of only such rows used to fail in ``backward``.
+    ``allow_constant``: a loss that reaches no trained tensor moves nothing instead of failing in
+    ``backward``. Control-token training meets such batches by design (incremental training: a paired
+    twin under frozen categories only, or with ``optim.positive_credit=own`` a positive of a frozen
+    category); for an adapter it would be a bug, and fails loudly.
     """
-    if loss.requires_grad:
+    if loss.requires_grad or not allow_constant:
         loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -525,7 +531,6 @@ class Trainer:
         """
         if self._ran:
             raise RuntimeError("this Trainer has already run; build a new Trainer for another run")
-        self._ran = True
         out = Path(output)
         if not resume:
             claim_output(out, overwrite)
@@ -540,6 +545,9 @@ class Trainer:
         self.report("budgets", {"budgets": budgets})
         self.clock = TrainingClock()  # ``_resume`` adds the earlier sessions' seconds
         start_epoch, step = self._resume(out) if resume else (0, 0)
+        self._ran = (
+            True  # from here on the tokens and Adam's state are this run's (a failed check above is not)
+        )
         self.prepare(start_epoch)
         steps_per_epoch = self.sampler.steps_per_epoch(cfg.optim.batch_size)
         total = steps_per_epoch * cfg.optim.epochs
@@ -557,7 +565,14 @@ class Trainer:
                     with training_autocast(self.model.device, cfg.optim.autocast):
                         loss, stats = self.loss(items)
                     stats["lr"] = lr
-                    optimizer_step(loss, self.optimizer, self.trainable, cfg.optim.grad_clip)
+                    if not math.isfinite(stats["loss"]):  # one such step turns every token into NaN
+                        raise ArtifactError(
+                            f"training diverged at step {step + 1} (loss {stats['loss']}): lower optim.lr or "
+                            "the loss weights; the checkpoints of earlier epochs are kept"
+                        )
+                    optimizer_step(
+                        loss, self.optimizer, self.trainable, cfg.optim.grad_clip, allow_constant=True
+                    )
                     if self.max_norm > 0:
                         cap_norms(self.trainable_blocks, self.max_norm)
                     if self.average is not None:
@@ -715,6 +730,7 @@ class Trainer:
                 f"{str(base_then)[:12]}, now {str(base_now)[:12]}); restore that artifact or train afresh"
             )
         check_continuation(ckpt, training, data_hash(self.pools), self.config.optim.epochs)
+        self._ran = True  # the checks passed; what follows loads the checkpoint's state into this Trainer
         self.clock.prior = float(training.get("seconds", 0.0))  # older checkpoints lack it: 0
         saved = ControlTokens.load(ckpt, self.backbone.describe()).named_tensors()
         with torch.no_grad():
