@@ -123,9 +123,14 @@ class Backbone:
         # the generated repr printed the whole module tree and tokenizer at a notebook prompt
         return (
             f"Backbone(name={self.name!r}, hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, "
-            f"device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')!r}, "
+            f"device={str(self.device)!r}, dtype={self.dtype_name!r}, "
             f"fingerprint={self.fingerprint!r})"
         )
+
+    @property
+    def dtype_name(self) -> str:
+        """``float32``, ``bfloat16``: the weights' dtype as records and messages write it."""
+        return str(self.dtype).removeprefix("torch.")
 
     @property
     def hidden_size(self) -> int:
@@ -165,7 +170,7 @@ class Backbone:
             rendered = f"{source}\0{probe}".encode()
             self._template_keys[source] = hashlib.sha256(rendered).hexdigest()[:12]
         template = self._template_keys[source]
-        return f"{self.weights_key}:{template}:{str(self.dtype).removeprefix('torch.')}:{self.device.type}"
+        return f"{self.weights_key}:{template}:{self.dtype_name}:{self.device.type}"
 
     @functools.cached_property
     def _template_keys(self) -> dict[str, str]:

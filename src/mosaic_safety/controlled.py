@@ -195,19 +195,13 @@ class ControlledModel:
         a ``Policy`` built by hand in another order, or with a name twice, means the same set."""
         if isinstance(names, Policy):
             names = list(names.categories)
-        if self.registry is None:
-            if names:
-                raise PolicyError(
-                    "this model has no control tokens (no artifact); only the empty policy is allowed"
-                )
-            return Policy(())
-        policy = self.registry.policy(names)
-        if policy and self.tokens is None:  # a registry alone names categories but has no vectors for them
+        # a registry names unknown categories as such; without tokens it still has no vectors for them
+        policy = self.registry.policy(names) if self.registry is not None else None
+        if self.tokens is None and (policy if policy is not None else names):
             raise PolicyError(
-                f"this model has no control tokens (no artifact); policy {policy.key!r} cannot be applied, "
-                "only the empty policy"
+                "this model has no control tokens (no artifact); only the empty policy is allowed"
             )
-        return policy
+        return policy or Policy(())
 
     # -- prompt encoding ----------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:

@@ -61,6 +61,15 @@ class Job:
             self.cancelled.set()
 
 
+def _ended_if_gone(job: Job) -> bool:
+    """Whether the row's client has left; if so its handler gets its "done" here (one look, so a
+    row is either ended or kept, never both)."""
+    if job.cancelled.is_set():
+        job.emit("done", "cancelled")
+        return True
+    return False
+
+
 class Engine:
     """The batching worker. ``submit`` from the event loop; tokens arrive as ``("token", id)``
     events, then ``("done", finish_reason)`` or ``("error", message)``."""
@@ -135,19 +144,12 @@ class Engine:
                     job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if job.cancelled.is_set():
-                job.emit("done", "cancelled")
+            if _ended_if_gone(job):
                 continue
             jobs.append(job)
             if deadline is None:
                 deadline = time.monotonic() + self.max_wait
-        live = []
-        for job in jobs:  # and those whose clients left while the batch filled (one look each)
-            if job.cancelled.is_set():
-                job.emit("done", "cancelled")
-            else:
-                live.append(job)
-        return live
+        return [job for job in jobs if not _ended_if_gone(job)]  # and those that left as the batch filled
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)

@@ -134,19 +134,21 @@ def _lock_file(path: Path) -> IO[str] | None:
 def set_aside_note(out: Path) -> str:
     """What a folder without a manifest holds of an ``--overwrite``: the earlier run, set aside by
     a replacement still running or by one that was killed ("" when neither)."""
-    for aside in sorted(out.glob(ASIDE_PREFIX + "*")):
-        try:
-            handle = _lock(aside, wait=False)
-        except OSError:  # a read-only folder: say what it holds without telling which case
-            return f"; the earlier run of an --overwrite is in {aside.name}"
-        if handle is None:
-            return f"; a running --overwrite is replacing the run here (the earlier one is in {aside.name})"
-        handle.close()
-        return (
-            f"; an interrupted --overwrite left the earlier run in {aside.name}, and the next "
-            f"`mosaic train --output {out}` puts it back or settles it"
-        )
-    return ""
+    asides = sorted(out.glob(ASIDE_PREFIX + "*"))
+    if not asides:
+        return ""
+    name = asides[0].name
+    try:
+        handle = _lock(asides[0], wait=False)
+    except OSError:  # a read-only folder: say what it holds without telling which case
+        return f"; the earlier run of an --overwrite is in {name}"
+    if handle is None:
+        return f"; a running --overwrite is replacing the run here (the earlier one is in {name})"
+    handle.close()
+    return (
+        f"; an interrupted --overwrite left the earlier run in {name}, and the next "
+        f"`mosaic train --output {out}` puts it back or settles it"
+    )
 
 
 def _put_back(aside: Path, out: Path, clear_out: bool) -> None:

@@ -545,9 +545,8 @@ class Trainer:
         self.report("budgets", {"budgets": budgets})
         self.clock = TrainingClock()  # ``_resume`` adds the earlier sessions' seconds
         start_epoch, step = self._resume(out) if resume else (0, 0)
-        self._ran = (
-            True  # from here on the tokens and Adam's state are this run's (a failed check above is not)
-        )
+        # from here on the tokens and Adam's state are this run's (a failed check above is not)
+        self._ran = True
         self.prepare(start_epoch)
         steps_per_epoch = self.sampler.steps_per_epoch(cfg.optim.batch_size)
         total = steps_per_epoch * cfg.optim.epochs
@@ -633,7 +632,7 @@ class Trainer:
                 "data_hash": data_hash(self.pools),
                 "suite": self.suite.name,
                 "frozen_categories": sorted(self.frozen),
-                "dtype": _dtype_name(self.backbone.dtype),  # as resolved: `auto` differs by machine
+                "dtype": self.backbone.dtype_name,  # as resolved: `auto` differs by machine
                 **({"base": self.base_record} if self.base_record else {}),
                 **training,
             },
@@ -714,7 +713,7 @@ class Trainer:
             return 0, 0
         training = training_record(ckpt, read_manifest(ckpt))
         check_same_recipe(ckpt, training["config"], self.config.to_dict())
-        dtype_then, dtype_now = training.get("dtype"), _dtype_name(self.backbone.dtype)
+        dtype_then, dtype_now = training.get("dtype"), self.backbone.dtype_name
         if isinstance(dtype_then, str) and dtype_then != dtype_now:  # e.g. `auto` on a GPU, then on a CPU
             raise ArtifactError(
                 f"{ckpt}: the run trained in {dtype_then}; this one would go on in {dtype_now} (model.dtype "
@@ -759,10 +758,6 @@ class Trainer:
 def _category_of(name: str) -> str:
     """The category a checkpointed tensor name belongs to (``addiction``, ``deep.addiction``)."""
     return name.removeprefix("deep.")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _artifact_key(name: str) -> str:
