@@ -490,7 +490,15 @@ def test_plan_and_suite_errors_are_config_errors(tiny_backbone, minors, tmp_path
     from mosaic_safety.config import ConfigError
     from mosaic_safety.data import load_suite
 
-    for bad in ({"max_order": 0}, {"limit": -1}, {"subsets_per_order": -2}, {"max_new_tokens": 0}):
+    for bad in (
+        {"max_order": 0},
+        {"limit": -1},
+        {"subsets_per_order": -2},
+        {"max_new_tokens": 0},
+        {"limit": "5"},
+        {"fast": "yes"},
+        {"batch_size": True},
+    ):
         with pytest.raises(ConfigError, match="evaluation plan"):
             EvalPlan(**bad)
     method = base_method(tiny_backbone, minors)

@@ -148,7 +148,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every setting; a config built in Python gets the checks a YAML recipe gets."""
-        _check_types(self)  # first: a value set by hand can be of any type, and the bounds compare it
+        check_types(self)  # first: a value set by hand can be of any type, and the bounds compare it
         for path, value in _numbers(self):  # first: nan fails every bound below with a wrong message
             if not math.isfinite(value):
                 raise ConfigError(f"{path} must be a finite number, got {value}")
@@ -274,7 +274,7 @@ def _numbers(config: Any, prefix: str = "") -> list[tuple[str, float]]:
     return out
 
 
-def _check_types(config: Any, prefix: str = "") -> None:
+def check_types(config: Any, prefix: str = "") -> None:
     """Each setting of the type it is declared with. ``load_config`` converts what YAML reads;
     a ``TrainConfig`` built or changed in Python skips that, and ``epochs = "2"`` failed as a
     ``TypeError`` inside a check, a section given as a dict as an ``AttributeError``."""
@@ -284,7 +284,7 @@ def _check_types(config: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, kind):
                 raise ConfigError(f"{path}: expected a {kind.__name__}, got {value!r}")
-            _check_types(value, f"{path}.")
+            check_types(value, f"{path}.")
             continue
         origin = typing.get_origin(kind)
         if origin is list:

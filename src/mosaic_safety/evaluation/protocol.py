@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, check_types
 from ..data.suites import Suite
 from ..methods.base import Method
 from ..policy import Policy, comma_list
@@ -48,6 +48,10 @@ class EvalPlan:
     fast_tokens: int = 10
 
     def __post_init__(self) -> None:
+        try:
+            check_types(self)  # first: the bounds below compare, and `limit="5"` failed as a TypeError
+        except ConfigError as e:
+            raise ConfigError(f"evaluation plan: {e}") from None
         checks = [
             (self.max_order >= 1, "max_order must be at least 1"),
             (self.subsets_per_order >= 0, "subsets_per_order must be >= 0"),
