@@ -147,6 +147,18 @@ def test_bad_decoding_settings_are_clear_errors(tiny_backbone, tiny_tokens):
     )  # greedy ignores it
 
 
+def test_half_an_emoji_from_a_json_escape_is_a_clear_error(tiny_backbone, tiny_tokens):
+    """A JSON "\\ud83d" is a lone surrogate that stands for no escaped byte: the check that names
+    bad text raised a UnicodeEncodeError of its own while it built its message."""
+    from mosaic_safety.controlled import GenerationError
+
+    cm = ControlledModel(tiny_backbone, tiny_tokens)
+    with pytest.raises(GenerationError, match=r"not valid UTF-8 text: b'\\\\ud83d' at character 5"):
+        cm.generate(["cats \ud83d broken"], ["horror"], max_new_tokens=2)
+    with pytest.raises(GenerationError, match=r"not valid UTF-8 text: b'\\xe9'"):  # a Latin-1 byte
+        cm.generate(["caf\udce9"], [""], max_new_tokens=2)
+
+
 def test_a_generation_past_the_context_window_is_a_clear_error(tiny_backbone, tiny_tokens):
     """Past max_position_embeddings learned positions crash mid-batch and rotary ones decode
     garbage: the prompt plus its budget must fit, control tokens included."""

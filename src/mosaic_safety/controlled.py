@@ -832,11 +832,21 @@ def check_text(prompt: Prompt) -> None:
         try:
             str(text).encode("utf-8")
         except UnicodeEncodeError as exc:
-            bad = text[exc.start : exc.end].encode("utf-8", "surrogateescape")
+            bad = _shown_surrogates(text[exc.start : exc.end])
             raise GenerationError(
                 f"the prompt is not valid UTF-8 text: {bad!r} at character {exc.start} "
                 f"(in {text[max(0, exc.start - 20) : exc.start]!r}...)"
             ) from None
+
+
+def _shown_surrogates(text: str) -> bytes:
+    """Lone surrogates as a user can read them: the bytes a surrogate escape stands for (``b'\\xe9'``
+    from a Latin-1 terminal), else their escapes: a JSON ``"\\ud83d"`` (half an emoji) is no
+    escaped byte, and encoding it back raised from inside the error message."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
 
 
 def prompt_key(prompt: Prompt) -> str:
