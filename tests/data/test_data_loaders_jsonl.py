@@ -119,6 +119,23 @@ def test_wrong_encoding_reports_the_line(tmp_path, make_row):
     assert probs[0].startswith(f"{path}:2: not valid UTF-8 (byte 0xe9")
 
 
+def test_half_an_emoji_from_a_json_escape_is_a_row_problem(tmp_path, make_row):
+    """JSON accepts "\\ud83d" alone, which decodes to a lone surrogate: the file validated, and the
+    evaluation on it failed at generation time instead (no tokenizer takes such text)."""
+    import json
+
+    path = tmp_path / "cut.jsonl"
+    rows = [make_row(1), make_row(2, prompt="a cat \ud83d"), make_row(3, subtopic="\udc00")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")  # ASCII escapes
+    assert problems_of(path) == [
+        f"{path}:2: field 'prompt' is not valid Unicode text (lone surrogate '\\ud83d' at character 7)",
+        f"{path}:3: field 'subtopic' is not valid Unicode text (lone surrogate '\\udc00' at character 1)",
+    ]
+    whole = make_row(4, prompt="a cat \ud83d\udc31")  # the escaped pair is one emoji: fine
+    path.write_text(json.dumps(whole) + "\n", encoding="utf-8")
+    assert load_jsonl(path)[0].prompt == "a cat \U0001f431"
+
+
 def test_utf8_bom_and_crlf_are_accepted(tmp_path, make_row):
     import json
 

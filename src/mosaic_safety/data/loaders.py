@@ -48,6 +48,17 @@ def _registry(registry: RegistryLike) -> CategoryRegistry | None:
     return CategoryRegistry.load(registry)
 
 
+def _lone_surrogate(text: str) -> str | None:
+    """Where ``text`` holds half a UTF-16 pair (a JSON ``"\\ud83d"``, an emoji cut in two), if it
+    does. JSON accepts the escape, but no tokenizer or UTF-8 file takes the result: a row that
+    passed validation would fail at generation time instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"lone surrogate {text[exc.start]!r} at character {exc.start + 1}"
+    return None
+
+
 # -- one record -> Example -------------------------------------------------------------------------
 def record_to_example(record: Mapping[str, Any], loc: str) -> tuple[Example | None, list[str]]:
     """Turn one mapping with our field names into an Example, or return why it cannot be one."""
@@ -62,6 +73,10 @@ def record_to_example(record: Mapping[str, Any], loc: str) -> tuple[Example | No
             continue
         if not isinstance(value, str):
             problems.append(f"{loc}: field {key!r} must be a string, got {type(value).__name__}")
+            continue
+        surrogate = _lone_surrogate(value)
+        if surrogate:
+            problems.append(f"{loc}: field {key!r} is not valid Unicode text ({surrogate})")
             continue
         values[key] = value
     if problems:
