@@ -79,6 +79,17 @@ def test_validate_reports_every_bad_row_and_exits_1(bad):
     assert "2 problems" in result.output
 
 
+def test_each_problem_stays_on_one_line_in_a_narrow_terminal(bad):
+    """Problems were wrapped at the terminal's width (80 columns in a pipe), so a long path split
+    its `file:line: reason` over two lines that grep and an editor's error list could not read."""
+    result = runner.invoke(data_app, ["validate", str(bad), "--registry", "minors"], env={"COLUMNS": "40"})
+    assert result.exit_code == 1
+    assert f"{bad}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)" in (
+        result.output.splitlines()
+    )
+    assert f"{bad}:3: empty prompt" in result.output.splitlines()
+
+
 @pytest.mark.parametrize("name", ["typo.jsonl", "typo.ndjson", "typo.csv"])
 def test_validate_missing_file_says_so(tmp_path, name):
     result = invoke("validate", str(tmp_path / name))

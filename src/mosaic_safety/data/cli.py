@@ -59,8 +59,8 @@ def _load_target(
 
 
 def _fail(problems: list[str]) -> None:
-    for problem in problems:
-        console.print(problem, markup=False, highlight=False)
+    for problem in problems:  # one problem, one line, whatever the width: grep and editors read them
+        console.print(problem, markup=False, highlight=False, soft_wrap=True)
     console.print(f"[red]{len(problems)} problem{'s' if len(problems) != 1 else ''}[/red]")
     raise typer.Exit(code=1)
 
