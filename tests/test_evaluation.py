@@ -112,6 +112,20 @@ def test_an_order_whose_subsets_lack_prompts_says_how_many_dsr_averages():
     assert subsets_cell(order) == "2 (DSR over 1)"
 
 
+def test_the_empty_policy_row_does_not_say_over_how_many_subsets_dsr_averages():
+    """The empty policy has no categories, so it has no DSR by definition: every report's order-0
+    row read `1 (DSR over 0)`, as if the split lacked prompts of its categories."""
+    from mosaic_safety.evaluation.report import subsets_cell
+
+    cats = ["a", "b"]
+    groups = {"a": 2, "neutral": 2}  # b has no prompts: order 1 still says so
+    policies = [Policy(()), Policy(("a",)), Policy(("b",))]
+    votes = {(p.key, g): [True, False] for p in policies for g in groups}
+    orders = summarise(policies, groups, votes, cats)["orders"]
+    assert orders["0"]["dsr"] is None and "dsr_subsets" not in orders["0"]
+    assert subsets_cell(orders["0"]) == "1" and subsets_cell(orders["1"]) == "2 (DSR over 1)"
+
+
 def test_choose_policies_all_or_seeded_sample():
     cats = ["a", "b", "c", "d", "e"]
     every = choose_policies(cats, 4)

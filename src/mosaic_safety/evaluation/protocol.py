@@ -262,7 +262,8 @@ def summarise(
             rates = [r[metric] for r in at_k if r[metric] is not None]
             summary[metric] = mean_rate(rates) if rates else None
             summary[f"{metric}_pooled"] = pooled(rates, distinct[metric]) if rates else None
-            if metric == "dsr" and len(rates) < len(at_k):  # subsets whose categories have no prompts
+            # subsets whose categories have no prompts; the empty policy has no categories to lack them
+            if metric == "dsr" and k > 0 and len(rates) < len(at_k):
                 summary["dsr_subsets"] = len(rates)
         orders[str(k)] = summary
     matrix = {r["policy"]: {g: v["rate"] for g, v in r["rates"].items()} for r in rows}
