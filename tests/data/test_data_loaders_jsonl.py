@@ -119,6 +119,17 @@ def test_wrong_encoding_reports_the_line(tmp_path, make_row):
     assert probs[0].startswith(f"{path}:2: not valid UTF-8 (byte 0xe9")
 
 
+def test_a_prompt_of_invisible_characters_only_is_empty(write_jsonl, make_row):
+    """A prompt of zero-width spaces or a stray byte-order mark passed the empty-prompt check (they
+    are not whitespace), though the duplicate check already read it as empty text."""
+    path = write_jsonl([make_row(1, prompt="\u200b\u2060"), make_row(2)])
+    assert problems_of(path) == [
+        f"{path}:1: empty prompt (only invisible characters such as zero-width spaces)"
+    ]
+    path = write_jsonl([make_row(1, prompt="\ufeff hello")])  # visible text after them: fine
+    assert load_jsonl(path)[0].prompt == "\ufeff hello"
+
+
 def test_half_an_emoji_from_a_json_escape_is_a_row_problem(tmp_path, make_row):
     """JSON accepts "\\ud83d" alone, which decodes to a lone surrogate: the file validated, and the
     evaluation on it failed at generation time instead (no tokenizer takes such text)."""

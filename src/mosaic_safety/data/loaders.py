@@ -83,6 +83,8 @@ def record_to_example(record: Mapping[str, Any], loc: str) -> tuple[Example | No
         return None, problems
     if not values["prompt"].strip():
         problems.append(f"{loc}: empty prompt")
+    elif not visible_text(values["prompt"]).strip():  # as the duplicate check reads it: nothing
+        problems.append(f"{loc}: empty prompt (only invisible characters such as zero-width spaces)")
     for key in ("id", "category", "source", "near"):
         if key in values and not values[key].strip():
             problems.append(f"{loc}: empty {key}")
