@@ -445,6 +445,22 @@ def test_cli_eval_and_compare_end_to_end(tmp_path, tiny_backbone, tiny_tokens):
     eval_none = ["eval", "--method", "none", "--model", "tiny-random-llama", *common]
     r = _mosaic(*eval_none, "--out", str(tmp_path / "none"), env=env)
     assert r.returncode == 0, r.stderr
+    assert "orders 1–2" in r.stderr
+    # a --max-order above the number of categories is capped, and the console line says so
+    few = ["--limit", "1", "--max-order", "9", "--subsets-per-order", "1", "--max-new-tokens", "1"]
+    r = _mosaic(
+        "eval",
+        "--method",
+        "none",
+        "--model",
+        "tiny-random-llama",
+        *few,
+        "--out",
+        str(tmp_path / "all"),
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "orders 1–5" in r.stderr, r.stderr
     r = _mosaic(
         "report",
         "compare",

@@ -781,8 +781,9 @@ def eval_command(
             _check_earlier_results(
                 out, {"method": m.describe(), "suite": data.name, "judge": the_judge.name}, plan
             )
+        top = min(max_order, len(m.registry.names))  # evaluate() caps the orders at the categories
         console.print(
-            f"[cyan]•[/] evaluating {m.name} on {data.name}/{split} (orders 1–{max_order}, judge {the_judge.name})",
+            f"[cyan]•[/] evaluating {m.name} on {data.name}/{split} (orders 1–{top}, judge {the_judge.name})",
             highlight=False,
         )
         with _progress() as progress:
