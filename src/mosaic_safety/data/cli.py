@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -58,7 +59,7 @@ def _load_target(
     return suite.name, suite.registry.names, suite.examples
 
 
-def _fail(problems: list[str]) -> None:
+def _fail(problems: list[str]) -> NoReturn:
     for problem in problems:  # one problem, one line, whatever the width: grep and editors read them
         console.print(problem, markup=False, highlight=False, soft_wrap=True)
     console.print(f"[red]{len(problems)} problem{'s' if len(problems) != 1 else ''}[/red]")

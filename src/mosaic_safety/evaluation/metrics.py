@@ -15,8 +15,9 @@ from typing import Any
 Z95 = 1.959963984540054
 
 
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes out of n (``(0, 1)`` when n is 0)."""
+def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n (``(0, 1)`` when n is 0). ``k`` may be a
+    fraction: ``pooled`` scales its count down to ``n_eff`` prompts."""
     if n < 0 or k < 0 or k > n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:

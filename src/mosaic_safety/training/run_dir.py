@@ -250,7 +250,7 @@ class Replacement:
 
 
 @contextmanager
-def replacing_run(out: Path, overwrite: bool, keep: Path | None = None) -> Iterator[Replacement]:
+def replacing_run(out: Path, overwrite: bool, keep: Path | str | None = None) -> Iterator[Replacement]:
     """Start a fresh run in ``out``, replacing an earlier one only once the new one is under way.
 
     Without ``overwrite`` an occupied ``out`` is an error. With it, the earlier run's files move to
