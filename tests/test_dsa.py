@@ -133,6 +133,19 @@ def test_alpha_zero_is_the_base_model(method, tiny_backbone, minors):
     )
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.generate("hi", [Policy(()), Policy(("alcohol",))], max_new_tokens=2),
+        lambda m: m.target_logits("hi", [Policy(()), Policy(("alcohol",))], [[], []]),
+    ],
+)
+def test_a_single_text_is_not_read_as_a_batch(method, call):
+    """A bare text was split into its characters, one row each, without a word."""
+    with pytest.raises(TypeError, match="one entry per row"):
+        call(method)
+
+
 def test_alpha_one_is_the_adapter(method, tiny_backbone):
     view = method.with_alpha(1.0)
     policies = [Policy(("horror",)), Policy(())]

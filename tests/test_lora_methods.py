@@ -187,6 +187,21 @@ def test_policy_interface(runs, tiny_backbone, minors, name, overrides):
         method.generate(PROMPTS, [Policy(())])
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.generate("hi", [Policy(()), Policy(("alcohol",))], max_new_tokens=2),
+        lambda m: m.target_logits("hi", [Policy(()), Policy(("alcohol",))], [[], []]),
+    ],
+)
+def test_a_single_text_is_not_read_as_a_batch(tiny_backbone, minors, call):
+    """Rows are routed to the base or the adapted model as lists: "hi" was answered as "h" and "i"."""
+    model = ControlledModel(tiny_backbone)  # no adapter needed: the text is refused before any forward
+    method = AdapterMethod("lora_sft", model, model, minors, lambda p, q: (p, Policy(())), {}, trainable=0)
+    with pytest.raises(TypeError, match="one entry per row"):
+        call(method)
+
+
 def test_lora_sft_names_active_categories_in_system_prompt(runs, tiny_backbone, minors):
     method = load_method(artifact=runs["lora_sft"][0], backbone=tiny_backbone)
     (messages,), _ = method._inputs(["hi"], [Policy(("alcohol", "horror"))])

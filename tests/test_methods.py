@@ -40,6 +40,21 @@ def test_none_ignores_policy_and_equals_base(tiny_backbone, minors):
     assert method.prompt_overhead(Policy(("alcohol",))) == 0
 
 
+@pytest.mark.parametrize("build", [base_method, in_context_method])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.generate("hi", [Policy(()), Policy(())], max_new_tokens=2),  # was rows "h" and "i"
+        lambda m: m.target_logits("hi", [Policy(()), Policy(())], [[], []]),
+        lambda m: m.first_token_logits("hi", [Policy(()), Policy(())]),
+    ],
+)
+def test_a_single_text_is_not_read_as_a_batch(tiny_backbone, minors, build, call):
+    """The rewrite turned a bare text into a list of its characters before the model's own check."""
+    with pytest.raises(TypeError, match="one entry per row"):
+        call(build(tiny_backbone, minors))
+
+
 def test_in_context_rules_name_only_active_categories(tiny_backbone, minors):
     rules = in_context_rules(minors, Policy(("alcohol", "horror")))
     assert "alcohol" in rules and minors["horror"].refusal_text in rules

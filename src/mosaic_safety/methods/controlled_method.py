@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..backbone import Backbone
-from ..controlled import ControlledModel, Prompt
+from ..controlled import ControlledModel, Prompt, check_rows
 from ..policy import CategoryRegistry, Policy
 from .base import Method, Progress, digest
 
@@ -59,6 +59,8 @@ class ControlledMethod(Method):
     def _inputs(
         self, prompts: Sequence[str], policies: Sequence[Policy]
     ) -> tuple[list[Prompt], list[Policy]]:
+        # before the rewrite makes a list of it: a bare text would be answered character by character
+        check_rows(prompts, policies)
         if len(prompts) != len(policies):
             raise ValueError("prompts and policies must have the same length")
         # canonical first: a Policy built by hand in another order, or with a name twice, is the same

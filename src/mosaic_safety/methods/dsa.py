@@ -29,6 +29,7 @@ from ..backbone import Backbone
 from ..controlled import (
     ControlledModel,
     EncodedBatch,
+    check_rows,
     decoder_layers,
     extend_cache,
     length_batches,
@@ -255,6 +256,7 @@ class DSAMethod(Method):
     def target_logits(
         self, prompts: Sequence[str], policies: Sequence[Policy], targets: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:
+        check_rows(prompts, policies)  # a bare text is no batch: ``list`` below would split it by character
         if not len(prompts) == len(policies) == len(targets):
             raise ValueError("prompts, policies and targets must have the same length")
         batch = self.model.encode(list(prompts), [Policy(())] * len(prompts), targets)
@@ -325,6 +327,7 @@ class DSAMethod(Method):
         batch_size: int = 16,
         progress: Progress = None,
     ) -> list[list[int]]:
+        check_rows(prompts, policies)  # rows are picked out into lists: a bare text would be its characters
         if len(prompts) != len(policies):
             raise ValueError("prompts and policies must have the same length")
         self._active(policies)  # unknown categories fail before any compute

@@ -34,7 +34,7 @@ import torch
 
 from ..backbone import Backbone, cache_root
 from ..config import ConfigError, TrainConfig
-from ..controlled import ControlledModel, Prompt
+from ..controlled import ControlledModel, Prompt, check_rows
 from ..policy import CategoryRegistry, Policy, PolicyError
 from ..tokens import ArtifactError
 from ..training.checkpoint import (
@@ -227,6 +227,7 @@ class AdapterMethod(ControlledMethod):
         self.empty_to_base = empty_to_base
 
     def _routes(self, prompts: Sequence[str], policies: Sequence[Policy]) -> tuple[list[int], list[int]]:
+        check_rows(prompts, policies)  # the routed rows are picked out into lists: "hi" would be 2 rows
         if len(prompts) != len(policies):
             raise ValueError("prompts and policies must have the same length")
         for policy in policies:
