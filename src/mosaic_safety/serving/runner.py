@@ -1,7 +1,8 @@
 """Run the app under uvicorn in a background thread (tests, the load benchmark, notebooks).
 
 Binds port 0 by default and reports the port the OS chose, so parallel test runs never collide.
-Stopping it goes through uvicorn's own graceful shutdown: in-flight requests finish first.
+Stopping it goes through uvicorn's own graceful shutdown: in-flight requests finish first. uvicorn
+leaves signals alone outside the main thread, so the process keeps its own Ctrl-C handling.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ class ServerThread:
             lifespan="on",
         )
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not main thread
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.host = host
 
