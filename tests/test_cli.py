@@ -183,6 +183,9 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_is_under_way(trained,
     # the earlier run as the base of an incremental run: replacing it would delete what it starts from
     err = _error(train(f"init_artifact={out}", "data.categories=[sex]"))
     assert "belongs to the run that --overwrite would replace" in err and files() == before
+    (tmp_path / "link").symlink_to(out, target_is_directory=True)  # the same run by another name
+    err = _error(train(f"init_artifact={tmp_path / 'link'}", "data.categories=[sex]"))
+    assert "belongs to the run that --overwrite would replace" in err and files() == before
     # a run that goes through replaces it, with nothing of the old run or the move left behind
     train("optim.epochs=1", "eval.max_new_tokens=0", check=True)
     after = files()

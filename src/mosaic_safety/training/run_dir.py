@@ -264,10 +264,10 @@ def replacing_run(out: Path, overwrite: bool, keep: Path | str | None = None) ->
     if found and not overwrite:
         claim_output(out)  # raises with the message that says what to do
     if found and keep is not None:
-        base = Path(os.path.abspath(keep))
-        if base == Path(os.path.abspath(out)) or any(
-            base.is_relative_to(os.path.abspath(out / n)) for n in found
-        ):
+        # resolved: a symlink to the run (or into it) is the run; the run's own entries are not
+        # followed, since only they move aside, not what a link among them points to
+        base, root = Path(keep).resolve(), Path(out).resolve()
+        if base == root or any(base.is_relative_to(root / n) for n in found):
             raise ArtifactError(
                 f"{keep} belongs to the run that --overwrite would replace in {out}, and this run starts "
                 "from it; choose another --output"
