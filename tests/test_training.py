@@ -1109,6 +1109,22 @@ def test_positives_of_a_combined_policy_come_from_each_of_its_categories():
             assert max(mine.values()) - min(mine.values()) <= 1 and sum(mine.values()) == n
 
 
+def test_positives_left_over_by_a_subset_go_to_the_categories_least_served_at_its_order():
+    from collections import Counter
+
+    # order 3: 20 // 10 = 2 positives per 3-category subset; starting every subset at its first
+    # member gave 'e' (last in every subset that holds it) no order-3 positive at all
+    s = make_sampler(max_order=3, per_subset=4)
+    assert s.budgets[2].positives_per_subset == 2
+    counts = Counter(i.category for i in s.epoch_items(0) if i.positive and i.policy.order == 3)
+    assert set(counts) == set(CATS) and max(counts.values()) - min(counts.values()) <= 2
+    # where a subset's positives split evenly, every member in turn, as before
+    even = make_sampler(max_order=3, per_subset=12)  # order 3: 6 per subset
+    for subset in even.subsets[3]:
+        cats = [i.category for i in even.epoch_items(0) if i.positive and tuple(i.policy) == subset]
+        assert cats == [subset[j % 3] for j in range(6)]
+
+
 def test_boundary_share_is_the_share_of_boundary_prompts_among_the_plain_negatives():
     s = make_sampler(max_order=1, per_subset=50, neg_ratio=2.0, inactive_share=0.0, boundary_share=0.25)
     plain = [i for i in s.epoch_items(0) if not i.positive]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -132,11 +133,11 @@ class OrderSampler:
         rng = random.Random(f"{self.seed}:{epoch}")
         items: list[TrainItem] = []
         for budget in self.budgets:
+            served: Counter[str] = Counter()  # positives per category so far at this order
             for subset in self.subsets[budget.order]:
                 policy = Policy(subset)
                 twins = self.paired and self._twin_orders(budget.order)
-                for i in range(budget.positives_per_subset):
-                    cat = subset[i % len(subset)]
+                for cat in self._positive_categories(subset, budget.positives_per_subset, served):
                     prompt = rng.choice(self.prompts[cat])
                     items.append(TrainItem(prompt, policy, True, cat))
                     if twins:
@@ -147,6 +148,21 @@ class OrderSampler:
                 for _ in range(plain):
                     items.append(self._negative(rng, policy, inactive, weights))
         return items
+
+    @staticmethod
+    def _positive_categories(subset: tuple[str, ...], n: int, served: Counter[str]) -> list[str]:
+        """The category of each of a subset's ``n`` positives, counted into ``served``.
+
+        Every member in turn; the ``n mod |S|`` left over go to the members with the fewest positives
+        at this order so far (ties: registry order). Always starting from the first member left the
+        same categories out: with two positives per order-3 subset, the category last in the
+        registry got no order-3 positive at all.
+        """
+        full = n - n % len(subset)
+        extra = sorted(subset, key=lambda c: (served[c], subset.index(c)))[: n % len(subset)]
+        cats = [subset[i % len(subset)] for i in range(full)] + [c for c in subset if c in extra]
+        served.update(cats)
+        return cats
 
     def _twin_policy(self, rng: random.Random, order: int, category: str) -> Policy:
         """A random policy of the same order that leaves ``category`` out (the contrastive twin)."""
