@@ -30,7 +30,7 @@ class DSAOptions:
     guard_layer: int = -1  # hidden state after this many decoder layers; -1: round(2/3 of the depth)
     guard_pool: str = "mean"  # mean over the prompt's positions | last prompt position
     guard_hidden: int = 0  # 0: linear probe; >0: one hidden layer of this width (GELU)
-    guard_epochs: int = 300  # full-batch Adam steps on the cached features
+    guard_epochs: int = 300  # full-batch AdamW steps on the cached features
     guard_lr: float = 1e-2
     guard_weight_decay: float = 1e-3
     adapter_rank: int = 64  # width of the residual bottleneck on the final hidden state
