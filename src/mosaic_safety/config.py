@@ -54,7 +54,7 @@ class SamplingConfig:
     max_order: int = 3  # train orders 1..max_order together
     per_subset: int = 100  # positives per subset, n(S) = min(per_subset, cap / C(K, r))
     # per-order positive cap, at least one positive per subset; 0: the order-1 total (K * per_subset),
-    # as in the paper
+    # as in the paper (incremental training: the new categories' count * per_subset)
     cap: int = 0
     neg_ratio: float = 1.0  # negatives per positive
     inactive_share: float = 0.5  # share of negatives drawn from categories outside the policy
