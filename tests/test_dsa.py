@@ -474,3 +474,21 @@ def test_resume_trains_longer_and_starts_fresh_without_a_checkpoint(
     assert "no checkpoint to resume from; starting fresh" in stages
     fresh = load_file(str(tmp_path / "empty" / WEIGHTS_FILE))
     assert all(torch.equal(fresh[k], reference[k]) for k in reference)
+
+
+def test_trains_and_answers_on_a_gpt2_style_backbone(tmp_path, monkeypatch):
+    """GPT-2 keeps its blocks in ``h``, not ``layers``: the guard layer is counted the same way."""
+    from tiny import build_model, build_tokenizer
+
+    from mosaic_safety.backbone import from_model
+
+    monkeypatch.setenv("MOSAIC_CACHE", str(tmp_path / "cache"))
+    tokenizer = build_tokenizer()
+    model = build_model(
+        tokenizer, config_class="GPT2Config", model_class="GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4
+    )
+    backbone = from_model(model, tokenizer, name="tiny-gpt2")
+    dsa.train(load_config(ROOT / "configs" / "tiny-dsa.yaml"), tmp_path / "art", backbone=backbone)
+    loaded = load_method(artifact=tmp_path / "art", backbone=backbone)
+    (answer,) = loaded.generate(PROMPTS[:1], [Policy(("horror",))], max_new_tokens=3)
+    assert isinstance(answer, str)

@@ -405,7 +405,7 @@ def load(artifact: Path, backbone: Backbone) -> DSAMethod:
         threshold = float(manifest["threshold"])
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise ArtifactError(f"{artifact}: invalid dsa manifest ({exc})") from exc
-    num_layers = len(backbone.model.get_decoder().layers)
+    num_layers = len(decoder_layers(backbone.model))
     if not 1 <= guard_layer <= num_layers:
         raise ArtifactError(
             f"{artifact}: guard layer {guard_layer} does not exist in a {num_layers}-layer model"

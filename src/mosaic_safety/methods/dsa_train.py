@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..backbone import Backbone, cache_root, load_backbone
-from ..controlled import ControlledModel
+from ..controlled import ControlledModel, decoder_layers
 from ..evaluation.table import held_out_groups
 from ..logits import output_logits
 from ..policy import CategoryRegistry, Policy
@@ -281,7 +281,7 @@ def train_dsa(
     registry = CategoryRegistry(
         suite.registry.name, tuple(suite.registry[c] for c in categories), suite.registry.description
     )
-    guard_layer = resolve_guard_layer(options.guard_layer, len(backbone.model.get_decoder().layers))
+    guard_layer = resolve_guard_layer(options.guard_layer, len(decoder_layers(backbone.model)))
     pools = training_pools(suite, categories, config.data.limit_per_category, seed)
     if start is not None:
         epochs = options.adapter_epochs
