@@ -157,7 +157,12 @@ def adapted_copy(backbone: Backbone, options: dict[str, Any]) -> tuple[Any, Back
         try:
             peft_model = get_peft_model(clone, config)
         except ValueError as exc:  # e.g. target modules not found in this architecture
-            raise ConfigError(f"LoRA on {backbone.name}: {exc}") from None
+            hint = (
+                "; name this model's modules in method_options.lora_targets"
+                if "arget modules" in str(exc)
+                else ""
+            )
+            raise ConfigError(f"LoRA on {backbone.name}: {exc}{hint}") from None
     peft_model.eval()
     adapted = Backbone(peft_model.get_base_model(), backbone.tokenizer, backbone.name, backbone.fingerprint)
     return peft_model, adapted
