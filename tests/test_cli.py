@@ -462,6 +462,16 @@ def test_ctrl_c_in_any_command_is_one_line_with_what_was_kept(capsys):
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
+def test_the_command_starts_without_importing_torch():
+    """Every sub-command is registered when `mosaic` starts, before any command can turn a Ctrl-C
+    into one line. `mosaic cache` imported torch there, so a Ctrl-C in the first second of any
+    command was a torch traceback (and `mosaic --help` took a second)."""
+    code = "import sys, mosaic_safety.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_interrupted_training_names_what_the_run_kept(trained, tmp_path):
     """The Ctrl-C line for each stage a run can be stopped in: before any epoch, after one, and
     after training while the closing table was still being made."""

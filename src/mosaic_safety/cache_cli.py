@@ -7,7 +7,6 @@ from rich.console import Console
 from rich.table import Table
 
 from . import cache_usage
-from .backbone import cache_root
 from .cache_usage import AREAS, TEMPORARY, clear, entries
 
 cache_app = typer.Typer(
@@ -24,6 +23,8 @@ def _mb(n: int) -> str:
 @cache_app.command("info")
 def info() -> None:
     """Size of each area; for converted models, whether each copy is still used."""
+    from .backbone import cache_root  # imports torch: not when `mosaic` starts
+
     root = cache_root()
     table = Table(title=f"cache: {root} (MOSAIC_CACHE moves it)")
     for col in ("area", "items", "size", "holds"):
@@ -73,6 +74,8 @@ def clear_command(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Empty whole areas. Their contents are rebuilt when next needed (base answers take minutes)."""
+    from .backbone import cache_root  # imports torch: not when `mosaic` starts
+
     chosen = list(AREAS) if "all" in areas else areas
     unknown = [a for a in chosen if a not in AREAS]
     if unknown:

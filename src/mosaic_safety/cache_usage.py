@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backbone import cache_root, conversion_state
-
 AREAS: dict[str, str] = {
     "models": "converted GGUF checkpoints, one folder per source file",
     "responses": "base-model answers used as training targets",
@@ -52,6 +50,8 @@ def size_of(path: Path) -> int:
 
 
 def _state(area: str, path: Path) -> str:
+    from .backbone import conversion_state  # imports torch: not at start-up (see ``entries``)
+
     if path.name.startswith("."):
         return TEMPORARY
     return conversion_state(path) if area == "models" and path.is_dir() else ""
@@ -60,6 +60,10 @@ def _state(area: str, path: Path) -> str:
 def entries(area: str, root: Path | None = None) -> list[Entry]:
     """The items of one area, largest first; hidden ones (a conversion or an atomic write in
     progress, or what a killed job left of one) are ``temporary``."""
+    # ``backbone`` imports torch (a second of start-up for every ``mosaic`` command, which loads
+    # this module to register ``mosaic cache``; a Ctrl-C in it is a traceback): imported here
+    from .backbone import cache_root
+
     if area not in AREAS:
         raise ValueError(f"unknown cache area {area!r}; valid: {', '.join(AREAS)}")
     folder = (root or cache_root()) / area
