@@ -71,6 +71,9 @@ def friendly_errors(interrupted: str | Callable[[], str] = ""):
     ) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
+    except BrokenPipeError:  # stdout's reader left (`mosaic generate --file f | head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would raise
+        raise typer.Exit(141) from None  # as shells report SIGPIPE
     except OSError as exc:  # a missing or unwritable path, a name too long, a full disk
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
