@@ -84,6 +84,9 @@ def friendly_errors(interrupted: str | Callable[[], str] = ""):
 
 
 def _progress() -> Progress:
+    """Progress bars on stderr. Rich would also route sys.stdout through them while they show, to
+    keep the bars whole; that is only right when stdout is the same terminal. Redirected to a file
+    or a pipe, stdout keeps its data (``generate --file ... > out.jsonl``)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -94,6 +97,7 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=console,
         disable=os.environ.get("MOSAIC_PROGRESS") == "0",
+        redirect_stdout=sys.stdout.isatty(),
     )
 
 

@@ -1,0 +1,85 @@
+"""The `mosaic` CLI as a person at a terminal meets it: a real pseudo-terminal, not mocks.
+
+The tiny random Llama (no artifact) keeps each run to a few seconds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Terminal:
+    """``mosaic ARGS`` with a pseudo-terminal as its controlling terminal (so Ctrl-C is a SIGINT
+    from the terminal, as at a shell), on stdin and stderr; stdout too unless ``stdout`` is given."""
+
+    def __init__(self, *args: str, cache: Path, stdout: int | None = None):
+        self.master, slave = os.openpty()
+
+        def own_terminal() -> None:  # runs in the child, after setsid
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+        env = {**os.environ, "MOSAIC_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env.pop("COLUMNS", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mosaic_safety.cli", *args],
+            stdin=slave, stdout=slave if stdout is None else stdout, stderr=slave,
+            cwd=ROOT, env=env, start_new_session=True, preexec_fn=own_terminal,
+        )  # fmt: skip
+        os.close(slave)
+        self.screen = b""
+
+    def _read(self, seconds: float) -> bool:
+        """Read what the program wrote; False once the terminal is closed (the program ended)."""
+        ready, _, _ = select.select([self.master], [], [], seconds)
+        if not ready:
+            return True
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            return False
+        self.screen += data
+        return bool(data)
+
+    def expect(self, text: bytes, after: int = 0, timeout: float = 120) -> int:
+        """Wait until ``text`` is on the screen past offset ``after``; return where it ends."""
+        deadline = time.monotonic() + timeout
+        while (at := self.screen.find(text, after)) < 0:
+            assert time.monotonic() < deadline and self._read(0.1), (text, self.screen[-2000:])
+        return at + len(text)
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def wait(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._read(0.1)
+        while self._read(0.1):  # what it wrote last
+            pass
+        os.close(self.master)
+        return self.proc.wait(timeout=1)
+
+
+def test_generate_file_on_a_terminal_writes_its_rows_to_redirected_stdout(tmp_path):
+    """`mosaic generate --file p.jsonl > out.jsonl` at a terminal: the progress bar (on the terminal)
+    took stdout over while it showed, so every row went to the screen and out.jsonl stayed empty."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "question {i}"}}\n' for i in range(6)))
+    with open(tmp_path / "out.jsonl", "wb") as rows:
+        term = Terminal(
+            "generate", "--model", "tiny-random-llama", "-f", str(prompts), "--max-new-tokens", "3",
+            cache=tmp_path / "cache", stdout=rows.fileno(),
+        )  # fmt: skip
+        assert term.wait() == 0, term.screen
+    written = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert [line.split('"')[3] for line in written] == [f"question {i}" for i in range(6)]
+    assert b'"prompt"' not in term.screen and b"responses" in term.screen  # the bar stays on screen
