@@ -949,3 +949,27 @@ def test_eval_defaults_to_the_suite_the_artifact_was_trained_on(tmp_path):
     shutil.rmtree(suite)
     proc = mosaic(*ask, "--out", str(tmp_path / "ev2"), cache=cache, check=False)
     assert proc.returncode == 2 and "(the suite the artifact was trained on; give --suite)" in proc.stderr
+
+
+def test_generated_text_reaches_stdout_as_the_model_wrote_it(tmp_path, monkeypatch):
+    """Into a pipe the output console is 120 columns wide: a longer answer gained line breaks,
+    and a ``:name:`` in it became an emoji (with and without --stream)."""
+    import io
+
+    from rich.console import Console
+
+    from mosaic_safety import cli
+    from mosaic_safety.controlled import ControlledModel
+
+    text = "I like :cat: a lot. " + "word " * 40 + "end"
+    monkeypatch.setattr(ControlledModel, "generate", lambda self, prompts, *a, **k: [text] * len(prompts))
+    monkeypatch.setattr(ControlledModel, "stream", lambda self, *a, **k: iter(text.partition("a lot.")))
+    for stream in (False, True):
+        screen = io.StringIO()
+        monkeypatch.setattr(cli, "out", Console(file=screen, width=120))
+        cli.generate(
+            artifact=None, policy="", prompt="hi", file=None, model="tiny-random-llama",
+            max_new_tokens=4, sample=False, temperature=0.7, top_p=0.95, seed=0, batch_size=1,
+            stream=stream, device="cpu", dtype="auto",
+        )  # fmt: skip
+        assert screen.getvalue() == text + "\n", stream

@@ -493,15 +493,21 @@ def generate(
         }
         if stream:
             for piece in cm.stream(prompt, active, **options):
-                out.print(piece, end="", highlight=False, markup=False)
+                print_text(piece, end="")
                 out.file.flush()
             out.print()
             return
         if prompt is not None:
-            text = cm.generate(prompts, [active], batch_size=batch_size, **options)[0]
-            out.print(text, highlight=False, markup=False)
+            print_text(cm.generate(prompts, [active], batch_size=batch_size, **options)[0])
             return
         _generate_jsonl(cm, prompts, active, batch_size, options)
+
+
+def print_text(text: str, end: str = "\n") -> None:
+    """Print the model's text as it is. Rich would wrap it at the console's width (120 columns into
+    a pipe or a file, so the output gained line breaks the model never wrote) and turn ``:name:``
+    into an emoji; the terminal wraps long lines itself."""
+    out.print(text, end=end, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
 GENERATE_WINDOW_BATCHES = 8
@@ -591,7 +597,7 @@ def chat(
             out.print("bot> ", end="")
             for piece in itertools.chain([first] if first is not None else [], stream):  # as produced
                 pieces.append(piece)
-                out.print(piece, end="", highlight=False, markup=False)
+                print_text(piece, end="")
                 out.file.flush()
             out.print()
         except GenerationError as exc:  # the conversation stays; the user can /reset or go on
