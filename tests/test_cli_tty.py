@@ -83,3 +83,18 @@ def test_generate_file_on_a_terminal_writes_its_rows_to_redirected_stdout(tmp_pa
     written = (tmp_path / "out.jsonl").read_text().splitlines()
     assert [line.split('"')[3] for line in written] == [f"question {i}" for i in range(6)]
     assert b'"prompt"' not in term.screen and b"responses" in term.screen  # the bar stays on screen
+
+
+def test_ctrl_c_in_chat_stops_the_answer_and_the_session_goes_on(tmp_path):
+    """Ctrl-C while the model answered ended the whole chat (exit 130, no word said), losing the
+    conversation; it now stops that answer and gives the prompt back."""
+    term = Terminal(
+        "chat", "--model", "tiny-random-llama", "--max-new-tokens", "3000", cache=tmp_path / "cache"
+    )
+    term.type(b"hello\r")
+    answering = term.expect(b"bot> ", after=term.expect(b"you> "))
+    term.type(b"\x03")  # the terminal turns it into SIGINT, as at a shell
+    stopped = term.expect(b"stopped", after=answering)
+    term.expect(b"you> ", after=stopped)
+    term.type(b"/quit\r")
+    assert term.wait() == 0, term.screen

@@ -557,7 +557,7 @@ def chat(
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
 ) -> None:
-    """Interactive chat. Commands: /policy a,b (switch policy), /reset, /quit."""
+    """Interactive chat. Commands: /policy a,b (switch policy), /reset, /quit; Ctrl-C stops an answer."""
     from .controlled import GenerationError, check_decoding
     from .policy import PolicyError
 
@@ -603,6 +603,12 @@ def chat(
         except GenerationError as exc:  # the conversation stays; the user can /reset or go on
             console.print(f"[red]{exc}[/] (/reset starts a new conversation)", highlight=False)
             continue
+        except KeyboardInterrupt:  # a long or looping answer: stop it, not the session and its history
+            out.print()
+            console.print(
+                "[yellow]stopped[/] (the answer so far stays in the conversation; /quit ends the chat)",
+                highlight=False,
+            )
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
 
 
