@@ -365,8 +365,21 @@ def test_chat_without_an_artifact_keeps_the_session_on_a_policy(tmp_path):
         "chat", "--model", "tiny-random-llama", "--max-new-tokens", "2", cache=tmp_path,
         stdin="/policy alcohol\n/policyhorror\nhello\n/quit\n",
     )  # fmt: skip
-    assert "no control tokens (no artifact)" in proc.stderr and proc.stdout.count("bot> ") == 2
+    assert "no control tokens (no artifact)" in proc.stderr and proc.stdout.count("bot> ") == 1
+    assert "unknown command /policyhorror" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_chat_commands_it_does_not_know_are_not_sent_to_the_model(tmp_path):
+    """/help and a mistyped /polcy went to the model as messages, and the old policy stayed on
+    while the user believed it switched; a path at the start of a message is still a message."""
+    proc = mosaic(
+        "chat", "--model", "tiny-random-llama", "--max-new-tokens", "2", cache=tmp_path,
+        stdin="/help\n/polcy alcohol\n/reset now\n/etc/hosts lists what?\n/quit\n",
+    )  # fmt: skip
+    assert "unknown command /polcy;" in proc.stderr and "unknown command /reset;" in proc.stderr
+    assert "unknown command /help" not in proc.stderr and proc.stderr.count("/policy a,b switches") == 3
+    assert proc.stdout.count("bot> ") == 1 and proc.returncode == 0
 
 
 def test_chat_switches_policy(trained):

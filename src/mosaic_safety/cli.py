@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -548,6 +549,19 @@ def _generate_jsonl(cm: Any, prompts: list[str], active: Any, batch_size: int, o
             sys.stdout.flush()
 
 
+CHAT_COMMANDS = (
+    "commands: /policy a,b switches the policy (/policy alone: none), /reset starts a new "
+    "conversation, /quit ends the chat"
+)
+
+
+def _is_chat_command(text: str) -> bool:
+    """A line that starts with a word such as /help or /polcy is meant for the chat, not the model:
+    sent on, a mistyped /policy would leave the old policy on while the user thinks it switched.
+    A path (/etc/hosts ...) is still a message."""
+    return re.fullmatch(r"/[A-Za-z]\w*", text.split()[0]) is not None
+
+
 @app.command()
 def chat(
     artifact: Path | None = typer.Option(None, "--artifact", "-a"),
@@ -557,7 +571,7 @@ def chat(
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
 ) -> None:
-    """Interactive chat. Commands: /policy a,b (switch policy), /reset, /quit; Ctrl-C stops an answer."""
+    """Interactive chat. Commands: /policy a,b (switch policy), /reset, /quit, /help; Ctrl-C stops an answer."""
     from .controlled import GenerationError, check_decoding
     from .policy import PolicyError
 
@@ -566,7 +580,9 @@ def chat(
         cm = _load_controlled(artifact, model, device, dtype)
         active = cm.policy(policy)
     valid = ", ".join(cm.registry.names) if cm.registry is not None else "(none: no artifact)"
-    console.print(f"policy: {active}   categories: {valid}   (/policy a,b  /reset  /quit)", highlight=False)
+    console.print(
+        f"policy: {active}   categories: {valid}   (/policy a,b  /reset  /quit  /help)", highlight=False
+    )
     history: list[dict[str, str]] = []
     while True:
         try:
@@ -587,6 +603,10 @@ def chat(
                 console.print(f"policy: {active}", highlight=False)
             except PolicyError as exc:
                 console.print(f"[red]{exc}[/]", highlight=False)
+            continue
+        if _is_chat_command(text):  # /help, or a typo such as /polcy: not a message for the model
+            unknown = "" if text == "/help" else f"[red]unknown command {text.split()[0]}[/]; "
+            console.print(f"{unknown}{CHAT_COMMANDS}", highlight=False)
             continue
         pieces: list[str] = []
         try:
