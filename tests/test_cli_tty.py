@@ -60,13 +60,17 @@ class Terminal:
         os.write(self.master, keys)
 
     def wait(self, timeout: float = 60) -> int:
+        """The exit code, once the program ended and its last words are read (a hang fails)."""
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < deadline:
             self._read(0.1)
-        while self._read(0.1):  # what it wrote last
+        if self.proc.poll() is None:
+            self.proc.kill()
+        while select.select([self.master], [], [], 0.1)[0] and self._read(0):  # what it wrote last
             pass
         os.close(self.master)
-        return self.proc.wait(timeout=1)
+        assert self.proc.wait(timeout=5) >= 0, ("still running", self.screen[-2000:])
+        return self.proc.returncode
 
 
 def test_generate_file_on_a_terminal_writes_its_rows_to_redirected_stdout(tmp_path):
@@ -98,3 +102,15 @@ def test_ctrl_c_in_chat_stops_the_answer_and_the_session_goes_on(tmp_path):
     term.expect(b"you> ", after=stopped)
     term.type(b"/quit\r")
     assert term.wait() == 0, term.screen
+
+
+def test_leaving_chat_with_ctrl_d_or_ctrl_c_ends_the_line(tmp_path):
+    """Ctrl-D or Ctrl-C at the prompt left the cursor after 'you> ', so the shell's prompt was
+    printed on the same line."""
+    for key in (b"\x04", b"\x03"):
+        term = Terminal("chat", "--model", "tiny-random-llama", cache=tmp_path / "cache")
+        term.expect(b"you> ")
+        time.sleep(0.5)  # a SIGINT between the prompt and the read waits for a line: a person is slower
+        term.type(key)
+        assert term.wait() == 0, term.screen
+        assert term.screen.endswith(b"\n"), (key, term.screen)

@@ -587,7 +587,8 @@ def chat(
     while True:
         try:
             line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C: the shell's prompt starts a new line
+            out.print()
             break
         text = line.strip()
         if not text:
