@@ -986,3 +986,16 @@ def test_generated_text_reaches_stdout_as_the_model_wrote_it(tmp_path, monkeypat
             stream=stream, device="cpu", dtype="auto",
         )  # fmt: skip
         assert screen.getvalue() == text + "\n", stream
+
+
+def test_every_option_of_generate_and_chat_says_what_it_does():
+    """`mosaic chat --help` listed its options with no word on any of them, and generate left its
+    decoding, batch and device options bare."""
+    import typer
+
+    from mosaic_safety.cli import app
+
+    commands = typer.main.get_command(app).commands
+    for name in ("generate", "chat"):
+        bare = [p.name for p in commands[name].params if not getattr(p, "help", None)]
+        assert bare == [], (name, bare)

@@ -459,17 +459,17 @@ def generate(
         help="JSONL with a 'prompt' per line; rows are written in input order as they finish.",
     ),
     model: str | None = typer.Option(None, "--model", help="Override the artifact's backbone."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Longest response, in tokens."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
-    temperature: float = typer.Option(0.7, "--temperature"),
-    top_p: float = typer.Option(0.95, "--top-p"),
+    temperature: float = typer.Option(0.7, "--temperature", help="With --sample: above 0."),
+    top_p: float = typer.Option(0.95, "--top-p", help="With --sample: nucleus mass, in (0, 1]."),
     seed: int = typer.Option(
         0, "--seed", min=0, max=2**63 - 1, help="With --sample: row i of the file uses seed + i."
     ),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass (--file)."),
     stream: bool = typer.Option(False, "--stream", help="Print text as it is produced (single prompt)."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto"),
+    dtype: str = typer.Option("auto", "--dtype", help="float32 | bfloat16 | auto"),
 ) -> None:
     """Generate responses under a policy; JSONL output with --file."""
     if (prompt is None) == (file is None):
@@ -564,12 +564,16 @@ def _is_chat_command(text: str) -> bool:
 
 @app.command()
 def chat(
-    artifact: Path | None = typer.Option(None, "--artifact", "-a"),
-    policy: str = typer.Option("", "--policy", "-p"),
-    model: str | None = typer.Option(None, "--model"),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    artifact: Path | None = typer.Option(
+        None, "--artifact", "-a", help="Control-token artifact directory (none: the base model)."
+    ),
+    policy: str = typer.Option(
+        "", "--policy", "-p", help="Comma-separated categories active at the start (empty: none)."
+    ),
+    model: str | None = typer.Option(None, "--model", help="Override the artifact's backbone."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto"),
+    dtype: str = typer.Option("auto", "--dtype", help="float32 | bfloat16 | auto"),
 ) -> None:
     """Interactive chat. Commands: /policy a,b (switch policy), /reset, /quit, /help; Ctrl-C stops an answer."""
     from .controlled import GenerationError, check_decoding
