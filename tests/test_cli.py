@@ -988,14 +988,22 @@ def test_generated_text_reaches_stdout_as_the_model_wrote_it(tmp_path, monkeypat
         assert screen.getvalue() == text + "\n", stream
 
 
-def test_every_option_of_generate_and_chat_says_what_it_does():
-    """`mosaic chat --help` listed its options with no word on any of them, and generate left its
-    decoding, batch and device options bare."""
+def test_every_option_of_every_command_says_what_it_does():
+    """`mosaic chat --help` listed its options with no word on any of them; generate left its
+    decoding, batch and device options bare, and serve its host, port, batching and limits."""
     import typer
 
     from mosaic_safety.cli import app
 
-    commands = typer.main.get_command(app).commands
-    for name in ("generate", "chat"):
-        bare = [p.name for p in commands[name].params if not getattr(p, "help", None)]
-        assert bare == [], (name, bare)
+    def bare_options(command, path: str):
+        if hasattr(command, "commands"):  # a group: data, report, judges, cache
+            for name, sub in command.commands.items():
+                yield from bare_options(sub, f"{path} {name}".strip())
+            return
+        for param in command.params:
+            if param.param_type_name == "option" and not getattr(param, "help", None):
+                yield f"{path} --{param.name}"
+
+    root = typer.main.get_command(app)
+    assert {"generate", "chat", "serve", "data"} <= set(root.commands)
+    assert list(bare_options(root, "")) == []

@@ -21,13 +21,19 @@ class Terminal:
     """``mosaic ARGS`` with a pseudo-terminal as its controlling terminal (so Ctrl-C is a SIGINT
     from the terminal, as at a shell), on stdin and stderr; stdout too unless ``stdout`` is given."""
 
-    def __init__(self, *args: str, cache: Path, stdout: int | None = None):
+    def __init__(self, *args: str, cache: Path, stdout: int | None = None, env: dict[str, str] | None = None):
         self.master, slave = os.openpty()
 
         def own_terminal() -> None:  # runs in the child, after setsid
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
-        env = {**os.environ, "MOSAIC_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "MOSAIC_CACHE": str(cache),
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            **(env or {}),
+        }
         env.pop("COLUMNS", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mosaic_safety.cli", *args],
@@ -114,3 +120,18 @@ def test_leaving_chat_with_ctrl_d_or_ctrl_c_ends_the_line(tmp_path):
         term.type(key)
         assert term.wait() == 0, term.screen
         assert term.screen.endswith(b"\n"), (key, term.screen)
+
+
+def test_mosaic_progress_0_turns_off_the_judges_progress_bar(tmp_path):
+    """`judges validate` drew its bar on the terminal whatever MOSAIC_PROGRESS said."""
+    screens = {}
+    for setting in ("1", "0"):
+        term = Terminal(
+            "judges", "validate", "-j", "phrase", "--limit", "400",
+            cache=tmp_path / "cache", env={"MOSAIC_PROGRESS": setting},
+        )  # fmt: skip
+        assert term.wait() == 0, term.screen
+        screens[setting] = term.screen
+    assert b"Refusal judges vs human labels" in screens["0"]  # the results table
+    hide_cursor = b"\x1b[?25l"  # what a live bar does first on a terminal, whatever it then shows
+    assert hide_cursor in screens["1"] and hide_cursor not in screens["0"], screens

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def validate(
             TimeElapsedColumn(),
             console=_err,
             transient=True,
+            disable=os.environ.get("MOSAIC_PROGRESS") == "0",  # as every other command's bars
         ) as bar:
             for spec in judge:
                 task = bar.add_task(f"{spec}: loading", total=None)

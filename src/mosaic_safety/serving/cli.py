@@ -18,26 +18,37 @@ def serve_command(
     profiles: Path | None = typer.Option(
         None, "--profiles", help="YAML profiles and API keys (none: no auth, empty default policy)."
     ),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one)."),
     method: str | None = typer.Option(None, "--method", help="Without --artifact: none | in_context."),
     model: str | None = typer.Option(None, "--model", help="Backbone (default: the artifact's)."),
     model_name: str | None = typer.Option(
         None, "--model-name", help="Model id clients send (default mosaic-<backbone>)."
     ),
-    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1),
-    max_wait_ms: float = typer.Option(10.0, "--max-wait-ms", min=0.0),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", min=1, help="Requests decoded together."),
+    max_wait_ms: float = typer.Option(
+        10.0, "--max-wait-ms", min=0.0, help="How long a request waits for others to batch with."
+    ),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Cap on a request's max_tokens."),
-    default_max_tokens: int = typer.Option(128, "--default-max-tokens", min=1),
-    max_prompt_tokens: int = typer.Option(2048, "--max-prompt-tokens", min=1),
-    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1024),
+    default_max_tokens: int = typer.Option(
+        128, "--default-max-tokens", min=1, help="max_tokens of a request that gives none."
+    ),
+    max_prompt_tokens: int = typer.Option(
+        2048,
+        "--max-prompt-tokens",
+        min=1,
+        help="Longest templated prompt with its control tokens (above: 400).",
+    ),
+    max_body_bytes: int = typer.Option(
+        1_000_000, "--max-body-bytes", min=1024, help="Largest request body (above: 413)."
+    ),
     request_timeout: float = typer.Option(120.0, "--request-timeout", min=0.1, help="Seconds per request."),
     max_concurrency: int = typer.Option(64, "--max-concurrency", min=1, help="Beyond this: 429."),
     graceful_timeout: float = typer.Option(
         60.0, "--graceful-timeout", help="Seconds to finish in-flight work."
     ),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto"),
+    dtype: str = typer.Option("auto", "--dtype", help="float32 | bfloat16 | auto"),
 ) -> None:
     """Serve per-request safety policies over an OpenAI-compatible API (+ /metrics, /playground)."""
     from ..cli import console, friendly_errors
