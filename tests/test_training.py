@@ -651,8 +651,12 @@ def test_resume_refuses_edited_prompts_fewer_epochs_and_a_damaged_checkpoint(tmp
     optimizer = tmp_path / "run" / "checkpoints" / "epoch-2" / "optimizer.safetensors"
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # cut short
     longer = Trainer(tiny_config(tmp_path, f"data.suite={suite}", "optim.epochs=3"), backbone=tiny_backbone)
-    with pytest.raises(ArtifactError, match="unreadable checkpoint \\(SafetensorError"):
+    with pytest.raises(ArtifactError, match="unreadable checkpoint \\(SafetensorError.*delete that folder"):
         longer.train(tmp_path / "run", resume=True)
+    shutil.rmtree(optimizer.parent)  # as the message says: the run resumes from epoch 1 and finishes
+    longer = Trainer(tiny_config(tmp_path, f"data.suite={suite}", "optim.epochs=3"), backbone=tiny_backbone)
+    longer.train(tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "checkpoints" / "epoch-3").is_dir()
 
 
 def test_learning_rate_schedules():

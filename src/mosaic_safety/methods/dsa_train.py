@@ -42,6 +42,7 @@ from ..training.checkpoint import (
     load_optimizer_state,
     save_optimizer_state,
     training_record,
+    unreadable_checkpoint,
 )
 from ..training.losses import response_cross_entropy, response_kl
 from ..training.teacher import BaseResponseCache
@@ -212,7 +213,7 @@ def _rng_state(ckpt: Path) -> tuple[Any, ...]:
         version, internal, gauss = json.loads((ckpt / RNG_FILE).read_text())
         return (version, tuple(internal), gauss)
     except (OSError, ValueError, TypeError) as exc:
-        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({RNG_FILE}: {exc})") from exc
+        raise unreadable_checkpoint(ckpt, f"{RNG_FILE}: {exc}") from exc
 
 
 def _pad(states: list[torch.Tensor], targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,6 +111,14 @@ def open_log(out: Path, resumed_step: int | None = None, fresh: bool = False) ->
     return path.open("a", encoding="utf-8")
 
 
+def unreadable_checkpoint(ckpt: Path, why: str) -> ArtifactError:
+    """A damaged epoch checkpoint (a disk error, a power cut between its files). It is not deleted
+    for the user, who may want to look at it; removing it resumes from the epoch before."""
+    return ArtifactError(
+        f"{ckpt}: unreadable checkpoint ({why}); delete that folder to resume from the epoch before it"
+    )
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The complete checkpoint of the latest epoch in a run directory, if any (one whose marker is
     missing or damaged, as by a power cut, is passed over for the one before)."""
@@ -134,7 +142,7 @@ def load_optimizer_state(ckpt: Path, optimizer: torch.optim.Optimizer, named: Na
             if f"{name}.exp_avg" in state
         }
     except (OSError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as exc:
-        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise unreadable_checkpoint(ckpt, f"{type(exc).__name__}: {exc}") from exc
     optimizer.state.update(restored)  # only once all of it was read: no half-restored optimiser
     return epoch, step
 
@@ -144,7 +152,7 @@ def load_live_tensors(ckpt: Path, names: Sequence[str]) -> dict[str, torch.Tenso
     try:
         state = load_file(str(ckpt / OPTIMIZER_FILE))
     except (OSError, ValueError, SafetensorError) as exc:
-        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise unreadable_checkpoint(ckpt, f"{type(exc).__name__}: {exc}") from exc
     missing = [n for n in names if f"{n}.{LIVE}" not in state]
     if missing:
         raise ArtifactError(
