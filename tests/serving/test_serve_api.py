@@ -125,6 +125,21 @@ def test_official_openai_client(url):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
 
 
+def test_openai_client_retrieves_each_listed_model(url):
+    """``models.retrieve`` is GET /v1/models/{id}; a profile id holds a colon, which the client sends as is."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS["kids"], max_retries=0)
+    for listed in client.models.list():
+        got = client.models.retrieve(listed.id)
+        assert (got.id, got.object, got.owned_by) == (listed.id, "model", "mosaic") and got.created > 0
+    with pytest.raises(openai.NotFoundError, match="does not exist") as exc:
+        client.models.retrieve(f"{MODEL}:no-such-profile")
+    assert exc.value.body["type"] == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).models.retrieve(MODEL)
+
+
 def test_metrics_count_requests_tokens_and_latency(url):
     before = httpx.get(f"{url}/metrics").text
     httpx.post(f"{url}/v1/chat/completions", json=chat_body(max_tokens=3), headers=auth("kids"))

@@ -416,14 +416,25 @@ def create_app(server: Server) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def model_ids() -> list[str]:
+        return [settings.model_id] + [f"{settings.model_id}:{p}" for p in server.book.profiles]
+
     @app.get("/v1/models", responses=responses)
     async def models(key: ApiKey | None = Depends(authenticate)) -> dict[str, Any]:
         created = int(time.time())
-        ids = [settings.model_id] + [f"{settings.model_id}:{p}" for p in server.book.profiles]
-        return {
-            "object": "list",
-            "data": [{"id": i, "object": "model", "created": created, "owned_by": "mosaic"} for i in ids],
-        }
+        return {"object": "list", "data": [_model_card(i, created) for i in model_ids()]}
+
+    @app.get("/v1/models/{model_id:path}", responses=responses)
+    async def retrieve_model(model_id: str, key: ApiKey | None = Depends(authenticate)) -> dict[str, Any]:
+        """One listed id (the openai client's ``models.retrieve``); the id may hold colons and slashes."""
+        if model_id not in model_ids():
+            raise ServeError(
+                404,
+                f"model {model_id!r} does not exist; GET /v1/models lists the served ids",
+                "model_not_found",
+                "model",
+            )
+        return _model_card(model_id, int(time.time()))
 
     @app.get("/v1/safety", responses=responses)
     async def safety(key: ApiKey | None = Depends(authenticate)) -> dict[str, Any]:
@@ -552,6 +563,12 @@ def create_app(server: Server) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, routes=ROUTES | {"/playground", "/"})
     app.state.server = server
     return app
+
+
+def _model_card(model_id: str, created: int) -> dict[str, Any]:
+    """A model object in OpenAI's shape (``id``, ``object``, ``created``, ``owned_by``), the same
+    whether listed or retrieved."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "mosaic"}
 
 
 def _usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
