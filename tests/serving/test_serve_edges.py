@@ -85,6 +85,22 @@ def test_a_request_past_the_context_window_is_400_for_that_request_only(make_ser
         assert fits.status_code == 200
 
 
+def test_budget_errors_name_max_completion_tokens_when_that_was_sent(url):
+    """The openai client's non-deprecated budget is ``max_completion_tokens``: an error about it
+    names that field, not ``max_tokens``, which the caller never sent."""
+    body = chat_body() | {"max_completion_tokens": 10**6}
+    del body["max_tokens"]
+    error = httpx.post(f"{url}{ENDPOINT}", json=body, headers=auth("kids")).json()["error"]
+    assert error["param"] == "max_completion_tokens" and error["message"].startswith("max_completion_tokens ")
+    body = body | {"max_completion_tokens": 2, "min_tokens": 3}
+    error = httpx.post(f"{url}{ENDPOINT}", json=body, headers=auth("kids")).json()["error"]
+    assert error["message"] == "min_tokens cannot exceed max_completion_tokens"
+    error = httpx.post(f"{url}{ENDPOINT}", json=chat_body(max_tokens=10**6), headers=auth("kids")).json()[
+        "error"
+    ]
+    assert error["param"] == "max_tokens" and error["message"].startswith("max_tokens ")
+
+
 def _metric(url: str, name: str) -> float:
     lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(name)]
     return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0

@@ -166,16 +166,17 @@ class Server:
             profile = safety.profile
         resolved = self.book.resolve(key, profile, safety.categories if safety else None)
         asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        budget = _budget_field(req)
         max_tokens = asked or min(s.default_max_tokens, s.max_new_tokens)
         if max_tokens > s.max_new_tokens:
             raise ServeError(
                 400,
-                f"max_tokens {max_tokens} exceeds this server's limit of {s.max_new_tokens}",
-                param="max_tokens",
+                f"{budget} {max_tokens} exceeds this server's limit of {s.max_new_tokens}",
+                param=budget,
             )
         min_tokens = req.min_tokens or 0
         if min_tokens > max_tokens:
-            raise ServeError(400, "min_tokens cannot exceed max_tokens", param="min_tokens")
+            raise ServeError(400, f"min_tokens cannot exceed {budget}", param="min_tokens")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not x for x in stop):
             raise ServeError(400, "stop takes up to 4 non-empty strings", param="stop")
@@ -206,7 +207,7 @@ class Server:
             try:  # checked here, per request: past the window a row would fail its whole batch
                 self.engine.model.check_fits(n, max_tokens)
             except GenerationError as exc:
-                raise ServeError(400, str(exc), param="max_tokens") from None
+                raise ServeError(400, str(exc), param=budget) from None
             inputs.append(model_prompt)
             ctrl.append(policy)
             counts.append(n)
@@ -563,6 +564,13 @@ def create_app(server: Server) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, routes=ROUTES | {"/playground", "/"})
     app.state.server = server
     return app
+
+
+def _budget_field(req: ChatCompletionRequest | CompletionRequest) -> str:
+    """The field that set the token budget, for errors to name: a caller of the openai client may
+    only have sent ``max_completion_tokens`` (it deprecates ``max_tokens`` for chat), which wins
+    when both are sent."""
+    return "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
 
 
 def _model_card(model_id: str, created: int) -> dict[str, Any]:
