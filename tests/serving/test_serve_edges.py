@@ -101,6 +101,18 @@ def test_budget_errors_name_max_completion_tokens_when_that_was_sent(url):
     assert error["param"] == "max_tokens" and error["message"].startswith("max_tokens ")
 
 
+def test_a_non_text_content_part_is_refused_by_name(url):
+    """An image part is a 400 that says text parts only, not that content "should be a valid string"."""
+    parts = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]
+    body = chat_body() | {"messages": [{"role": "user", "content": parts}]}
+    r = httpx.post(f"{url}{ENDPOINT}", json=body, headers=auth("kids"))
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert message == "messages.0.content: only text content parts are supported, not 'image_url'"
+    body["messages"][0]["content"] = parts[:1]
+    assert httpx.post(f"{url}{ENDPOINT}", json=body, headers=auth("kids")).status_code == 200
+
+
 def _metric(url: str, name: str) -> float:
     lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(name)]
     return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0

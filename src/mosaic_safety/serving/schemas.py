@@ -8,9 +8,10 @@ would crash on; limits that depend on the server's settings are checked in the h
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -36,6 +37,19 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        """An image, audio or file part is refused by name: left to the union, pydantic reports that
+        the content "should be a valid string", which hides that a list of text parts is fine."""
+        for part in value if isinstance(value, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise PydanticCustomError(
+                    "content_part", "only text content parts are supported, not '{kind}'", {"kind": kind}
+                )
+        return value
 
     def text(self) -> str:
         if self.content is None:
