@@ -140,6 +140,38 @@ def test_openai_client_retrieves_each_listed_model(url):
         openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).models.retrieve(MODEL)
 
 
+def test_openai_fields_the_server_does_not_use_are_ignored_as_documented(url):
+    """docs/serving.md: tools, response_format and logprobs are accepted and ignored; a tool message is a 400."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS["kids"], max_retries=0)
+    messages = [{"role": "user", "content": "What is the weather in Lisbon?"}]
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=4,
+        tools=[tool],
+        tool_choice="auto",
+        response_format={"type": "json_object"},
+        logprobs=True,
+        top_logprobs=2,
+        user="u-1",
+    )
+    choice = resp.choices[0]
+    assert (
+        choice.message.tool_calls is None and choice.logprobs is None and choice.message.content is not None
+    )
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    turns = [
+        *messages,
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model=MODEL, messages=turns, max_tokens=4)
+
+
 def test_metrics_count_requests_tokens_and_latency(url):
     before = httpx.get(f"{url}/metrics").text
     httpx.post(f"{url}/v1/chat/completions", json=chat_body(max_tokens=3), headers=auth("kids"))
