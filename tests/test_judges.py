@@ -16,6 +16,7 @@ used, on purpose:
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -395,6 +397,18 @@ def test_llm_judge_retries_server_errors():
         pytest.raises(JudgeError, match=r"failed after 2 attempt\(s\): HTTP 503"),
     ):
         LLMJudge(base_url=srv["base_url"], retries=1, backoff=0.01)(["q"], ["ANSWERED"])
+
+
+def test_llm_judge_leaves_no_connection_open():
+    """Nothing closes a judge (``build_judge``'s callers drop it when done): its connections must be
+    closed when a call ends, not left to the garbage collector as unclosed sockets."""
+    with serve(scripted) as srv, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        judge = LLMJudge(base_url=srv["base_url"], workers=2)
+        assert judge(["q", "q"], ["ANSWERED", "I can't help"]) == [False, True]
+        del judge
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 def test_llm_judge_clear_errors(monkeypatch):
