@@ -120,24 +120,26 @@ def test_generate_file_in_windows_keeps_input_order_and_responses(trained, tmp_p
     assert windowed == whole
 
 
+@pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")
 def test_a_reader_that_stops_early_ends_generate_quietly(trained, tmp_path):
-    """`mosaic generate --file f | head -1`: the closed pipe ends the command without an error line."""
+    """`mosaic generate --file f | head -1`: the closed pipe ends the command without an error line.
+    The test closes its own ends of the pipes too (an unclosed one is a ResourceWarning)."""
     root, art, _ = trained
     prompts = tmp_path / "long.jsonl"  # more output than a pipe buffers, so writing must hit the closed end
     prompts.write_text("".join(json.dumps({"prompt": f"{i} " + "why " * 60}) + "\n" for i in range(400)))
     env = {**os.environ, "MOSAIC_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
     cmd = ["generate", "-a", str(art), "-f", str(prompts), "--max-new-tokens", "1", "--batch-size", "64"]
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "mosaic_safety.cli", *cmd],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
         cwd=ROOT,
-    )
-    assert json.loads(proc.stdout.readline())["prompt"].startswith("0 why")
-    proc.stdout.close()  # what `head -1` does once it has its line
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=600) == 141, err
+    ) as proc:
+        assert json.loads(proc.stdout.readline())["prompt"].startswith("0 why")
+        proc.stdout.close()  # what `head -1` does once it has its line
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=600) == 141, err
     assert "error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
 
 
