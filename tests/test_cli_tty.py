@@ -27,14 +27,15 @@ class Terminal:
         def own_terminal() -> None:  # runs in the child, after setsid
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
+        inherited = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "MOSAIC_PROGRESS")}
+        # a person's terminal: its own width, and the progress bars on unless a test turns them off
         env = {
-            **os.environ,
+            **inherited,
             "MOSAIC_CACHE": str(cache),
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
             **(env or {}),
         }
-        env.pop("COLUMNS", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mosaic_safety.cli", *args],
             stdin=slave, stdout=slave if stdout is None else stdout, stderr=slave,
