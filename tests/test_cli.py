@@ -1009,3 +1009,29 @@ def test_every_option_of_every_command_says_what_it_does():
     root = typer.main.get_command(app)
     assert {"generate", "chat", "serve", "data"} <= set(root.commands)
     assert list(bare_options(root, "")) == []
+
+
+def test_mosaic_progress_0_also_turns_off_transformers_loading_bar(tmp_path):
+    """Loading a model from a folder drew transformers' "Loading weights" bar into logs that set
+    MOSAIC_PROGRESS=0."""
+    from mosaic_safety.tiny import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model_dir = tmp_path / "model"
+    build_model(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    ask = ("generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "1")
+    stderr = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "MOSAIC_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+        env["MOSAIC_PROGRESS"] = setting
+        proc = subprocess.run(
+            [sys.executable, "-m", "mosaic_safety.cli", *ask],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr
+        stderr[setting] = proc.stderr
+    assert "Loading weights" in stderr["1"] and "Loading weights" not in stderr["0"], stderr

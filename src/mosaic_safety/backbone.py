@@ -299,6 +299,7 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
+        _transformers_bars_follow_mosaic_progress()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types here; name the file and the cause
@@ -380,6 +381,15 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> tuple[str, str]:
     )
 
 
+def _transformers_bars_follow_mosaic_progress() -> None:
+    """``MOSAIC_PROGRESS=0`` turns off every bar a command draws: transformers' own "Loading weights"
+    bar too, which otherwise lands in logs that asked for none."""
+    if os.environ.get("MOSAIC_PROGRESS") == "0":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def load_backbone(
     spec: str | os.PathLike[str] = DEFAULT_MODEL, device: str | None = "cpu", dtype: str | None = "auto"
 ) -> Backbone:
@@ -397,6 +407,7 @@ def load_backbone(
         tiny.model.to(dev, torch_dtype)  # honoured like a real model's, so tests cover bf16 paths too
         return tiny
     path, name = resolve_model_path(spec)
+    _transformers_bars_follow_mosaic_progress()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
