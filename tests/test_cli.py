@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def mosaic(
-    *args: str, cache: Path, check: bool = True, stdin: str | None = None
+    *args: str, cache: Path, check: bool = True, stdin: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOSAIC_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env = {**os.environ, "MOSAIC_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "mosaic_safety.cli", *args],
         capture_output=True,
@@ -1021,17 +1021,8 @@ def test_mosaic_progress_0_also_turns_off_transformers_loading_bar(tmp_path):
     build_model(tok).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     ask = ("generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "1")
-    stderr = {}
-    for setting in ("1", "0"):
-        env = {**os.environ, "MOSAIC_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-        env["MOSAIC_PROGRESS"] = setting
-        proc = subprocess.run(
-            [sys.executable, "-m", "mosaic_safety.cli", *ask],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        assert proc.returncode == 0, proc.stderr
-        stderr[setting] = proc.stderr
+    stderr = {
+        setting: mosaic(*ask, cache=tmp_path / "cache", env={"MOSAIC_PROGRESS": setting}).stderr
+        for setting in ("1", "0")
+    }
     assert "Loading weights" in stderr["1"] and "Loading weights" not in stderr["0"], stderr
