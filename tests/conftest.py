@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A shell without job control starts `cmd &` with SIGINT ignored, and an ignored signal stays ignored
+# across exec: the CLI processes the Ctrl-C tests start would never see their SIGINT. Python's own
+# handler here is not inherited, so they start with the default and install theirs.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
