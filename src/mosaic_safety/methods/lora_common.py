@@ -133,6 +133,25 @@ def _kind_name(kind: type) -> str:
 
 
 # -- the adapted model --------------------------------------------------------------------------
+def _check_targets(model: Any, name: str, targets: list[str]) -> None:
+    """Each LoRA target names a module of this architecture (matched as peft does: the whole name or
+    its last dotted parts). GPT-2 has no ``q_proj``/``v_proj``; the error lists the layers it has."""
+    modules = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in modules)]
+    if missing:
+        layers = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if type(m).__name__ in ("Linear", "Conv1D")
+            }
+        )
+        raise ConfigError(
+            f"LoRA on {name}: no modules named {', '.join(missing)}; set method_options.lora_targets to "
+            f"some of this model's layers: {', '.join(layers)}"
+        )
+
+
 def adapted_copy(backbone: Backbone, options: dict[str, Any]) -> tuple[Any, Backbone]:
     """A peft LoRA model over a structural copy of ``backbone.model`` that shares its weight tensors.
 
@@ -143,6 +162,7 @@ def adapted_copy(backbone: Backbone, options: dict[str, Any]) -> tuple[Any, Back
     from peft import LoraConfig, get_peft_model
 
     source = backbone.model
+    _check_targets(source, backbone.name, list(options["lora_targets"]))
     memo: dict[int, Any] = {id(t): t for t in itertools.chain(source.parameters(), source.buffers())}
     clone = copy.deepcopy(source, memo)
     config = LoraConfig(
@@ -156,13 +176,8 @@ def adapted_copy(backbone: Backbone, options: dict[str, Any]) -> tuple[Any, Back
         warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename
         try:
             peft_model = get_peft_model(clone, config)
-        except ValueError as exc:  # e.g. target modules not found in this architecture
-            hint = (
-                "; name this model's modules in method_options.lora_targets"
-                if "arget modules" in str(exc)
-                else ""
-            )
-            raise ConfigError(f"LoRA on {backbone.name}: {exc}{hint}") from None
+        except ValueError as exc:  # a module peft cannot adapt
+            raise ConfigError(f"LoRA on {backbone.name}: {exc}") from None
     peft_model.eval()
     adapted = Backbone(peft_model.get_base_model(), backbone.tokenizer, backbone.name, backbone.fingerprint)
     return peft_model, adapted
